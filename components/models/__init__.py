@@ -1,0 +1,31 @@
+"""DNLNet (ResNetV1c-D8 + DNLHead + FCN aux head) with mmseg 1.2.2's math and state-dict names."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from components.models.conv_module import NormLayer
+from components.models.dnl import ATTENTION_MODES, DisentangledNonLocal2d, DNLHead
+from components.models.fcn import FCNHead
+from components.models.resnet import ResNetV1c
+from components.models.segmentor import DNLNet
+
+__all__ = ["ATTENTION_MODES", "DNLHead", "DNLNet", "DisentangledNonLocal2d", "FCNHead", "ResNetV1c",
+           "build_dnlnet"]
+
+
+def build_dnlnet(depth: int = 50, num_classes: int = 19, align_corners: bool = False,
+                 attention: str = "fused", avg_non_ignore: bool = False, aux_weight: float = 0.4,
+                 dropout: float = 0.1, norm_layer: NormLayer = nn.BatchNorm2d) -> DNLNet:
+    """The dnlnet_r{50,101}-d8 model of mmseg's configs. `attention`: "naive" (reference math,
+    L×L map in memory) or "fused" (scaled_dot_product_attention, memory linear in L)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    backbone = ResNetV1c(depth=depth, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True,
+                         norm_layer=norm_layer)
+    decode_head = DNLHead(in_channels=2048, channels=512, num_classes=num_classes, dropout=dropout,
+                          temperature=0.05, norm_layer=norm_layer, attention=attention)
+    auxiliary_head = FCNHead(in_channels=1024, channels=256, num_classes=num_classes, num_convs=1,
+                             dropout=dropout, norm_layer=norm_layer)
+    return DNLNet(backbone, decode_head, auxiliary_head, align_corners=align_corners,
+                  avg_non_ignore=avg_non_ignore, aux_weight=aux_weight)

@@ -1,0 +1,244 @@
+"""params.yaml → typed, validated config objects. The only place that knows the file's layout.
+
+Every error names the params key and what was expected, e.g.
+`params.yaml: experiments.foo.backbone: expected one of R-50-D8, R-101-D8, got 'R-18'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+
+BACKBONE_DEPTHS = {"R-50-D8": 50, "R-101-D8": 101}
+DATASET_CLASSES = {"cityscapes": 19, "ade20k": 150}
+TEST_MODES = ("whole", "slide")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTIONS = ("fused", "naive")
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml; the message names the key."""
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> dict:
+    path = Path(path)
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+# --- small validated getters -----------------------------------------------------------------------
+
+def _get(d: dict, key: str, where: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise ConfigError(f"params.yaml: {where}.{key}: missing")
+    return d[key]
+
+
+def _positive(value: Any, where: str, integer: bool = False) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"params.yaml: {where}: expected {what}, got {value!r}")
+    return value
+
+
+def _non_negative(value: Any, where: str, integer: bool = False) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+        what = "an integer >= 0" if integer else "a number >= 0"
+        raise ConfigError(f"params.yaml: {where}: expected {what}, got {value!r}")
+    return value
+
+
+def _choice(value: Any, choices, where: str) -> Any:
+    if value not in choices:
+        raise ConfigError(f"params.yaml: {where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"params.yaml: {where}: expected true or false, got {value!r}")
+    return value
+
+
+def _pair(value: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ConfigError(f"params.yaml: {where}: expected two positive integers like [512, 1024], got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+# --- the resolved experiment -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs, resolved under a profile. Flat, so it logs as MLflow params."""
+
+    name: str
+    profile: str
+    dataset: str
+    num_classes: int
+    backbone: str
+    depth: int
+    crop_size: tuple[int, int]          # (h, w)
+    scale: tuple[int, int]              # (w, h) as in mmseg's Resize
+    align_corners: bool
+    test_mode: str
+    test_crop: tuple[int, int]          # slide window (h, w); = crop_size
+    test_stride: tuple[int, int]        # slide stride (h, w)
+    max_iters: int
+    batch_size: int                     # global
+    eval_interval: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    poly_power: float
+    min_lr: float
+    warmup_iters: int
+    warmup_ratio: float
+    aux_weight: float
+    avg_non_ignore: bool
+    cat_max_ratio: float
+    seed: int
+    attention: str
+    channels_last: bool
+    precision: str
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict = field(default_factory=dict)
+    loader_workers: int = 0
+    val_max_images: int = 0
+    pretrained: str = ""
+    data_dir: str = ""                  # absolute: data/prepared/<dataset>
+    storage_path: str = ""              # absolute local path or s3://…
+    max_failures: int = 0
+    ray_address: str = ""
+    tracking_uri: str = ""
+
+    def to_flat_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def with_overrides(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _scaled(pair: tuple[int, int], factor: float) -> tuple[int, int]:
+    return max(1, round(pair[0] * factor)), max(1, round(pair[1] * factor))
+
+
+def _absolute(path: str) -> str:
+    if not path or "://" in path:
+        return path
+    p = Path(path)
+    return str(p if p.is_absolute() else REPO_ROOT / p)
+
+
+def tracking_uri(params: dict) -> str:
+    uri = (params.get("tracking") or {}).get("uri") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def resolve_experiment(params: dict, name: str, profile: str | None = None) -> TrainConfig:
+    """The experiment `name` under `profile` (default: params' `profile`), validated."""
+    experiments = _get(params, "experiments", "params")
+    if name not in experiments:
+        raise ConfigError(f"params.yaml: experiments: unknown experiment {name!r} "
+                          f"(known: {', '.join(sorted(experiments))})")
+    exp = experiments[name]
+    where = f"experiments.{name}"
+    profile = profile or _get(params, "profile", "params")
+    profiles = _get(params, "profiles", "params")
+    _choice(profile, sorted(profiles), "profile")
+    prof = profiles[profile]
+    pwhere = f"profiles.{profile}"
+    train = _get(params, "train", "params")
+
+    dataset = _choice(_get(exp, "dataset", where), sorted(DATASET_CLASSES), f"{where}.dataset")
+    backbone = _choice(_get(exp, "backbone", where), list(BACKBONE_DEPTHS), f"{where}.backbone")
+    crop = _pair(_get(exp, "crop_size", where), f"{where}.crop_size")
+    scale = _pair(_get(exp, "scale", where), f"{where}.scale")
+    # crop (h, w) must fit in the resize box (w, h) at ratio 1, or every crop would be mostly padding.
+    if crop[0] > scale[1] or crop[1] > scale[0]:
+        raise ConfigError(f"params.yaml: {where}.crop_size: {list(crop)} (h, w) is larger than "
+                          f"scale {list(scale)} (w, h)")
+    test_mode = _choice(exp.get("test_mode", "whole"), TEST_MODES, f"{where}.test_mode")
+    stride = _pair(exp.get("test_stride", list(crop)), f"{where}.test_stride")
+
+    size_scale = _positive(_get(prof, "size_scale", pwhere), f"{pwhere}.size_scale")
+    max_iters = _non_negative(_get(prof, "max_iters", pwhere), f"{pwhere}.max_iters", integer=True) \
+        or _positive(_get(exp, "max_iters", where), f"{where}.max_iters", integer=True)
+    batch = _non_negative(_get(prof, "batch_size", pwhere), f"{pwhere}.batch_size", integer=True) \
+        or _positive(_get(exp, "batch_size", where), f"{where}.batch_size", integer=True)
+    evals = _positive(_get(prof, "evals_per_run", pwhere), f"{pwhere}.evals_per_run", integer=True)
+    num_workers = _positive(_get(prof, "num_workers", pwhere), f"{pwhere}.num_workers", integer=True)
+    precision = _choice(_get(prof, "precision", pwhere), PRECISIONS, f"{pwhere}.precision")
+    use_gpu = _bool(_get(prof, "use_gpu", pwhere), f"{pwhere}.use_gpu")
+    if precision == "fp16" and not use_gpu:
+        raise ConfigError(f"params.yaml: {pwhere}.precision: fp16 needs use_gpu: true (use bf16 on CPU)")
+
+    pretrained = (train.get("pretrained") or {}).get(backbone, "") or ""
+    data = _get(params, "data", "params")
+    return TrainConfig(
+        name=name,
+        profile=profile,
+        dataset=dataset,
+        num_classes=DATASET_CLASSES[dataset],
+        backbone=backbone,
+        depth=BACKBONE_DEPTHS[backbone],
+        crop_size=_scaled(crop, size_scale),
+        scale=_scaled(scale, size_scale),
+        align_corners=_bool(_get(exp, "align_corners", where), f"{where}.align_corners"),
+        test_mode=test_mode,
+        test_crop=_scaled(crop, size_scale),
+        test_stride=_scaled(stride, size_scale),
+        max_iters=max_iters,
+        batch_size=batch,
+        eval_interval=max(1, max_iters // evals),
+        lr=_positive(_get(train, "lr", "train"), "train.lr"),
+        momentum=_non_negative(_get(train, "momentum", "train"), "train.momentum"),
+        weight_decay=_non_negative(_get(train, "weight_decay", "train"), "train.weight_decay"),
+        poly_power=_non_negative(_get(train, "poly_power", "train"), "train.poly_power"),
+        min_lr=_non_negative(_get(train, "min_lr", "train"), "train.min_lr"),
+        warmup_iters=_non_negative(_get(train, "warmup_iters", "train"), "train.warmup_iters", integer=True),
+        warmup_ratio=_positive(_get(train, "warmup_ratio", "train"), "train.warmup_ratio"),
+        aux_weight=_non_negative(_get(train, "aux_weight", "train"), "train.aux_weight"),
+        avg_non_ignore=_bool(_get(train, "avg_non_ignore", "train"), "train.avg_non_ignore"),
+        cat_max_ratio=_positive(_get(train, "cat_max_ratio", "train"), "train.cat_max_ratio"),
+        seed=_non_negative(_get(train, "seed", "train"), "train.seed", integer=True),
+        attention=_choice(_get(train, "attention", "train"), ATTENTIONS, "train.attention"),
+        channels_last=_bool(_get(train, "channels_last", "train"), "train.channels_last"),
+        precision=precision,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=dict(_get(prof, "resources_per_worker", pwhere) or {}),
+        loader_workers=_non_negative(_get(prof, "loader_workers", pwhere), f"{pwhere}.loader_workers",
+                                     integer=True),
+        val_max_images=_non_negative(prof.get("val_max_images", 0), f"{pwhere}.val_max_images", integer=True),
+        pretrained=pretrained,
+        data_dir=_absolute(str(Path(_get(data, "prepared_dir", "data")) / dataset)),
+        storage_path=_absolute(_get(train, "storage_path", "train")),
+        max_failures=_non_negative(_get(train, "max_failures", "train"), "train.max_failures", integer=True),
+        ray_address=train.get("ray_address") or os.environ.get("RAY_ADDRESS", ""),
+        tracking_uri=tracking_uri(params),
+    )
+
+
+def experiment_names(params: dict) -> list[str]:
+    return list(_get(params, "experiments", "params"))
