@@ -105,6 +105,7 @@ class TrainConfig:
     test_stride: tuple[int, int]        # slide stride (h, w)
     max_iters: int
     batch_size: int                     # global
+    micro_batch_size: int               # per forward per worker; 0 = batch_size / num_workers
     eval_interval: int
     lr: float
     momentum: float
@@ -210,6 +211,7 @@ def resolve_experiment(params: dict, name: str, profile: str | None = None) -> T
         test_stride=_scaled(stride, size_scale),
         max_iters=max_iters,
         batch_size=batch,
+        micro_batch_size=_non_negative(prof.get("micro_batch_size", 0), f"{pwhere}.micro_batch_size", integer=True),
         eval_interval=max(1, max_iters // evals),
         lr=_positive(_get(train, "lr", "train"), "train.lr"),
         momentum=_non_negative(_get(train, "momentum", "train"), "train.momentum"),

@@ -1,0 +1,188 @@
+"""Small MLflow helpers: one run per training run, logging that never takes training down.
+
+The driver finds or creates the run (`open_run`) and hands its id to the workers; rank 0 logs into it
+through a `RunLogger`; the driver sets the final status. Every MLflow call goes through
+`RunLogger._safe`, so an unreachable tracking server costs a warning (once), not the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+RUN_NAME_TAG = "dnlseg.run_name"       # the deterministic Ray run name: the key to resume a run
+RETRY_AFTER_S = 60.0                   # after a failure, skip MLflow calls this long instead of blocking
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _warn(text: str) -> None:
+    # Not print(): inside Ray Train workers print is patched and the line would show twice.
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def metric_name(name: str) -> str:
+    """A name MLflow accepts (letters, digits, _ - . / and spaces), e.g. ADE20K's 'bed ' -> 'bed'."""
+    return re.sub(r"[^\w\-./ ]", "_", name.strip())
+
+
+def redact(value: str) -> str:
+    """Drop user:password@ from URLs so a credential never lands in params or logs."""
+    if "://" not in value or "@" not in value:
+        return value
+    parts = urlsplit(value)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def flat_params(config: dict) -> dict[str, str]:
+    """The flat resolved config as MLflow params (strings, secrets removed)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+        elif isinstance(value, (list, tuple)):
+            value = "x".join(map(str, value)) if all(isinstance(v, int) for v in value) else str(list(value))
+        out[key] = redact(str(value))[:6000]
+    return out
+
+
+def git_commit(repo: Path | str) -> str:
+    """HEAD of the repo (+'-dirty'), or $DNLSEG_GIT_COMMIT where there is no .git (ray job working dirs)."""
+    if os.environ.get("DNLSEG_GIT_COMMIT"):
+        return os.environ["DNLSEG_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a local sqlite store, keep artifacts next to the database (not in whatever the cwd is)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+class RunLogger:
+    """Logs into one existing MLflow run. Failures are reported once and never raised.
+
+    After a failure, calls are skipped for RETRY_AFTER_S seconds so an outage does not stall every
+    training step on connection retries; logging resumes by itself when the server is back.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str | None, who: str = "mlflow", fail_fast: bool = False):
+        self.tracking_uri, self.run_id, self.who = tracking_uri, run_id, who
+        if fail_fast:
+            # MLflow's HTTP client retries for minutes by default: inside a training loop, give up quickly
+            # (this process only; explicit settings win).
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.failures = 0
+        self._client = None
+        self._paused_until = 0.0
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _safe(self, what: str, call) -> bool:
+        if self.run_id is None or time.monotonic() < self._paused_until:
+            return False
+        try:
+            call()
+            return True
+        except Exception as e:  # noqa: BLE001 - any tracking failure must leave training running
+            self.failures += 1
+            self._paused_until = time.monotonic() + RETRY_AFTER_S
+            if self.failures == 1:
+                _warn(f"[{self.who}] warning: MLflow {what} failed ({_first_line(e)}); training continues, "
+                      f"retrying every {RETRY_AFTER_S:.0f} s")
+            return False
+
+    def log_metrics(self, metrics: dict, step: int) -> bool:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), now, int(step)) for k, v in metrics.items()
+                 if v is not None and v == v]  # NaN (class absent) is left out, as mmseg's nanmean does
+        return self._safe("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def log_params(self, params: dict) -> bool:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flat_params(params).items()]
+        # log_batch takes at most 100 params per call.
+        return self._safe("log_params", lambda: [self.client.log_batch(self.run_id, params=items[i:i + 100])
+                                                  for i in range(0, len(items), 100)])
+
+    def set_tags(self, tags: dict) -> bool:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
+        return self._safe("set_tags", lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> bool:
+        return self._safe("log_artifact",
+                          lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_text(self, text: str, artifact_file: str) -> bool:
+        return self._safe("log_text", lambda: self.client.log_text(self.run_id, text, artifact_file))
+
+    def set_status(self, status: str) -> bool:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        if status == "RUNNING":
+            return self._safe("update_run", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+        return self._safe("set_terminated", lambda: self.client.set_terminated(self.run_id, status))
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, tags: dict | None = None,
+             params: dict | None = None) -> RunLogger:
+    """Find the run to resume (the latest with tag RUN_NAME_TAG == run_name) or create one.
+
+    `resume` says whether the Ray run exists in storage: a fresh Ray run always gets a fresh MLflow run,
+    so one MLflow run holds exactly one Ray run's history. Params are logged on creation only (MLflow
+    refuses to change a param). If MLflow is unreachable the returned logger has no run and does nothing.
+    """
+    logger = RunLogger(tracking_uri, run_id=None, who="train driver")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=_artifact_location(tracking_uri, experiment))
+        previous = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+        if resume and previous:
+            run = previous[0]
+            client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+        logger._client, logger.run_id = client, run.info.run_id
+    except Exception as e:  # noqa: BLE001 - tracking is optional for training
+        _warn(f"[train driver] warning: MLflow at {redact(tracking_uri)} unavailable ({_first_line(e)}); "
+              f"training continues without tracking")
+        return logger
+    if not (resume and previous) and params:
+        logger.log_params(params)
+    logger.set_tags(tags or {})
+    return logger

@@ -1,0 +1,66 @@
+"""A training checkpoint is a folder: `model.pt` (mmseg layout, the weights alone, what DVC ships)
+and `train_state.pt` (optimizer, scaler, iteration, curve so far: what a resumed run needs).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from components.models.checkpoint import load_mmseg_checkpoint, save_checkpoint
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+CURVE_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "img_s", "mIoU")
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)   # mkstemp makes 0600; outputs are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_train_checkpoint(folder: Path | str, model: torch.nn.Module, optimizer, scaler, state: dict,
+                          meta: dict) -> None:
+    """`state`: iteration, train_time_s, best, curve (list of rows); plain python values only."""
+    folder = Path(folder)
+    save_checkpoint(folder / MODEL_FILE, model, meta)
+    buffer = io.BytesIO()
+    torch.save({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, buffer)
+    atomic_write_bytes(folder / STATE_FILE, buffer.getvalue())
+
+
+def load_train_checkpoint(folder: Path | str, model: torch.nn.Module) -> dict:
+    """Loads the weights into `model` (strict) and returns the train state (optimizer/scaler dicts inside)."""
+    folder = Path(folder)
+    load_mmseg_checkpoint(model, folder / MODEL_FILE)
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_curve_csv(path: Path | str, rows: list[dict]) -> None:
+    """One row per logged iteration; mIoU only on evaluation rows (empty elsewhere)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CURVE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in CURVE_COLUMNS})
+    atomic_write_bytes(path, text.getvalue().encode())

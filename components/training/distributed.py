@@ -1,0 +1,79 @@
+"""What each DDP rank trains on: batch split, data order, seeds. Pure functions, testable without Ray."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+def plan_batches(global_batch: int, num_workers: int, micro_batch: int = 0) -> tuple[int, int]:
+    """(images per forward per worker, accumulation steps) with per_step * workers * accum == global.
+
+    `micro_batch` caps the images one worker puts through one forward (memory); 0 = no cap, so the
+    worker's whole share goes in one step. Raises ValueError when the global batch cannot be split.
+    """
+    if global_batch <= 0 or num_workers <= 0 or micro_batch < 0:
+        raise ValueError(f"batch_size ({global_batch}) and num_workers ({num_workers}) must be positive, "
+                         f"micro_batch_size ({micro_batch}) >= 0")
+    if global_batch % num_workers:
+        raise ValueError(f"batch_size: global batch {global_batch} is not divisible by num_workers "
+                         f"{num_workers}: every worker must take the same share")
+    share = global_batch // num_workers
+    if micro_batch == 0 or micro_batch >= share:
+        return share, 1
+    if share % micro_batch:
+        raise ValueError(f"micro_batch_size: {micro_batch} does not divide the per-worker share {share} "
+                         f"(batch_size {global_batch} / num_workers {num_workers})")
+    return micro_batch, share // micro_batch
+
+
+def seed_everything(seed: int) -> None:
+    """torch, numpy and python's random: the model init and every augmentation draw derive from these."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def augmentation_seed(seed: int, rank: int, iteration: int) -> int:
+    """Different crops on every rank, and a resumed run does not replay the crops of iteration 0."""
+    return seed + 1_000_003 * rank + iteration
+
+
+class InfiniteDistributedSampler(Sampler[int]):
+    """This rank's share of an endless series of seeded shuffles: DistributedSampler + set_epoch(epoch)
+    in a loop, as one stream, so an iteration-based loop never re-creates its DataLoader.
+
+    `start` skips that many of this rank's samples: a run resumed at iteration i passes
+    i * accum * per_step and sees exactly the data the uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, rank: int, world: int, seed: int = 0, start: int = 0):
+        if size <= 0:
+            raise ValueError("dataset is empty")
+        self.size, self.rank, self.world, self.seed, self.start = size, rank, world, seed, start
+        self.per_rank = math.ceil(size / world)   # DistributedSampler pads to a multiple of world
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.size]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start, self.per_rank)
+        while True:
+            yield from self.order(epoch)[skip:]
+            epoch, skip = epoch + 1, 0
+
+    def __len__(self) -> int:  # the DataLoader asks; the stream has no end
+        return 2**62
+
+
+def shard(size: int, rank: int, world: int) -> list[int]:
+    """Validation indices of one rank: disjoint, no padding, so no image is counted twice."""
+    return list(range(rank, size, world))

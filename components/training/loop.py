@@ -1,0 +1,233 @@
+"""The per-worker training loop Ray Train runs on every DDP rank (torchvision's references/segmentation
+train.py, iteration-based, with the Ray parts in plain sight: get_checkpoint, prepare_model, report).
+
+`config` is TrainConfig.to_flat_dict() plus EXTRA_DEFAULTS' keys, which the driver fills in
+(the MLflow run, class names, log interval, where to fetch the data, test hooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Subset
+
+from components.data.dataset import SegmentationDataset, build_loader
+from components.data.transforms import build_test_transform, build_train_transform
+from components.models import build_dnlnet
+from components.models.checkpoint import load_pretrained_backbone
+from components.schedules import poly_lr
+from components.tracking import RunLogger
+from components.training.checkpointing import load_train_checkpoint, save_train_checkpoint, write_curve_csv
+from components.training.data_sync import local_dataset
+from components.training.distributed import (
+    InfiniteDistributedSampler,
+    augmentation_seed,
+    plan_batches,
+    seed_everything,
+    shard,
+)
+from components.training.evaluate import evaluate
+from components.training.progress import Progress, peak_memory_gb
+
+LOSS_KEYS = ("loss", "decode_loss", "aux_loss")
+# What the driver adds to TrainConfig's fields (see pipeline/train.py); the defaults run the loop bare.
+EXTRA_DEFAULTS = {"micro_batch_size": 0, "log_interval": 1, "class_names": None, "mlflow_run_id": None,
+                  "data_uri": None, "manifest_sha256": None, "test_hooks": {}}
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    c = SimpleNamespace(**{**EXTRA_DEFAULTS, **config})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    per_step, accum = plan_batches(c.batch_size, world, c.micro_batch_size)
+    torch.set_num_threads(max(1, int(c.resources_per_worker.get("CPU", 1))))
+    torch.backends.cudnn.benchmark = True
+    device = ray.train.torch.get_device()
+
+    # Model, then the state to resume from (Ray hands every rank the latest reported checkpoint).
+    seed_everything(c.seed)
+    model = build_dnlnet(depth=c.depth, num_classes=c.num_classes, align_corners=c.align_corners,
+                         attention=c.attention, avg_non_ignore=c.avg_non_ignore, aux_weight=c.aux_weight)
+    state = {"iteration": 0, "train_time_s": 0.0, "best": None, "curve": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_train_checkpoint(folder, model)
+    elif c.pretrained:
+        load_pretrained_backbone(model.backbone, c.pretrained)   # ImageNet weights, fresh runs only
+    if c.use_gpu:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # BN statistics over the global batch
+    if c.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # To the device, and DDP (gloo on CPU, NCCL on GPU) when world > 1. The training call goes through
+    # ddp_model(img, label) -> model.forward_train: DDP syncs gradients only for calls through its forward.
+    ddp_model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=c.precision == "fp16")
+    if checkpoint:
+        optimizer.load_state_dict(state.pop("optimizer"))
+        scaler.load_state_dict(state.pop("scaler"))
+    start = state["iteration"]
+
+    # Data: an endless seeded stream per rank that a resumed run re-enters where it stopped; the
+    # augmentation seed moves with the iteration so a resumed run does not replay iteration 0's crops.
+    aug_seed = augmentation_seed(c.seed, rank, start)
+    seed_everything(aug_seed)
+    data_dir = local_dataset(c.data_dir, c.data_uri, c.manifest_sha256)   # downloads it on a node lacking it
+    train_set = SegmentationDataset(data_dir / "train", build_train_transform(
+        scale=tuple(c.scale), crop_size=tuple(c.crop_size), cat_max_ratio=c.cat_max_ratio))
+    sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=c.seed,
+                                         start=start * accum * per_step)
+    batches = iter(build_loader(train_set, per_step, c.loader_workers, seed=aug_seed, sampler=sampler))
+    if c.test_hooks.get("fixed_batch"):
+        batches = itertools.repeat(next(batches))   # overfit one batch: the loss must go down
+    val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=tuple(c.scale)),
+                                  max_images=c.val_max_images)
+    val_loader = build_loader(Subset(val_set, shard(len(val_set), rank, world)), 1, c.loader_workers,
+                              shuffle=False, drop_last=False)
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
+    progress = Progress(c.max_iters, c.batch_size, c.name)
+    tracker = RunLogger(c.tracking_uri, c.mlflow_run_id if rank == 0 else None, who=f"{c.name} rank 0",
+                        fail_fast=True)
+    if rank == 0:
+        progress.say(f"[{c.name}] {'resuming at' if start else 'starting at'} iteration "
+                     f"{start}/{c.max_iters}: {world} workers x {per_step} images x {accum} accumulation "
+                     f"steps = batch {c.batch_size}, {c.precision}, device {device}")
+    model.train()
+    for it in range(start + 1, c.max_iters + 1):   # `it` is the iteration being run, counted from 1
+        tic = time.perf_counter()
+        lr = poly_lr(it - 1, c.max_iters, c.lr, c.poly_power, c.min_lr, c.warmup_iters, c.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = train_step(ddp_model, optimizer, scaler, batches, accum, device, amp_dtype,
+                            c.channels_last, it)
+        seconds = time.perf_counter() - tic
+        state["train_time_s"] += seconds
+        progress.add(losses, seconds)
+        is_eval = it % c.eval_interval == 0 or it == c.max_iters
+        if rank == 0 and (it % c.log_interval == 0 or is_eval):
+            row, memory = progress.row(it, lr), peak_memory_gb(device)
+            state["curve"].append(row)
+            progress.say(progress.line(row, memory))
+            tracker.log_metrics({**without(row, "iteration"), "memory_gb": memory}, step=it)
+
+        if is_eval:   # every rank evaluates its shard; counts are all-reduced inside
+            result = evaluate(model, val_loader, c.num_classes, device, mode=c.test_mode,
+                              crop_size=c.test_crop, stride=c.test_stride, align_corners=c.align_corners,
+                              channels_last=c.channels_last)
+            summary = {"iteration": it, **{k: round(100 * result[k], 2) for k in ("mIoU", "mAcc", "aAcc")}}
+            if rank == 0:
+                log_evaluation(c, state, summary, result, tracker, progress)
+            state["iteration"] = it
+            with tempfile.TemporaryDirectory() as folder:   # rank 0 writes, Ray copies it to storage_path
+                ckpt = None
+                if rank == 0:
+                    save_checkpoint_folder(folder, c, model, optimizer, scaler, state, summary)
+                    ckpt = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(summary, checkpoint=ckpt)
+        run_test_hooks(c, it, rank)
+
+    if c.test_hooks.get("dump_dir"):
+        dump_worker_facts(c.test_hooks["dump_dir"], rank, model)
+    steps = sorted(progress.step_seconds)
+    return {"start_iteration": start, "iteration": c.max_iters, "train_time_s": state["train_time_s"],
+            "median_step_s": steps[len(steps) // 2] if steps else None, "mlflow_failures": tracker.failures}
+
+
+def train_step(ddp_model, optimizer, scaler, batches, accum: int, device, amp_dtype, channels_last: bool,
+               it: int) -> dict[str, float]:
+    """One optimizer step over `accum` micro-batches; the losses averaged over micro-steps and ranks."""
+    totals = torch.zeros(len(LOSS_KEYS), device=device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for micro in range(accum):
+        img, label = next(batches)
+        img = img.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        label = label.to(device, non_blocking=True)
+        # DDP all-reduces gradients on the last micro-step only.
+        last = micro == accum - 1
+        sync = contextlib.nullcontext() if last else getattr(ddp_model, "no_sync", contextlib.nullcontext)()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = ddp_model(img, label)
+            scaler.scale(out["loss"] / accum).backward()
+        zero = out["loss"].new_zeros(())
+        totals += torch.stack([out.get(k, zero) for k in LOSS_KEYS]).detach().float() / accum
+    # Mean over ranks (as mmseg logs it); a NaN on any rank reaches every rank, so all stop together.
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+        totals /= dist.get_world_size()
+    if not torch.isfinite(totals).all():
+        raise FloatingPointError(f"loss is {totals.tolist()} (loss, decode, aux) at iteration {it}: "
+                                 f"stopping; the last good checkpoint is kept (lower train.lr or use "
+                                 f"precision fp32)")
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(zip(LOSS_KEYS, totals.tolist(), strict=True))
+
+
+def log_evaluation(c, state: dict, summary: dict, result: dict, tracker: RunLogger,
+                   progress: Progress) -> None:
+    """Rank 0: mIoU into the curve row, best so far, MLflow (with per-class IoU), one console line."""
+    state["curve"][-1]["mIoU"] = summary["mIoU"]
+    # >=: on a tie the later checkpoint is the best, as Ray's CheckpointConfig ranks them (so it keeps it).
+    if state["best"] is None or summary["mIoU"] >= state["best"]["mIoU"]:
+        state["best"] = dict(summary)
+    names = c.class_names or [str(i) for i in range(c.num_classes)]
+    per_class = {f"IoU.{name}": 100 * iou for name, iou in zip(names, result["IoU"], strict=True)}
+    tracker.log_metrics(without(summary, "iteration") | per_class, step=summary["iteration"])
+    progress.say(f"[{c.name}] eval at iter {summary['iteration']}: mIoU {summary['mIoU']:.2f}  "
+                 f"mAcc {summary['mAcc']:.2f}  aAcc {summary['aAcc']:.2f}  (best {state['best']['mIoU']:.2f} "
+                 f"at {state['best']['iteration']})")
+
+
+def save_checkpoint_folder(folder, c, model, optimizer, scaler, state: dict, summary: dict) -> None:
+    """model.pt + train_state.pt + the small files the driver reads without loading tensors."""
+    meta = {"experiment": c.name, "iteration": state["iteration"], "mIoU": summary["mIoU"],
+            "CLASSES": list(c.class_names or [])}
+    save_train_checkpoint(folder, model, optimizer, scaler, state, meta)
+    write_curve_csv(Path(folder) / "curve.csv", state["curve"])
+    (Path(folder) / "summary.json").write_text(json.dumps(
+        {**summary, "best": state["best"], "train_time_s": state["train_time_s"]}, indent=1))
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+def run_test_hooks(c, it: int, rank: int) -> None:
+    """Fault injection for the tests: rank r stops once at iteration k (a marker file makes it once)."""
+    fault = c.test_hooks.get("fault")
+    if not fault or it != fault["iteration"] or rank != fault["rank"] or os.path.exists(fault["marker"]):
+        return
+    Path(fault["marker"]).touch()
+    if fault.get("how") == "exit":
+        os._exit(1)   # a worker process dying, as a crashed or preempted node would
+    raise RuntimeError(f"test hook: rank {rank} stops after iteration {it}")
+
+
+def dump_worker_facts(folder: str, rank: int, model: nn.Module) -> None:
+    """For the tests: a digest of this rank's parameters and the node it ran on. (BN running stats are
+    left out: each rank updates them from its own batch; DDP re-broadcasts rank 0's at the next forward.)"""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    facts = {"rank": rank, "params_sha256": digest.hexdigest(),
+             "node_id": ray.get_runtime_context().get_node_id()}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(facts))

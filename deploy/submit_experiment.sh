@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Submit one experiment's train stage to a Ray cluster and bring its DVC outputs back.
+#
+#   deploy/submit_experiment.sh <experiment> [extra `dvc repro` args, e.g. --force]
+#
+# Environment:
+#   RAY_ADDRESS          job server, default http://127.0.0.1:8265 (`ray dashboard deploy/cluster.yaml`)
+#   DNLSEG_RESULTS_URI   where the job leaves dvc.lock / metrics / plots, e.g. s3://bucket/dnlseg/jobs
+#
+# The job runs `dvc repro train@<experiment>` on the head node in an uploaded copy of this checkout
+# (deploy/job_entrypoint.sh); the training itself runs on the GPU nodes. Run from the repo root.
+set -euo pipefail
+
+experiment=${1:?usage: deploy/submit_experiment.sh <experiment> [extra dvc repro args]}
+shift
+cd "$(dirname "$0")/.."
+
+address=${RAY_ADDRESS:-http://127.0.0.1:8265}
+results=${DNLSEG_RESULTS_URI:?set DNLSEG_RESULTS_URI (e.g. s3://my-bucket/dnlseg/jobs): the job leaves its results there}
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+submission_id="dnlseg-${experiment//[^A-Za-z0-9-]/-}-$(date +%Y%m%d-%H%M%S)"
+
+# Fail here, not on the cluster, on a misspelled experiment.
+python -c "import sys; from pipeline.config import load_params, resolve_experiment; \
+resolve_experiment(load_params(), sys.argv[1])" "$experiment"
+
+runtime_env=$(python - "$commit" "$results/$submission_id" <<'EOF'
+import json, sys
+print(json.dumps({
+    # --working-dir uploads this folder (100 MiB at most, .gitignore honoured); these never go.
+    "excludes": [".git", ".venv*", "data", "runs", "mlruns", "mlartifacts", "mlflow.db", ".dvc/cache",
+                 ".dvc/tmp", "models"],
+    # The upload has no .git: the commit travels as a variable (tracking.git_commit reads it).
+    "env_vars": {"DNLSEG_GIT_COMMIT": sys.argv[1], "DNLSEG_RESULTS_URI": sys.argv[2]},
+}))
+EOF
+)
+
+echo "submitting $submission_id to $address"
+ray job submit --address "$address" --submission-id "$submission_id" --working-dir . \
+    --runtime-env-json "$runtime_env" \
+    -- bash deploy/job_entrypoint.sh "$experiment" "$@"
+
+# The job finished (ray job submit waits and exits non-zero on failure): fetch the git-tracked results
+# into this checkout; the model comes with `dvc pull` (the job pushed it to the DVC remote).
+python deploy/results.py pull "$results/$submission_id"
+dvc pull "train@${experiment}"
+echo "done: commit dvc.lock, metrics/${experiment} and plots/${experiment}"
