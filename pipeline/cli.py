@@ -61,7 +61,8 @@ def _report(args, params) -> None:
 def _predict(args, params) -> None:
     from pipeline.predict import predict
 
-    for path in predict(params, [Path(p) for p in args.inputs], Path(args.out), args.model):
+    for path in predict(params, [Path(p) for p in args.inputs], Path(args.out), args.model,
+                        experiment=args.experiment):
         print(path)
 
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("report", help="write reports/results.md and .html beside the published numbers")
+    p = sub.add_parser("report", help="reports/results.md + .html beside the published numbers; register champions")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("predict", help="label PNGs and colour overlays for images (files or folders)")
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="models:/<name>@champion, runs:/<run_id>, or a checkpoint .pth/.pt file")
     p.add_argument("--out", default="predictions")
+    p.add_argument("--experiment", default=None,
+                   help="experiment whose test settings to use (default: the one recorded with the model)")
     p.set_defaults(func=_predict)
     return parser
 

@@ -39,7 +39,8 @@ def test_the_matrix_covers_the_results_table(params):
 
 def test_sample_profile_scales_sizes_and_iterations(params):
     cfg = resolve_experiment(params, R50, profile="sample")
-    assert cfg.crop_size == (128, 256) and cfg.scale == (512, 256)
+    s = params["profiles"]["sample"]["size_scale"]
+    assert cfg.crop_size == (round(512 * s), round(1024 * s)) and cfg.scale == (round(2048 * s), round(1024 * s))
     assert cfg.max_iters == params["profiles"]["sample"]["max_iters"]
 
 

@@ -1,0 +1,10 @@
+"""Evaluation pieces the evaluate / report / predict stages put together (no params.yaml here).
+
+Modules (import what you need; importing this package stays light, no torch / mlflow / matplotlib):
+  segment     one image -> label map at its original size (single scale or ms+flip), the val loop
+  confusion   confusion matrix counts
+  speed       fps as the seed measures it, the device and dtype it was measured on
+  visualize   palette colouring, overlays, image | ground truth | prediction panels, charts (Agg)
+  registry    the model as MLflow artifacts (state_dict + build config), registry aliases, model refs
+  table       the published results table (committed copy) and markdown tables
+"""

@@ -1,0 +1,83 @@
+"""Inference speed as the seed table measures it (mmseg's tools/analysis_tools/benchmark.py, spec section 4):
+batch 1, `n_images` test images of which the first `warmup` are not timed, timing only forward + resize
+to the original size + argmax (images are already decoded, normalized and on the device).
+Every figure carries the device and dtype it was measured on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+import torch
+
+from components.evaluation.segment import InferenceSetting, predict_label
+
+
+def describe_device(device: torch.device | str) -> str:
+    """'cuda: NVIDIA H100 80GB HBM3' or 'cpu: <processor>, N threads': what a reader needs to compare."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_fps(model, samples: Sequence[tuple[torch.Tensor, tuple[int, int]]], device: torch.device | str,
+                setting: InferenceSetting, n_images: int = 200, warmup: int = 5,
+                channels_last: bool = False) -> dict:
+    """Images per second over images warmup+1 .. n_images (mmseg: fps = timed images / timed seconds).
+
+    `samples`: (image 1×3×h×w at the test scale, original (H, W)); cycled when there are fewer than
+    n_images. The model runs in whatever dtype its weights are (fp32 for the seed's figure).
+    """
+    if n_images <= warmup:
+        raise ValueError(f"fps: n_images ({n_images}) must be larger than warmup ({warmup})")
+    if not samples:
+        raise ValueError("fps: no images to time")
+    device = torch.device(device)
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [(img.to(device).contiguous(memory_format=memory_format), size) for img, size in samples]
+    timed_seconds = 0.0
+    for i, (img, size) in enumerate(itertools.islice(itertools.cycle(inputs), n_images)):
+        _sync(device)
+        tic = time.perf_counter()
+        predict_label(model, img, size, setting)
+        _sync(device)
+        if i >= warmup:
+            timed_seconds += time.perf_counter() - tic
+    timed = n_images - warmup
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    return {
+        "fps": timed / timed_seconds,
+        "images": n_images,
+        "warmup": warmup,
+        "timed_seconds": timed_seconds,
+        "batch_size": 1,
+        "distinct_images": len(inputs),
+        "device": describe_device(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "channels_last": channels_last,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cpu_count": os.cpu_count(),
+    }

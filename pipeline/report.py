@@ -1,0 +1,295 @@
+"""Stage `report`: the results table next to the published one, and the champion model per dataset.
+
+Reads metrics/<name>/eval.json of every experiment and imported checkpoint, and writes
+    reports/results.md    per dataset: the seed's table (same columns, same format) with this pipeline's
+                          numbers and links to the MLflow runs; published vs ours with the differences
+    reports/results.html  the same page in HTML
+The best evaluated run per dataset (single-scale mIoU) is registered in the MLflow model registry as
+`report.model_name` with the alias `champion`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+from pipeline.config import REPO_ROOT, tracking_uri
+
+DATASET_TITLES = {"cityscapes": "Cityscapes", "ade20k": "ADE20K"}
+NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page
+COMPARED = ("mIoU", "mIoU(ms+flip)", "Mem (GB)", "Inf time (fps)")   # published vs ours, with the difference
+
+
+def _warn(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def report_settings(params: dict) -> dict:
+    from pipeline.config import ConfigError
+
+    section = params.get("report") or {}
+    settings = {"mlflow_ui": "http://127.0.0.1:5000", "register": True, "model_name": "dnlnet-{dataset}",
+                **section}
+    if not isinstance(settings["register"], bool):
+        raise ConfigError(f"params.yaml: report.register: expected true or false, "
+                          f"got {settings['register']!r}")
+    if "{dataset}" not in str(settings["model_name"]):
+        raise ConfigError(f"params.yaml: report.model_name: expected a name containing {{dataset}}, "
+                          f"got {settings['model_name']!r}")
+    return settings
+
+
+# --- MLflow links -----------------------------------------------------------------------------------
+
+def ui_base(params: dict) -> str:
+    """Where the MLflow UI of the tracking store is served: the tracking server, else report.mlflow_ui."""
+    uri = tracking_uri(params)
+    base = uri if uri.startswith(("http://", "https://")) else report_settings(params)["mlflow_ui"]
+    return re.sub(r"//[^/@]*@", "//", base.rstrip("/"))   # never a user:password in a link
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def compare_url(base: str, runs: list[tuple[str, str]]) -> str:
+    """The UI's side-by-side comparison of (experiment_id, run_id) pairs."""
+    run_ids = json.dumps([r for _, r in runs], separators=(",", ":"))
+    experiment_ids = json.dumps(sorted({e for e, _ in runs}), separators=(",", ":"))
+    return (f"{base}/#/compare-runs?runs={quote(run_ids, safe='')}"
+            f"&experiments={quote(experiment_ids, safe='')}")
+
+
+# --- numbers ----------------------------------------------------------------------------------------
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def our_cells(evaluation: dict | None, published_method: str, backbone: str) -> dict:
+    """The seed's eight columns for one evaluation (as strings, in the seed's precision)."""
+    from components.evaluation.table import COLUMNS
+
+    if evaluation is None:
+        return dict.fromkeys(COLUMNS, "-") | {"Method": published_method, "Backbone": backbone}
+    trained = evaluation.get("train") or {}
+    crop = trained.get("crop_size")
+    memory = evaluation.get("train_memory") or {}
+    speed = evaluation.get("speed") or {}
+    return {
+        "Method": published_method,
+        "Backbone": evaluation.get("backbone", backbone),
+        "Crop Size": f"{crop[0]}x{crop[1]}" if crop else "-",
+        "Lr schd": str(trained.get("max_iters", "-")),
+        "Mem (GB)": _fmt(memory.get("peak_gb"), 1),
+        "Inf time (fps)": _fmt(speed.get("fps"), 2),
+        "mIoU": _fmt(evaluation["single_scale"]["mIoU"], 2),
+        "mIoU(ms+flip)": _fmt(evaluation["ms_flip"]["mIoU"], 2),
+    }
+
+
+def load_evaluations(params: dict, out_root: Path) -> dict[str, dict]:
+    from pipeline.evaluate import EVAL_FILE, evaluation_names
+
+    found = {}
+    for name in evaluation_names(params):
+        path = out_root / "metrics" / name / EVAL_FILE
+        if path.is_file():
+            try:
+                found[name] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return found
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+def register_champions(params: dict, evaluations: dict[str, dict]) -> dict[str, dict]:
+    """Per dataset, the evaluation with the best single-scale mIoU that has an MLflow run: registered, alias
+    champion. Returns {dataset: {name, version, model, run_id, mIoU}}; MLflow failures are warnings."""
+    from mlflow.tracking import MlflowClient
+
+    from components.evaluation.registry import CHAMPION, register_champion
+
+    settings = report_settings(params)
+    champions = {}
+    by_dataset: dict[str, list[tuple[str, dict]]] = {}
+    for name, ev in evaluations.items():
+        if (ev.get("mlflow") or {}).get("run_id") and ev["single_scale"]["mIoU"] is not None:
+            by_dataset.setdefault(ev["dataset"], []).append((name, ev))
+    client = MlflowClient(tracking_uri=tracking_uri(params))
+    for dataset, candidates in sorted(by_dataset.items()):
+        name, ev = max(candidates, key=lambda item: item[1]["single_scale"]["mIoU"])
+        model, miou = settings["model_name"].format(dataset=dataset), ev["single_scale"]["mIoU"]
+        try:
+            version, created = register_champion(
+                client, model, ev["mlflow"]["run_id"],
+                tags={"experiment": name, "mIoU": miou, "profile": ev.get("profile", "")},
+                description=f"DNLNet on {DATASET_TITLES.get(dataset, dataset)}; {CHAMPION}: best val mIoU")
+        except Exception as e:  # noqa: BLE001 - the report is still written
+            _warn(f"[report] warning: registering {model} failed "
+                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            continue
+        champions[dataset] = {"name": name, "version": version, "model": model, "created": created,
+                              "run_id": ev["mlflow"]["run_id"], "mIoU": miou}
+        print(f"[report] {model}@{CHAMPION} -> version {version} ({name}, mIoU {miou:.2f})", flush=True)
+    return champions
+
+
+# --- the page ---------------------------------------------------------------------------------------
+
+def build_markdown(params: dict, evaluations: dict[str, dict], champions: dict[str, dict]) -> str:
+    from components.evaluation.table import (
+        ALIGN,
+        COLUMNS,
+        difference,
+        format_markdown_table,
+        number,
+        parse_seed_table,
+    )
+
+    published = parse_seed_table()
+    base = ui_base(params)
+    profile = params.get("profile", "")
+    imported = params.get("imported_checkpoints") or {}
+    lines = ["# DNLNet results", ""]
+    lines += [f"Profile `{profile}`. Published numbers: mmseg's DNLNet table (verbatim copy in "
+              f"`components/evaluation/seed_dnlnet_results.md`); ours: `metrics/<experiment>/eval.json` "
+              f"(val split; mIoU single scale and ms+flip).", ""]
+    if profile != "reference":
+        lines += [f"**Profile `{profile}` runs shortened schedules on small inputs (the generated sample "
+                  f"data unless data sources point at the real datasets): these numbers check the pipeline, "
+                  f"they are not comparable with the published ones.**", ""]
+    experiments = params.get("experiments") or {}
+    for dataset, title in DATASET_TITLES.items():
+        rows = [r for r in published if r.dataset == dataset]
+        names = [n for n, e in experiments.items() if (e or {}).get("dataset") == dataset]
+        names += [n for n, e in imported.items()
+                  if experiments.get((e or {}).get("experiment"), {}).get("dataset") == dataset]
+        if not rows and not names:
+            continue
+        lines += [f"## {title}", ""]
+        seed_of = {r.config: r for r in rows}
+        ours_rows, compare_rows, run_links, measured = [], [], [], []
+        for name in names:
+            config = imported[name]["experiment"] if name in imported else name
+            seed = seed_of.get(config)
+            ev = evaluations.get(name)
+            backbone = (experiments.get(config) or {}).get("backbone", "-")
+            ours = our_cells(ev, seed["Method"] if seed else "dnl", backbone)
+            run = (ev or {}).get("mlflow") or {}
+            link = "-"
+            if run.get("run_id"):
+                link = f"[run]({run_url(base, run['experiment_id'], run['run_id'])})"
+                run_links.append((run["experiment_id"], run["run_id"]))
+            ours_rows.append([ours[c] for c in COLUMNS] + [name, link])
+            pub = seed.cells if seed else dict.fromkeys(COLUMNS, "-")
+            compare_rows.append([name] + [cell for column in COMPARED for cell in (
+                pub[column], ours[column], difference(number(ours[column]), number(pub[column])))])
+            if ev:
+                measured.append(_measured_line(name, ev))
+        lines += ["### This pipeline", ""]
+        lines += [format_markdown_table(list(COLUMNS) + ["experiment", "MLflow"], ours_rows, ALIGN), ""]
+        lines += ["### Published vs this pipeline (difference = ours − published)", ""]
+        header = ["experiment"] + [f"{col} {which}" for col in COMPARED
+                                   for which in ("published", "ours", "diff")]
+        lines += [format_markdown_table(header, compare_rows, {h: "right" for h in header[1:]}), ""]
+        if run_links:
+            runs = f"{len(run_links)} run{'s' if len(run_links) != 1 else ''}"
+            lines += [f"Compare these runs side by side in MLflow: [{runs}]({compare_url(base, run_links)})",
+                      ""]
+        if dataset in champions:
+            c = champions[dataset]
+            lines += [f"Champion: `models:/{c['model']}@champion` = version {c['version']} ({c['name']}, "
+                      f"mIoU {c['mIoU']:.2f}).", ""]
+        if measured:
+            lines += ["Measured on:", "", *measured, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _measured_line(name: str, ev: dict) -> str:
+    parts = [f"eval {ev['device']}, {ev['dtype']}, {ev['images']} val images, {ev['test']['mode']} at scale "
+             f"{ev['test']['scale']}, ms+flip ratios {ev['ms_flip']['ratios']} flip {ev['ms_flip']['flip']}"]
+    if ev.get("speed"):
+        s = ev["speed"]
+        parts.append(f"fps {s['device']}, {s['dtype']}, batch 1, {s['images']} images "
+                     f"({s['warmup']} warm-up)")
+    if ev.get("train_memory"):
+        m = ev["train_memory"]
+        parts.append(f"Mem {m.get('measure', '?')} ({m.get('device', '?')}, {m.get('dtype', '?')})")
+    plots = f"../plots/{name}"
+    pictures = (f"[per-class IoU]({plots}/per_class_iou.png), [confusion]({plots}/confusion.png), "
+                f"[overlays]({plots}/overlays/)")
+    return f"- `{name}`: " + "; ".join(parts) + f". Pictures: {pictures}"
+
+
+def markdown_to_html(text: str, title: str = "DNLNet results") -> str:
+    """The small markdown subset build_markdown writes: headings, pipe tables, bullets, paragraphs, links,
+    `code` and **bold**."""
+    from components.evaluation.table import parse_markdown_tables
+
+    def plain(s: str) -> str:
+        s = html.escape(s, quote=False)
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+
+    def inline(s: str) -> str:
+        # Links first, on the raw text, so their URLs are escaped exactly once.
+        out, last = [], 0
+        for m in re.finditer(r"\[([^\]]+)\]\(([^)\s]+)\)", s):
+            out += [plain(s[last:m.start()]), f'<a href="{html.escape(m.group(2))}">{plain(m.group(1))}</a>']
+            last = m.end()
+        return "".join(out) + plain(s[last:])
+
+    out, lines, i = [], text.splitlines(), 0
+    tables = iter(parse_markdown_tables(text))
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            table = next(tables)
+            out.append("<table>\n<tr>" + "".join(f"<th>{inline(h)}</th>" for h in table.header) + "</tr>")
+            out += ["<tr>" + "".join(f"<td{' class=num' if NUMERIC.fullmatch(c) else ''}>{inline(c)}</td>"
+                                     for c in row) + "</tr>" for row in table.rows]
+            out.append("</table>")
+            i += 2 + len(table.rows)
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>\n" + "\n".join(items) + "\n</ul>")
+            continue
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+        i += 1
+    style = ("body{font-family:sans-serif;margin:2em;max-width:110em}"
+             "table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}"
+             "td.num{text-align:right;white-space:nowrap}code{background:#f3f3f3;padding:0 .2em}")
+    head = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n")
+    return head + "\n".join(out) + "\n</body>\n</html>\n"
+
+
+def write_report(params: dict, *, out_root: Path | str = REPO_ROOT) -> Path:
+    """reports/results.md and reports/results.html; registers the champions first. Returns the .md path."""
+    from components.training.checkpointing import atomic_write_bytes
+
+    out_root = Path(out_root)
+    evaluations = load_evaluations(params, out_root)
+    champions = register_champions(params, evaluations) if report_settings(params)["register"] else {}
+    text = build_markdown(params, evaluations, champions)
+    md = out_root / "reports" / "results.md"
+    atomic_write_bytes(md, text.encode())
+    atomic_write_bytes(md.with_suffix(".html"), markdown_to_html(text).encode())
+    print(f"[report] {len(evaluations)} evaluations -> {md} and {md.with_suffix('.html').name}", flush=True)
+    return md

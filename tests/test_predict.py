@@ -1,0 +1,145 @@
+"""`predict`: label PNGs of each image's own size in the dataset palette, and overlays, from a checkpoint
+file, a run (`runs:/`) or a registered model (`models:/<name>@champion`)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from components.data import CITYSCAPES_PALETTE
+from components.data.transforms import build_test_transform
+from components.evaluation.registry import ensure_model_artifacts, register_champion
+from components.models import build_dnlnet
+from components.models.checkpoint import save_checkpoint
+from pipeline.config import load_params, resolve_experiment
+from pipeline.predict import predict
+
+EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
+SIZES = {"a": (48, 100), "b": (64, 128), "single": (37, 53)}   # (h, w): odd sizes too
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, mlflow_db_template):
+    """A random R-50 checkpoint that names its experiment; images in a folder (one in a subfolder) and
+    one alone; the sample profile scaled down so the test scale is (128, 64)."""
+    root = tmp_path_factory.mktemp("predict")
+    shutil.copyfile(mlflow_db_template, root / "mlflow.db")
+    params = copy.deepcopy(load_params())
+    params["profile"] = "sample"
+    params["profiles"]["sample"]["size_scale"] = 0.0625
+    params["tracking"] = {"uri": f"sqlite:///{root / 'mlflow.db'}"}
+    torch.manual_seed(0)
+    model = build_dnlnet(depth=50, num_classes=19).eval()
+    checkpoint = root / "ckpt" / "model.pt"
+    save_checkpoint(checkpoint, model, {"experiment": EXP, "iteration": 4})
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    for name, (h, w) in SIZES.items():
+        path = root / "single.png" if name == "single" else images / ("sub/b.jpg" if name == "b" else "a.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return {"root": root, "params": params, "model": model, "checkpoint": checkpoint,
+            "inputs": [images, root / "single.png"]}
+
+
+def expected_label(model, rgb: np.ndarray, scale=(128, 64)) -> np.ndarray:
+    """The test pipeline written out: keep-ratio resize to the test scale, logits, bilinear back, argmax."""
+    img = torch.from_numpy(build_test_transform(scale)(image=rgb)["image"].transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        logits = model.encode_decode(img)
+    resized = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+    return resized.argmax(1)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def from_checkpoint(setup):
+    out = setup["root"] / "out_checkpoint"
+    return out, predict(setup["params"], setup["inputs"], out, str(setup["checkpoint"]))
+
+
+def test_label_pngs_have_the_image_size_and_the_palette(setup, from_checkpoint):
+    out, written = from_checkpoint
+    names = {p.relative_to(out).as_posix() for p in written}
+    assert names == {"a.png", "a_overlay.png", "sub/b.png", "sub/b_overlay.png", "single.png",
+                     "single_overlay.png"}
+    sources = {"a": "images/a.png", "sub/b": "images/sub/b.jpg", "single": "single.png"}
+    for stem, source in sources.items():
+        h, w = SIZES[stem.removeprefix("sub/")]
+        label_png = Image.open(out / f"{stem}.png")
+        assert label_png.mode == "P" and label_png.size == (w, h)
+        palette = np.array(label_png.getpalette()[: 3 * 256]).reshape(-1, 3)
+        assert [tuple(c) for c in palette[:19]] == list(CITYSCAPES_PALETTE)
+        assert tuple(palette[255]) == (0, 0, 0)
+        label = np.array(label_png)
+        rgb = np.array(Image.open(setup["root"] / source).convert("RGB"))
+        assert np.array_equal(label, expected_label(setup["model"], rgb))
+        overlay = np.array(Image.open(out / f"{stem}_overlay.png"))
+        assert overlay.shape == (h, w, 3)
+        colours = np.array(CITYSCAPES_PALETTE)[label]
+        assert np.abs(overlay.astype(float) - (0.5 * rgb + 0.5 * colours)).max() <= 0.5 + 1e-6
+
+
+def test_registered_model_and_run_give_the_same_labels(setup, from_checkpoint):
+    from mlflow.tracking import MlflowClient
+
+    params = setup["params"]
+    client = MlflowClient(tracking_uri=params["tracking"]["uri"])
+    experiment_id = client.create_experiment("cityscapes")
+    run_id = client.create_run(experiment_id, run_name="trained").info.run_id
+    from components.evaluation.registry import model_config
+
+    ensure_model_artifacts(client, run_id, setup["checkpoint"], model_config(resolve_experiment(params, EXP)))
+    register_champion(client, "dnlnet-cityscapes", run_id)
+
+    from components.evaluation.registry import fetch_model
+
+    by_version = fetch_model("models:/dnlnet-cityscapes/1", params["tracking"]["uri"])
+    assert by_version.checkpoint.read_bytes() == setup["checkpoint"].read_bytes()
+    assert by_version.config["experiment"] == EXP and by_version.config["scale"] == [128, 64]
+    _, reference = from_checkpoint
+    for ref in ("models:/dnlnet-cityscapes@champion", f"runs:/{run_id}"):
+        out = setup["root"] / ref.replace(":/", "_").replace("/", "_").replace("@", "_")
+        written = predict(params, setup["inputs"], out, ref)
+        assert len(written) == len(reference)
+        for ours, theirs in zip(written, reference, strict=True):
+            assert ours.name == theirs.name
+            assert np.array_equal(np.array(Image.open(ours)), np.array(Image.open(theirs)))
+
+
+def test_bad_inputs_and_references(setup, tmp_path):
+    params, checkpoint = setup["params"], str(setup["checkpoint"])
+    with pytest.raises(FileNotFoundError, match="nothing.png: no such image file or folder"):
+        predict(params, [tmp_path / "nothing.png"], tmp_path / "out", checkpoint)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no images"):
+        predict(params, [tmp_path / "empty"], tmp_path / "out", checkpoint)
+    with pytest.raises(ValueError, match="several images the output name 'single'"):
+        predict(params, [setup["root"] / "single.png"] * 2, tmp_path / "out", checkpoint)
+    with pytest.raises(ValueError, match="models:/nope@champion.*not found in the registry"):
+        predict(params, setup["inputs"], tmp_path / "out", "models:/nope@champion")
+    with pytest.raises(FileNotFoundError, match="expected models:/<name>@<alias>, runs:/<run_id>"):
+        predict(params, setup["inputs"], tmp_path / "out", str(tmp_path / "missing.pt"))
+
+
+def test_settings_inferred_from_the_weights_when_nothing_names_an_experiment(tmp_path):
+    """A released checkpoint without config.json or a known experiment in its meta: depth from the
+    number of layer3 blocks (23 -> R-101), classes from conv_seg (150 -> ADE20K)."""
+    from pipeline.predict import model_settings
+
+    state_dict = {f"backbone.layer3.{i}.conv1.weight": torch.zeros(1) for i in range(23)}
+    state_dict["decode_head.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
+    path = tmp_path / "released.pth"
+    torch.save({"state_dict": state_dict, "meta": {"config": "mmseg"}}, path)
+    settings = model_settings(load_params(), None, path)
+    assert (settings["dataset"], settings["depth"], settings["num_classes"]) == ("ade20k", 101, 150)
+    assert settings["experiment"] == "dnl_r101-d8_512x512_80k_ade20k"   # the first R-101 ADE20K experiment
+    state_dict.pop("backbone.layer3.22.conv1.weight")
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match="layer3 has 22 blocks; expected 6"):
+        model_settings(load_params(), None, path)
