@@ -7,6 +7,7 @@ through a `RunLogger`; the driver sets the final status. Every MLflow call goes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -17,17 +18,45 @@ from urllib.parse import urlsplit, urlunsplit
 
 RUN_NAME_TAG = "dnlseg.run_name"       # the deterministic Ray run name: the key to resume a run
 RETRY_AFTER_S = 60.0                   # after a failure, skip MLflow calls this long instead of blocking
+# Fail-fast HTTP settings for calls made while training runs (MLflow's defaults retry for minutes).
+FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_USERINFO = re.compile(r"(\w[\w+.-]*://)[^/\s@]+@")
+
+
+def redact_text(text: str) -> str:
+    """Drop user:password@ from every URL inside a message (exceptions quote the URLs they called)."""
+    return _USERINFO.sub(r"\1", text)
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
+    text = redact_text(str(error).strip())
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
 def _warn(text: str) -> None:
     # Not print(): inside Ray Train workers print is patched and the line would show twice.
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(redact_text(text) + "\n")
     sys.stderr.flush()
+
+
+def with_env_credentials(uri: str) -> str:
+    """The driver hands workers the tracking URI without credentials (Ray keeps its train config in its
+    state API); a process whose own $MLFLOW_TRACKING_URI is that URI plus credentials uses its own."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return env if env and redact(env) == uri else uri
+
+
+@contextlib.contextmanager
+def _environment_defaults(defaults: dict[str, str]):
+    """MLflow reads its settings from the environment at each call: set these for one call only
+    (settings the user exported win)."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def metric_name(name: str) -> str:
@@ -87,11 +116,8 @@ class RunLogger:
 
     def __init__(self, tracking_uri: str, run_id: str | None, who: str = "mlflow", fail_fast: bool = False):
         self.tracking_uri, self.run_id, self.who = tracking_uri, run_id, who
-        if fail_fast:
-            # MLflow's HTTP client retries for minutes by default: inside a training loop, give up quickly
-            # (this process only; explicit settings win).
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # MLflow's HTTP client retries for minutes by default: while training runs, give up quickly.
+        self.fail_fast = fail_fast
         self.failures = 0
         self._client = None
         self._paused_until = 0.0
@@ -104,11 +130,13 @@ class RunLogger:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    def _safe(self, what: str, call) -> bool:
-        if self.run_id is None or time.monotonic() < self._paused_until:
+    def _safe(self, what: str, call, final: bool = False) -> bool:
+        """`final` calls (the run's status) are tried even while paused: they are the last chance."""
+        if self.run_id is None or (time.monotonic() < self._paused_until and not final):
             return False
         try:
-            call()
+            with _environment_defaults(FAIL_FAST_ENV) if self.fail_fast else contextlib.nullcontext():
+                call()
             return True
         except Exception as e:  # noqa: BLE001 - any tracking failure must leave training running
             self.failures += 1
@@ -151,7 +179,16 @@ class RunLogger:
         """RUNNING, FINISHED, FAILED or KILLED."""
         if status == "RUNNING":
             return self._safe("update_run", lambda: self.client.update_run(self.run_id, status="RUNNING"))
-        return self._safe("set_terminated", lambda: self.client.set_terminated(self.run_id, status))
+
+        def terminate():
+            # MLflow prints "View run ... at: <tracking URI>" here, credentials included: print it redacted.
+            with _environment_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+                self.client.set_terminated(self.run_id, status)
+            if self.tracking_uri.startswith(("http://", "https://")):
+                sys.stdout.write(f"[{self.who}] MLflow run {self.run_id}: "
+                                 f"{redact(self.tracking_uri).rstrip('/')}/#/runs/{self.run_id}\n")
+
+        return self._safe("set_terminated", terminate, final=True)
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, tags: dict | None = None,

@@ -8,6 +8,10 @@ shift
 
 dvc config --local core.no_scm true   # the upload has no .git
 
+# The cluster adds GPU nodes when the workers ask for them: the preflight's Ray resource check reports
+# instead of failing (pipeline/preflight.py).
+export DNLSEG_RAY_AUTOSCALING=1
+
 # Workers on other nodes log to the MLflow server on the head (deploy/cluster.yaml starts it).
 head_ip=$(hostname -I | awk '{print $1}')
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-http://${head_ip}:5000}

@@ -110,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import DEFAULT_PARAMS, ConfigError, load_params
 
     args = build_parser().parse_args(argv)
+    from components.storage import StorageError
+
     try:
         params = load_params(args.params or DEFAULT_PARAMS)
         args.func(args, params)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    # ConfigError, DataError, PreflightError are ValueErrors; a NaN stop is a FloatingPointError.
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError) as e:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"dnlseg {args.command}: error: {e}", file=sys.stderr)
         return 2

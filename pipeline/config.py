@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -131,7 +132,9 @@ class TrainConfig:
     storage_path: str = ""              # absolute local path or s3://…
     max_failures: int = 0
     ray_address: str = ""
-    tracking_uri: str = ""
+    tracking_uri: str = ""              # may carry credentials from $MLFLOW_TRACKING_URI: log it redacted
+    storage_endpoint_url: str = ""      # S3-compatible endpoint ('' = AWS); storage: section or env
+    storage_region: str = ""
 
     def to_flat_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -151,8 +154,61 @@ def _absolute(path: str) -> str:
     return str(p if p.is_absolute() else REPO_ROOT / p)
 
 
+# --- storage and tracking: where things go; credentials only ever come from the environment ---------
+
+STORAGE_KEYS = ("endpoint_url", "region")
+# A key with one of these in its name is a credential: it belongs in the environment, not in params.yaml.
+CREDENTIAL_WORDS = ("secret", "password", "token", "access_key", "credential", "session")
+CREDENTIALS_HINT = ("params.yaml is committed: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) in the environment, and DVC's "
+                    "with `dvc remote modify --local`")
+
+
+def _no_credentials_in_url(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"params.yaml: {where}: expected a string, got {value!r}")
+    if "://" in value and "@" in urlsplit(value).netloc:
+        raise ConfigError(f"params.yaml: {where}: the URL holds credentials (user:password@); "
+                          f"{CREDENTIALS_HINT}")
+    return value
+
+
+def storage_settings(params: dict) -> dict[str, str]:
+    """params' `storage:` section with environment fallbacks: endpoint_url ($AWS_ENDPOINT_URL) and
+    region ($AWS_DEFAULT_REGION / $AWS_REGION). '' means AWS's own S3 and its default region."""
+    section = params.get("storage") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"params.yaml: storage: expected a mapping, got {section!r}")
+    for key in section:
+        if any(word in str(key).lower() for word in CREDENTIAL_WORDS):
+            raise ConfigError(f"params.yaml: storage.{key}: credentials do not belong here; "
+                              f"{CREDENTIALS_HINT}")
+        if key not in STORAGE_KEYS:
+            raise ConfigError(f"params.yaml: storage.{key}: unknown key (known: {', '.join(STORAGE_KEYS)})")
+    endpoint = _no_credentials_in_url(section.get("endpoint_url") or "", "storage.endpoint_url")
+    if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
+        raise ConfigError(f"params.yaml: storage.endpoint_url: expected http://host:port or https://host, "
+                          f"got {endpoint!r}")
+    region = _no_credentials_in_url(section.get("region") or "", "storage.region")
+    return {"endpoint_url": endpoint or os.environ.get("AWS_ENDPOINT_URL", ""),
+            "region": region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or ""}
+
+
+def _storage_path(value: Any, where: str) -> str:
+    """A local folder or s3://bucket[/prefix] (any pyarrow URI), without credentials in it."""
+    value = _no_credentials_in_url(value, where)
+    if not value:
+        raise ConfigError(f"params.yaml: {where}: missing (a local folder or s3://bucket/prefix)")
+    if "://" in value and urlsplit(value).scheme == "s3" and not urlsplit(value).netloc:
+        raise ConfigError(f"params.yaml: {where}: expected s3://bucket/prefix, got {value!r}")
+    return _absolute(value)
+
+
 def tracking_uri(params: dict) -> str:
-    uri = (params.get("tracking") or {}).get("uri") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    """params' tracking.uri (no credentials allowed there), else $MLFLOW_TRACKING_URI (may hold them),
+    else the repo's SQLite store."""
+    uri = _no_credentials_in_url((params.get("tracking") or {}).get("uri") or "", "tracking.uri")
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     return uri or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
@@ -196,6 +252,7 @@ def resolve_experiment(params: dict, name: str, profile: str | None = None) -> T
 
     pretrained = (train.get("pretrained") or {}).get(backbone, "") or ""
     data = _get(params, "data", "params")
+    storage = storage_settings(params)
     return TrainConfig(
         name=name,
         profile=profile,
@@ -235,10 +292,12 @@ def resolve_experiment(params: dict, name: str, profile: str | None = None) -> T
         val_max_images=_non_negative(prof.get("val_max_images", 0), f"{pwhere}.val_max_images", integer=True),
         pretrained=pretrained,
         data_dir=_absolute(str(Path(_get(data, "prepared_dir", "data")) / dataset)),
-        storage_path=_absolute(_get(train, "storage_path", "train")),
+        storage_path=_storage_path(_get(train, "storage_path", "train"), "train.storage_path"),
         max_failures=_non_negative(_get(train, "max_failures", "train"), "train.max_failures", integer=True),
         ray_address=train.get("ray_address") or os.environ.get("RAY_ADDRESS", ""),
         tracking_uri=tracking_uri(params),
+        storage_endpoint_url=storage["endpoint_url"],
+        storage_region=storage["region"],
     )
 
 

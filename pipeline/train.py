@@ -8,10 +8,15 @@ writes the stage's DVC outputs from the driver only:
 
 The Ray run name is `<exp>-<hash of what changes the result>`: rerunning the same experiment resumes
 from its latest checkpoint; changed params, data or code start a fresh run.
+
+Before any expensive work the stage runs pipeline/preflight.py (data prepared, tracking reachable,
+storage writable, then Ray's resources); a NaN/inf loss stops every worker cleanly (no Ray retry) and
+fails the stage with NonFiniteLossError, the last good checkpoint kept in storage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,11 +32,21 @@ from pipeline.config import REPO_ROOT, TrainConfig, resolve_experiment
 # Fields that say where and how fast a run executes, not what it learns: changing them resumes the run.
 EXECUTION_FIELDS = frozenset({"ray_address", "tracking_uri", "storage_path", "data_dir", "loader_workers",
                               "max_failures", "num_workers", "use_gpu", "resources_per_worker",
-                              "micro_batch_size"})
+                              "micro_batch_size", "storage_endpoint_url", "storage_region"})
+# A Ray the stage starts itself serves its dashboard (which accepts jobs) on loopback only.
+LOCAL_RAY_OPTIONS = {"dashboard_host": "127.0.0.1"}
 
 
-# The train stage's code deps in dvc.yaml: a change there retrains from scratch instead of resuming.
-CODE_DEPS = ("components", "pipeline/train.py", "pipeline/config.py")
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN/inf loss; the message says where and which checkpoint is kept."""
+
+
+# The train stage's code deps in dvc.yaml (keep the two lists equal): a change there retrains from
+# scratch instead of resuming. storage, tuning and preflight are imported by this stage at run time.
+CODE_DEPS = ("components/models", "components/data", "components/training", "components/losses.py",
+             "components/metrics.py", "components/schedules.py", "components/tracking.py",
+             "components/storage.py", "components/tuning.py", "pipeline/train.py", "pipeline/config.py",
+             "pipeline/preflight.py")
 
 
 def code_hash(root: Path = REPO_ROOT) -> str:
@@ -58,22 +73,107 @@ def log_interval(cfg: TrainConfig) -> int:
     return max(1, min(50, cfg.eval_interval // 10))
 
 
-def _connect_ray(address: str) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one. True if we started it."""
+def loop_config(cfg: TrainConfig, *, mlflow_run_id: str, data_hash: str, data_uri: str,
+                test_hooks: dict | None = None) -> dict:
+    """What every worker's loop gets (TorchTrainer's train_loop_config): the flat config and where the
+    run logs and reads its data. Credentials never travel in it (Ray shows it in its state API): workers
+    get the tracking URI without them and use their own environment's (tracking.with_env_credentials)."""
+    from components.data import class_names
+    from components.tracking import redact
+
+    return {**cfg.to_flat_dict(), "tracking_uri": redact(cfg.tracking_uri), "mlflow_run_id": mlflow_run_id,
+            "log_interval": log_interval(cfg), "class_names": list(class_names(cfg.dataset)),
+            "manifest_sha256": data_hash, "data_uri": data_uri, "test_hooks": test_hooks or {}}
+
+
+# What start_local_ray changed in os.environ, restored by shutdown_ray.
+_ENV_BEFORE_LOCAL_RAY: dict[str, str | None] = {}
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """Start a Ray on this machine, its dashboard (which accepts jobs) on loopback at a port picked here,
+    and point this process, its children and the job's workers at THIS cluster.
+
+    Ray Train's PlacementGroupCleaner (an actor) finds a dead controller through the state API; without an
+    address it looks for "the" Ray on the machine and fails when several run (other people's, other
+    tests'): "ConnectionError: Found multiple active Ray instances", and the freed CPUs never come back.
+    RAY_API_SERVER_ADDRESS, which the state API reads first, goes to every worker in the job's runtime env;
+    RAY_ADDRESS (known only once the cluster runs) is for this process and what it starts.
+    """
+    import ray
+
+    shutdown_ray()   # a Ray we started before and someone shut down: its addresses are stale
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    _ENV_BEFORE_LOCAL_RAY.update({k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")})
+    os.environ.pop("RAY_ADDRESS", None)   # we start a cluster: ray.init must not join one
+    try:
+        context = ray.init(**LOCAL_RAY_OPTIONS, dashboard_port=port,
+                           runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, **init_kwargs)
+    except BaseException:
+        shutdown_ray()
+        raise
+    info = context.address_info
+    os.environ.update({"RAY_API_SERVER_ADDRESS": api,
+                       "RAY_ADDRESS": info.get("gcs_address") or info["address"]})
+
+
+def shutdown_ray() -> None:
+    """ray.shutdown(), and the environment as it was before start_local_ray (if it ran)."""
+    import ray
+
+    ray.shutdown()
+    for key, value in _ENV_BEFORE_LOCAL_RAY.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _ENV_BEFORE_LOCAL_RAY.clear()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_ray(address: str) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one. True if we started it
+    (end it with shutdown_ray)."""
     import ray
 
     if ray.is_initialized():
         return False
-    # Local: keep the dashboard; Ray Train's placement-group cleaner polls the state API it serves.
-    ray.init(address=address or None)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None)
+    else:
+        start_local_ray()
     return True
 
 
-def _run_exists(storage_path: str, name: str) -> bool:
-    import pyarrow.fs
+def run_exists(storage_path: str, name: str) -> bool:
+    """Whether Ray run `name` has anything in storage (S3 through storage.exists, with retries)."""
+    from components.storage import exists
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    return fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
+    return exists(f"{storage_path.rstrip('/')}/{name}" + ("/" if "://" in storage_path else ""))
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]):
+    """Set these environment variables for the stage (boto3, pyarrow, MLflow read them), then restore."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _read_text(checkpoint, filename: str) -> str:
@@ -132,21 +232,31 @@ def write_outputs(result, cfg: TrainConfig, out_root: Path) -> dict:
     return {"model": model_path, "metrics": metrics_path, "curve": curve_path, **metrics}
 
 
-def build_trainer(cfg: TrainConfig, ray_name: str, loop_config: dict):
+def build_trainer(cfg: TrainConfig, ray_name: str, loop_config: dict, callbacks: list | None = None):
     """TorchTrainer over the per-worker loop: DDP workers, checkpoints kept (best by mIoU + latest),
-    worker-group restarts from the latest checkpoint on failure."""
+    worker-group restarts from the latest checkpoint on failure. An s3:// storage_path on a custom
+    endpoint gets an explicit filesystem (Ray's controller may not share the driver's environment) and
+    the workers get the endpoint variables; credentials stay in each node's own environment."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from components.storage import endpoint_env, pyarrow_filesystem
     from components.training.loop import train_loop_per_worker
 
+    storage, env = {"storage_path": cfg.storage_path}, {}
+    if cfg.storage_path.startswith("s3://") or cfg.storage_endpoint_url:
+        env = endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)
+    if cfg.storage_path.startswith("s3://"):
+        fs, path = pyarrow_filesystem(cfg.storage_path, cfg.storage_endpoint_url, cfg.storage_region)
+        storage = {"storage_path": path, "storage_filesystem": fs}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=cfg.resources_per_worker or None),
         run_config=ray.train.RunConfig(
-            name=ray_name, storage_path=cfg.storage_path,
+            name=ray_name, **storage, callbacks=callbacks or None,
+            worker_runtime_env={"env_vars": env} if env else None,
             # num_to_keep=1 by mIoU keeps the best; Ray always keeps the latest too (for resume).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="mIoU",
                                                          checkpoint_score_order="max"),
@@ -160,20 +270,34 @@ def train_experiment(params: dict, name: str, *, profile: str | None = None,
 
     `test_hooks` (tests only) reach the loop: fault injection, a fixed batch, per-rank fact dumps.
     """
-    from components.data import class_names
-    from components.tracking import flat_params, git_commit, open_run
-    from components.training.data_sync import manifest_hash, publish_dataset
+    from components.storage import endpoint_env
     from components.training.distributed import plan_batches
+    from components.tuning import apply_tuned
+    from pipeline.preflight import preflight
 
     cfg = resolve_experiment(params, name, profile)
-    out_root = Path(out_root)
-    # Bad input fails here, in one line, before Ray starts: the batch split and the prepared data.
+    if params["train"].get("use_tuned") and name == (params.get("tune") or {}).get("experiment"):
+        # The schedule the tune stage found; a missing file fails in one line saying how to get it.
+        cfg = apply_tuned(cfg, REPO_ROOT / "tune" / name / "best_params.yaml")
+    # Bad input fails here, in one line each, before Ray starts: the batch split, then the preflight
+    # (prepared data, tracking server, storage writable).
     plan_batches(cfg.batch_size, cfg.num_workers, getattr(cfg, "micro_batch_size", 0))
+    with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
+        preflight(cfg)
+        return _train(cfg, name, Path(out_root), test_hooks)
+
+
+def _train(cfg: TrainConfig, name: str, out_root: Path, test_hooks: dict | None) -> dict:
+    from components.tracking import flat_params, git_commit, open_run
+    from components.training.data_sync import manifest_hash, publish_dataset
+    from pipeline.preflight import preflight_ray
+
     data_hash, code = manifest_hash(cfg.data_dir), code_hash()
     ray_name = run_name(cfg, data_hash, code)
-    started_ray = _connect_ray(cfg.ray_address)
+    started_ray = connect_ray(cfg.ray_address)
     try:
-        resuming = _run_exists(cfg.storage_path, ray_name)
+        preflight_ray(cfg)
+        resuming = run_exists(cfg.storage_path, ray_name)
         print(f"[train driver] {name}: Ray run {ray_name} under {cfg.storage_path} "
               f"({'resuming' if resuming else 'new'}), {cfg.num_workers} workers, profile {cfg.profile}",
               flush=True)
@@ -187,17 +311,23 @@ def train_experiment(params: dict, name: str, *, profile: str | None = None,
         tracker.log_text(yaml.safe_dump(flat_params(flat), sort_keys=False), "config.yaml")
         tic = time.perf_counter()
         try:
-            loop_config = {**flat, "mlflow_run_id": tracker.run_id, "log_interval": log_interval(cfg),
-                           "class_names": list(class_names(cfg.dataset)), "manifest_sha256": data_hash,
-                           "data_uri": publish_dataset(cfg.data_dir, cfg.storage_path, data_hash),
-                           "test_hooks": test_hooks or {}}
-            result = build_trainer(cfg, ray_name, loop_config).fit()
+            config = loop_config(cfg, mlflow_run_id=tracker.run_id, data_hash=data_hash,
+                                 data_uri=publish_dataset(cfg.data_dir, cfg.storage_path, data_hash),
+                                 test_hooks=test_hooks)
+            result = build_trainer(cfg, ray_name, config).fit()
+            worker = result.return_value or {}
+            tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
+            if worker.get("stopped"):
+                raise _non_finite_error(cfg, worker["stopped"], result, tracker)
             outputs = write_outputs(result, cfg, out_root)
         except KeyboardInterrupt:
             tracker.set_status("KILLED")
             raise
-        except BaseException:
+        except BaseException as e:
             tracker.set_status("FAILED")   # the Ray run stays in storage: rerunning resumes it
+            bad_data = _worker_data_error(e)
+            if bad_data is not None:       # one line naming the file, not Ray's multi-page report
+                raise bad_data from None
             raise
         tracker.log_metrics({f"best_{k}": v for k, v in outputs["best"].items() if k != "iteration"},
                             step=outputs["final"]["iteration"])
@@ -205,15 +335,42 @@ def train_experiment(params: dict, name: str, *, profile: str | None = None,
                              (outputs["metrics"], "metrics")):
             tracker.log_artifact(path, folder)
         tracker.set_status("FINISHED")
-        worker = result.return_value or {}
         print(f"[train driver] {name}: done in {time.perf_counter() - tic:.0f} s; best mIoU "
               f"{outputs['best']['mIoU']:.2f} at iteration {outputs['best']['iteration']}, final "
               f"{outputs['final']['mIoU']:.2f}; wrote {outputs['model']}", flush=True)
+        worker_failures = worker.get("mlflow_failures") or 0
+        if worker_failures or tracker.failures:
+            print(f"[train driver] {name}: MLflow tracking failed during the run ({worker_failures} failed "
+                  f"call(s) on rank 0, {tracker.failures} in the driver): MLflow run {tracker.run_id} may "
+                  f"lack metrics or artifacts; the stage's outputs are complete", flush=True)
         return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": result.path,
                 "start_iteration": worker.get("start_iteration"),
-                "median_step_s": worker.get("median_step_s")}
+                "median_step_s": worker.get("median_step_s"), "mlflow_failures": worker_failures,
+                "driver_mlflow_failures": tracker.failures}
     finally:
         if started_ray:
-            import ray
+            shutdown_ray()
 
-            ray.shutdown()
+
+def _worker_data_error(error: BaseException):
+    """The DataError (a prepared file unreadable) behind a Ray worker-group failure, with the fix."""
+    from components.data.validate import DataError
+
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)   # Ray wraps the worker's exception with its traceback
+        if isinstance(base, DataError):
+            return DataError(f"{base} (the prepared data changed after `dnlseg prepare`: rerun it, "
+                             f"or `dvc pull` the prepared splits)")
+    return None
+
+
+def _non_finite_error(cfg: TrainConfig, message: str, result, tracker) -> NonFiniteLossError:
+    """The stage's error for a NaN/inf stop: what happened and which checkpoint is kept where."""
+    latest = result.checkpoint
+    kept = (f"the last good checkpoint ({json.loads(_read_text(latest, 'summary.json'))['iteration']}) is "
+            f"kept in {latest.path}" if latest else "no checkpoint was reported before it")
+    text = (f"{cfg.name}: {message.split(': stopping')[0]}: training stopped, {kept}; rerunning resumes "
+            f"there and meets it again: lower train.lr or use precision fp32 (a fresh run)")
+    tracker.set_tags({"dnlseg.failure": text[:500]})
+    print(f"[train driver] {text}", flush=True)
+    return NonFiniteLossError(text)

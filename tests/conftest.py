@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny prepared dataset, params for tiny runs, and one local Ray per session.
+"""Shared fixtures: a tiny prepared dataset, params for tiny runs, one local Ray per session, and real
+servers on loopback (moto's S3, MLflow) that the tests start and stop themselves.
 
 Ray allows one `ray.init` per process: tests that need a Ray of their own (the two-node cluster) shut
 the shared one down; `ray_local` starts it again for whoever needs it next. Nothing here runs a bare
@@ -10,6 +11,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,15 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # One actor process less per fit (it watches for cloud preemption notices; there are none here).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Tests only ever talk to moto on loopback: fake credentials, set before Ray starts so its workers
+# inherit them too, and never a developer's real ones.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"})
+for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+    os.environ.pop(_name, None)
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
 
 EXPERIMENT = "dnl_r50-d8_512x1024_40k_cityscapes"   # crop 512x1024 x size_scale 1/16 -> 32x64
 
@@ -58,9 +73,15 @@ def mlflow_db_template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def make_params(tiny_data, mlflow_db_template):
+def make_params(params_factory):
     """params.yaml of the repo, with the sample profile shrunk to a few ~1 s steps and every output
     (Ray storage, MLflow store) under `work`."""
+    return params_factory
+
+
+@pytest.fixture(scope="session")
+def params_factory(tiny_data, mlflow_db_template):
+    """make_params for session-scoped fixtures."""
     from pipeline.config import load_params
 
     base = load_params()
@@ -86,17 +107,238 @@ def make_params(tiny_data, mlflow_db_template):
 @pytest.fixture(scope="session")
 def _shutdown_ray_at_end():
     yield
-    import ray
+    from pipeline.train import shutdown_ray
 
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture
 def ray_local(_shutdown_ray_at_end):
-    """The session's local Ray (2 CPUs), started on first use. The dashboard stays on: Ray Train's
-    placement-group cleaner polls the state API it serves."""
+    """The session's local Ray (2 CPUs), started on first use as the stage starts one: dashboard on
+    loopback, its state API's address in this process's and every worker's environment (Ray Train's
+    placement-group cleaner needs it when other people's Ray clusters run on this machine too)."""
     import ray
 
+    from pipeline.train import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, configure_logging=False)
+        start_local_ray(num_cpus=2, configure_logging=False)
     return ray
+
+
+# --- servers on loopback ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoS3:
+    """moto's S3 server (a real HTTP endpoint) on 127.0.0.1; stop() and start() again keep the port and,
+    moto's state being per process, the buckets."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> MotoS3:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture
+def moto_s3():
+    server = MotoS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 in its own process group (so stop() ends it and its workers only)."""
+
+    def __init__(self, work: Path, db_template: Path, artifacts: str | None = None, env: dict | None = None):
+        work.mkdir(parents=True, exist_ok=True)
+        self.db = work / "mlflow-server.db"
+        if not self.db.exists():
+            shutil.copyfile(db_template, self.db)
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = artifacts or (work / "mlartifacts").as_uri()
+        self.env = {**os.environ, **(env or {})}
+        self.log = work / "mlflow-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> MlflowServer:
+        import requests
+
+        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", self.artifacts,
+               "--workers", "1"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server not up after {timeout:.0f} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)   # its own group: the server and its workers only
+        self.proc.wait(timeout=30)
+
+    def listening_addresses(self) -> set[str]:
+        import psutil
+
+        group = [self.proc.pid] + [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        return {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.pid in group}
+
+
+# --- the stage on S3, its driver killed and rerun (test_s3_training.py, test_security.py) -------------
+
+# A stage driver in its own process. The code hash is pinned: engineers editing the shared checkout
+# between the two drivers would otherwise (rightly) make the rerun a fresh run instead of a resume.
+DRIVER = """
+import json, sys
+import pipeline.train
+from pipeline.config import load_params
+from pipeline.train import train_experiment
+pipeline.train.code_hash = lambda root=None: "pinned-by-the-test"
+params_file, experiment, out_root, hooks, result_file = sys.argv[1:]
+out = train_experiment(load_params(params_file), experiment, out_root=out_root, test_hooks=json.loads(hooks))
+with open(result_file, "w") as f:
+    json.dump(out, f, default=str)
+"""
+
+
+def _wait(condition, timeout: float, proc=None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    tail = lambda: log.read_text()[-3000:] if log else ""  # noqa: E731
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"driver exited with {proc.returncode}: {tail()}")
+        time.sleep(0.5)
+    raise TimeoutError(f"not reached in {timeout:.0f} s: {tail()}")
+
+
+@pytest.fixture(scope="session")
+def s3_stage_run(tmp_path_factory, params_factory, mlflow_db_template, _shutdown_ray_at_end):
+    """The train stage with checkpoints in a bucket (moto on loopback) and tracking on a real MLflow
+    server whose artifacts go to the same bucket; a secret in the environment and credentials in the
+    tracking URL (from $MLFLOW_TRACKING_URI). Each driver is a real process joined to the session's Ray:
+
+    1. the first is SIGKILLed once its first checkpoint (iteration 2 of 4) is in the bucket;
+    2. its local state (its out_root) is deleted;
+    3. the stage is rerun in a fresh process: it must resume from the bucket.
+    """
+    import json
+    import uuid
+    from types import SimpleNamespace
+
+    import ray
+    import yaml
+
+    from pipeline.train import start_local_ray
+
+    work = tmp_path_factory.mktemp("s3_stage")
+    s3 = MotoS3().start()
+    server = None
+    try:
+        bucket = s3.bucket("dnlseg-stage")
+        s3_env = {"AWS_ENDPOINT_URL": s3.endpoint, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+        server = MlflowServer(work / "mlflow", mlflow_db_template, artifacts=f"s3://{bucket}/mlartifacts",
+                              env=s3_env).start()
+        secret, password = f"aws-{uuid.uuid4().hex}", f"pw-{uuid.uuid4().hex}"
+        params = params_factory(work)
+        params["train"]["storage_path"] = f"s3://{bucket}/runs"
+        params["storage"] = {"endpoint_url": s3.endpoint, "region": ""}
+        params["tracking"] = {"uri": ""}
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        if not ray.is_initialized():
+            start_local_ray(num_cpus=2, configure_logging=False)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+               "AWS_SECRET_ACCESS_KEY": secret,
+               "MLFLOW_TRACKING_URI": f"http://alice:{password}@127.0.0.1:{server.port}"}
+
+        def driver(tag: str, hooks: dict):
+            log = work / f"{tag}.log"
+            with open(log, "wb") as f:
+                args = [str(work / "params.yaml"), EXPERIMENT, str(work / f"out-{tag}"), json.dumps(hooks),
+                        str(work / f"{tag}.json")]
+                proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=REPO, env=env, stdout=f,
+                                        stderr=subprocess.STDOUT)
+            return proc, log
+
+        def first_checkpoint_in_bucket() -> bool:
+            snapshots = [k for k in s3.keys(bucket, "runs/")
+                         if k.endswith("/checkpoint_manager_snapshot.json")]
+            if not snapshots:
+                return False
+            body = s3.client().get_object(Bucket=bucket, Key=snapshots[0])["Body"].read()
+            return json.loads(body).get("latest_checkpoint_result") is not None
+
+        held = work / "held"
+        hold = {"iteration": 2, "rank": 0, "marker": str(held), "release": str(work / "never"),
+                "timeout_s": 600}
+        first, first_log = driver("first", {"hold": hold})
+        try:
+            _wait(lambda: held.exists() and first_checkpoint_in_bucket(), 420, first, first_log)
+            keys_at_kill = s3.keys(bucket, "runs/")
+        finally:
+            first.send_signal(signal.SIGKILL)   # the driver only; Ray ends its job's workers
+            first.wait(timeout=60)
+        # Ray frees the killed job's workers; the rerun needs the CPUs back.
+        _wait(lambda: ray.available_resources().get("CPU", 0) >= 2, 120)
+        shutil.rmtree(work / "out-first", ignore_errors=True)
+
+        second, second_log = driver("second", {})
+        second.wait(timeout=600)
+        if second.returncode != 0:
+            raise RuntimeError(f"rerun failed: {second_log.read_text()[-4000:]}")
+        result = json.loads((work / "second.json").read_text())
+        yield SimpleNamespace(work=work, s3=s3, bucket=bucket, server=server, secret=secret,
+                              password=password, keys_at_kill=keys_at_kill, keys=s3.keys(bucket),
+                              result=result,
+                              first_output=first_log.read_text(), second_output=second_log.read_text(),
+                              first_returncode=first.returncode)
+    finally:
+        if server is not None:
+            server.stop()
+        s3.stop()

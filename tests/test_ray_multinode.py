@@ -16,7 +16,9 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()   # the session's shared local Ray, if a test started it: one ray.init per process
+    import pipeline.train
+
+    pipeline.train.shutdown_ray()   # the session's shared local Ray, if a test started it: one ray.init per process
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

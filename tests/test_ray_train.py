@@ -81,12 +81,16 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
     assert {"config.yaml", "model", "curves", "metrics"} <= artifacts
 
 
-def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path):
+def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path, monkeypatch):
     """A run stopped right after its first checkpoint (iteration 2 of 4) continues at 3 when rerun, into
     the same MLflow run; no iteration is trained twice."""
     from ray.train import TrainingFailedError
 
+    import pipeline.train
     from pipeline.train import train_experiment
+
+    # Pinned: someone editing the shared checkout between the two runs would make the rerun a fresh run.
+    monkeypatch.setattr(pipeline.train, "code_hash", lambda root=None: "pinned-by-the-test")
 
     params = make_params(tmp_path)   # 4 iterations, checkpoints at 2 and 4
     stop = {"fault": {"rank": 0, "iteration": 2, "how": "raise", "marker": str(tmp_path / "stopped")}}
@@ -124,6 +128,25 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(ray_local, make_params, 
     assert sorted(set(steps)) == [1, 2, 3, 4]   # continuous; step 3 may be logged by both attempts
     rows = read_curve(tmp_path / "out" / "plots" / EXPERIMENT / "train.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]   # the curve comes from the checkpoints
+    assert_no_checkpoint_lost(out["result_path"], reported=2)
+
+
+def assert_no_checkpoint_lost(run_dir, reported: int) -> None:
+    """Ray's record of the run (checkpoint_manager_snapshot.json) counts every report, and each checkpoint
+    it keeps (the best and the latest, iteration 4) is complete on disk; no stray checkpoint folder."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    assert snapshot["current_report_index"] == reported          # reports at 2 and 4, none lost
+    kept = {r["checkpoint_dir_name"]: r["metrics"]["iteration"] for r in snapshot["checkpoint_results"]}
+    assert snapshot["latest_checkpoint_result"]["metrics"]["iteration"] == 4 and 4 in kept.values()
+    on_disk = {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    assert on_disk == set(kept)
+    for name in kept:
+        files = {p.name for p in (run_dir / name).iterdir()}
+        assert {"model.pt", "train_state.pt", "summary.json", "curve.csv"} <= files
+        assert json.loads((run_dir / name / "summary.json").read_text())["iteration"] == kept[name]
 
 
 @pytest.mark.slow

@@ -76,16 +76,50 @@ def _closed_port() -> int:
 
 def test_unreachable_server_warns_once_and_never_raises(monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")   # (so fail_fast's defaults do not leak out)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     logger = RunLogger(f"http://127.0.0.1:{_closed_port()}", run_id="0" * 32, who="test", fail_fast=True)
     assert logger.log_metrics({"loss": 1.0}, step=1) is False
     tic = time.monotonic()
     assert logger.log_metrics({"loss": 0.9}, step=2) is False     # paused: no second connection attempt
-    assert logger.set_status("FINISHED") is False
+    assert logger.failures == 1
+    assert logger.set_status("FINISHED") is False   # the final status is tried even while paused, once
     assert time.monotonic() - tic < 0.5
     warnings = [line for line in capsys.readouterr().err.splitlines() if "MLflow" in line]
     assert len(warnings) == 1 and "training continues" in warnings[0]
-    assert logger.failures == 1
+    assert logger.failures == 2
+
+
+def test_fail_fast_settings_hold_for_the_call_only(monkeypatch):
+    """MLflow's default HTTP retries last minutes; a fail-fast logger shortens them for its own calls and
+    leaves the process environment as it was (the driver goes on using MLflow afterwards)."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")     # the user's own setting wins
+    seen = {}
+    logger = RunLogger("http://127.0.0.1:1", run_id="0" * 32, fail_fast=True)
+    keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    logger._safe("probe", lambda: seen.update({k: os.environ.get(k) for k in keys}))
+    assert seen == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_credentials_never_reach_warnings_and_workers_take_them_from_their_environment(monkeypatch, capsys):
+    from components.tracking import redact_text, with_env_credentials
+
+    text = "API request to http://alice:s3cr3t@10.0.0.1:5000/api/2.0/runs failed; see https://bob:pw@x/y"
+    assert redact_text(text) == "API request to http://10.0.0.1:5000/api/2.0/runs failed; see https://x/y"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = _closed_port()
+    logger = RunLogger(f"http://alice:s3cr3t@127.0.0.1:{port}", run_id="0" * 32, who="test")
+    assert logger.log_metrics({"loss": 1.0}, step=1) is False
+    err = capsys.readouterr().err
+    assert "MLflow" in err and "s3cr3t" not in err
+
+    # The driver passes the URI without credentials; a worker whose environment has them uses its own.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cr3t@127.0.0.1:{port}")
+    assert with_env_credentials(f"http://127.0.0.1:{port}") == f"http://alice:s3cr3t@127.0.0.1:{port}"
+    assert with_env_credentials("http://elsewhere:5000") == "http://elsewhere:5000"
 
 
 def test_open_run_without_a_server_gives_a_logger_that_does_nothing(monkeypatch, capsys):

@@ -31,9 +31,11 @@ def manifest_hash(data_dir: Path | str, splits=SPLITS) -> str:
 
 
 def _fs(uri: str):
-    import pyarrow.fs
+    """pyarrow filesystem + path; the S3 endpoint comes from $AWS_ENDPOINT_URL (the train stage sets it
+    from params' storage: section in the driver and the workers)."""
+    from components.storage import pyarrow_filesystem
 
-    return pyarrow.fs.FileSystem.from_uri(uri)
+    return pyarrow_filesystem(uri)
 
 
 def publish_dataset(data_dir: Path | str, storage_path: str, digest: str) -> str | None:
@@ -51,8 +53,9 @@ def publish_dataset(data_dir: Path | str, storage_path: str, digest: str) -> str
     if fs.get_file_info(f"{root}/{DONE_MARKER}").type == pyarrow.fs.FileType.File:
         return uri
     for split in SPLITS:
-        pyarrow.fs.copy_files(str(data_dir / split), f"{uri}/{split}", use_threads=True)
-    with fs.open_output_stream(f"{root}/{DONE_MARKER}") as f:
+        pyarrow.fs.copy_files(str(data_dir / split), f"{root}/{split}", destination_filesystem=fs,
+                              use_threads=True)
+    with fs.open_output_stream(f"{root}/{DONE_MARKER}") as f:   # written last: marks a complete upload
         f.write(digest.encode())
     return uri
 
@@ -61,6 +64,8 @@ def local_dataset(data_dir: Path | str, data_uri: str | None, digest: str | None
                   cache_root: Path | str | None = None) -> Path:
     """Worker: `data_dir` if this node has it (same manifests), else a cached copy of `data_uri`."""
     import pyarrow.fs
+
+    from components.training.checkpointing import atomic_write_bytes
 
     data_dir = Path(data_dir)
     if digest is None:   # nothing to check against (the loop run outside the train stage)
@@ -80,9 +85,11 @@ def local_dataset(data_dir: Path | str, data_uri: str | None, digest: str | None
     with open(local.parent / f".{local.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # one download per node; the others wait, then reuse it
         if not (local / DONE_MARKER).is_file():
+            fs, root = _fs(data_uri)
             for split in SPLITS:
-                pyarrow.fs.copy_files(f"{data_uri}/{split}", str(local / split), use_threads=True)
+                pyarrow.fs.copy_files(f"{root}/{split}", str(local / split), source_filesystem=fs,
+                                      use_threads=True)
             if manifest_hash(local) != digest:
                 raise RuntimeError(f"{data_uri}: downloaded manifests do not match {digest[:16]}")
-            (local / DONE_MARKER).write_text(digest)
+            atomic_write_bytes(local / DONE_MARKER, digest.encode())
     return local

@@ -28,7 +28,7 @@ from components.data.transforms import build_test_transform, build_train_transfo
 from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
 from components.schedules import poly_lr
-from components.tracking import RunLogger
+from components.tracking import RunLogger, with_env_credentials
 from components.training.checkpointing import load_train_checkpoint, save_train_checkpoint, write_curve_csv
 from components.training.data_sync import local_dataset
 from components.training.distributed import (
@@ -100,8 +100,11 @@ def train_loop_per_worker(config: dict) -> dict:
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
     progress = Progress(c.max_iters, c.batch_size, c.name)
-    tracker = RunLogger(c.tracking_uri, c.mlflow_run_id if rank == 0 else None, who=f"{c.name} rank 0",
-                        fail_fast=True)
+    tracker = RunLogger(with_env_credentials(c.tracking_uri), c.mlflow_run_id if rank == 0 else None,
+                        who=f"{c.name} rank 0", fail_fast=True)
+    if rank == 0 and c.test_hooks.get("attempts_file"):
+        with open(c.test_hooks["attempts_file"], "a") as f:   # one line per (re)start of the worker group
+            f.write(f"{start}\n")
     if rank == 0:
         progress.say(f"[{c.name}] {'resuming at' if start else 'starting at'} iteration "
                      f"{start}/{c.max_iters}: {world} workers x {per_step} images x {accum} accumulation "
@@ -112,8 +115,19 @@ def train_loop_per_worker(config: dict) -> dict:
         lr = poly_lr(it - 1, c.max_iters, c.lr, c.poly_power, c.min_lr, c.warmup_iters, c.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = train_step(ddp_model, optimizer, scaler, batches, accum, device, amp_dtype,
-                            c.channels_last, it)
+        step_batches = poisoned(batches) if c.test_hooks.get("nan_at") == it else batches
+        try:
+            losses = train_step(ddp_model, optimizer, scaler, step_batches, accum, device, amp_dtype,
+                                c.channels_last, it)
+        except FloatingPointError as e:
+            # Not a transient failure: raised, Ray would restart the workers from the last checkpoint
+            # and meet the same NaN again (max_failures times, forever with -1). Every rank sees the
+            # same all-reduced loss, so all stop here together; the driver fails the stage with this.
+            if rank == 0:
+                progress.say(f"[{c.name}] {e}")
+            return {"start_iteration": start, "iteration": it - 1, "stopped": str(e),
+                    "train_time_s": state["train_time_s"], "median_step_s": None,
+                    "mlflow_failures": tracker.failures}
         seconds = time.perf_counter() - tic
         state["train_time_s"] += seconds
         progress.add(losses, seconds)
@@ -208,8 +222,23 @@ def without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
 
 
+def poisoned(batches):
+    """Test hook `nan_at`: this step's images become NaN, as a diverged run's activations would."""
+    for img, label in batches:
+        yield torch.full_like(img, float("nan")), label
+
+
 def run_test_hooks(c, it: int, rank: int) -> None:
-    """Fault injection for the tests: rank r stops once at iteration k (a marker file makes it once)."""
+    """Fault injection for the tests, after iteration `it` (and its checkpoint) is done:
+    `hold`: rank r writes a marker file at iteration k, then waits until the `release` file exists (the
+    test kills a server or the driver meanwhile); `fault`: rank r stops once at iteration k, by raising or
+    by its process exiting (a marker file makes it once)."""
+    hold = c.test_hooks.get("hold")
+    if hold and it == hold["iteration"] and rank == hold["rank"] and not os.path.exists(hold["marker"]):
+        Path(hold["marker"]).touch()
+        deadline = time.monotonic() + hold.get("timeout_s", 300)
+        while not os.path.exists(hold.get("release", "")) and time.monotonic() < deadline:
+            time.sleep(0.2)
     fault = c.test_hooks.get("fault")
     if not fault or it != fault["iteration"] or rank != fault["rank"] or os.path.exists(fault["marker"]):
         return

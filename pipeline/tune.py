@@ -1,0 +1,411 @@
+"""Stage `tune`: a Ray Tune sweep over one experiment's schedule, ASHA on validation mIoU, in MLflow.
+
+Each trial is a function trainable that builds and fits one TorchTrainer (the train stage's, with
+`TuneReportCallback`, so rank 0's evaluations reach Tune and ASHA). The driver writes, under tune/<exp>/:
+    best_params.yaml   the best trial's schedule; `train` applies it when train.use_tuned is true
+    trials.csv         one row per trial: its params, best mIoU, iterations run, stopped early?
+    trials.png         best mIoU against learning rate and against iterations run
+
+The sweep's name is `<exp>-tune-<hash of what changes the result>`: rerunning an interrupted sweep
+restores it (finished trials are kept, unfinished ones resume their Train run from its checkpoint);
+changed params, data or code start a fresh sweep. MLflow: one parent run per sweep, one child per trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from components import tuning
+from pipeline.config import REPO_ROOT, ConfigError, TrainConfig, resolve_experiment
+
+# tune settings that say where and how fast a sweep runs, not what it finds: changing them restores it.
+EXECUTION_SETTINGS = frozenset({"driver", "num_workers", "resources_per_worker", "max_concurrent_trials"})
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """params.yaml's `tune` section, validated."""
+
+    experiment: str
+    num_samples: int
+    seed: int
+    metric: str
+    mode: str
+    space: dict
+    eval_interval: int                  # iterations between evaluations in every trial; 0 = the profile's
+    grace_period: int                   # evaluations before ASHA may stop a trial
+    reduction_factor: float
+    driver: dict = field(default_factory=dict)             # the trial driver's Ray resources
+    num_workers: int = 0                                   # 0 = the profile's
+    resources_per_worker: dict = field(default_factory=dict)   # empty = the profile's
+    max_concurrent_trials: int = 0                         # 0 = as many as the cluster holds now
+
+
+def _int(section: dict, key: str, minimum: int, default: int | None = None, where: str = "tune") -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"params.yaml: {where}.{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def resolve_tune(params: dict) -> TuneSettings:
+    section = params.get("tune")
+    if not isinstance(section, dict):
+        raise ConfigError("params.yaml: tune: missing (the sweep's settings)")
+    scheduler = section.get("scheduler") or {}
+    if scheduler.get("type", "asha") != "asha":
+        raise ConfigError(f"params.yaml: tune.scheduler.type: expected asha, got {scheduler.get('type')!r}")
+    rf = scheduler.get("reduction_factor", 2)
+    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
+        raise ConfigError(f"params.yaml: tune.scheduler.reduction_factor: expected a number > 1, got {rf!r}")
+    grace = scheduler.get("grace_period", 1)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
+        raise ConfigError(f"params.yaml: tune.scheduler.grace_period: expected an integer >= 1 "
+                          f"(evaluations), got {grace!r}")
+    mode = section.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"params.yaml: tune.mode: expected max or min, got {mode!r}")
+    metric = section.get("metric", "mIoU")
+    if metric not in ("mIoU", "mAcc", "aAcc"):
+        raise ConfigError(f"params.yaml: tune.metric: expected one of mIoU, mAcc, aAcc, got {metric!r}")
+    res = section.get("resources_per_trial") or {}
+    cpu, memory_gb = res.get("driver_cpu", 0), res.get("driver_memory_gb", 0)
+    if (any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in (cpu, memory_gb))
+            or not (cpu or memory_gb)):
+        raise ConfigError("params.yaml: tune.resources_per_trial: driver_cpu and driver_memory_gb must be "
+                          f"numbers >= 0, not both 0 (Ray needs a non-empty bundle), got {res!r}")
+    driver = {k: v for k, v in (("CPU", cpu), ("memory", round(memory_gb * 2**30))) if v}
+    workers = res.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"params.yaml: tune.resources_per_trial.num_workers: expected an integer >= 0, "
+                          f"got {workers!r}")
+    per_worker = res.get("resources_per_worker") or {}
+    if not isinstance(per_worker, dict):
+        raise ConfigError(f"params.yaml: tune.resources_per_trial.resources_per_worker: expected a mapping "
+                          f"like {{CPU: 1}}, got {per_worker!r}")
+    try:
+        space = tuning.check_space(section.get("space"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return TuneSettings(
+        experiment=str(section.get("experiment", "")), num_samples=_int(section, "num_samples", 1),
+        seed=_int(section, "seed", 0, default=0), metric=metric, mode=mode, space=space,
+        eval_interval=_int(section, "eval_interval", 0, default=0),
+        grace_period=grace, reduction_factor=float(rf), driver=driver, num_workers=workers,
+        resources_per_worker=dict(per_worker),
+        max_concurrent_trials=_int(res, "max_concurrent_trials", 0, default=0,
+                                   where="tune.resources_per_trial"))
+
+
+def sweep_base(cfg: TrainConfig, settings: TuneSettings, trials_storage: str) -> TrainConfig:
+    """The config every trial starts from: the sweep's workers, a common evaluation interval (ASHA's
+    rungs then compare trials after the same number of iterations), the trials' Train runs storage."""
+    return cfg.with_overrides(
+        num_workers=settings.num_workers or cfg.num_workers,
+        resources_per_worker=settings.resources_per_worker or cfg.resources_per_worker,
+        eval_interval=settings.eval_interval or cfg.eval_interval,
+        storage_path=trials_storage)
+
+
+def trial_config(base: TrainConfig, sampled: dict) -> TrainConfig:
+    return base.with_overrides(**{k: tuning.TUNABLE[k](v) for k, v in sampled.items()})
+
+
+def sweep_name(cfg: TrainConfig, settings: TuneSettings, data_hash: str) -> str:
+    """`<exp>-tune-<8 hex>` over what the sweep finds: config, tune settings, data and code."""
+    from pipeline.train import EXECUTION_FIELDS, code_hash
+
+    learned = {k: v for k, v in cfg.to_flat_dict().items() if k not in EXECUTION_FIELDS}
+    tune = {k: v for k, v in vars(settings).items() if k not in EXECUTION_SETTINGS}
+    code = code_hash() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    blob = json.dumps({"config": learned, "tune": tune, "data": data_hash, "code": code}, sort_keys=True,
+                      default=str)
+    return f"{cfg.name}-tune-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def trial_dirname(trial) -> str:
+    """Trial folders named by trial id, so a result's folder says which trial (and MLflow child) it is."""
+    return trial.trial_id
+
+
+def run_trial(config: dict, setup: dict) -> None:
+    """One trial: the sweep's base config with this trial's schedule, trained by one TorchTrainer whose
+    rank 0 reports each evaluation to Tune. Restarted (sweep restored), it resumes its Train run and
+    its MLflow child run. A NaN/inf loss fails the trial (the loop stops cleanly, Tune records why)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from components.tracking import open_run
+    from pipeline.train import NonFiniteLossError, build_trainer, loop_config, run_exists
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(setup["base"], config)
+    name = f"{setup['sweep']}-{trial_id}"
+    tags = {**setup["tags"], "tune.trial_id": trial_id}
+    if setup["parent_run_id"]:
+        tags["mlflow.parentRunId"] = setup["parent_run_id"]   # what makes the MLflow UI nest it
+    tracker = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=name,
+                       resume=run_exists(cfg.storage_path, name), params=cfg.to_flat_dict(), tags=tags)
+    config = loop_config(cfg, mlflow_run_id=tracker.run_id, data_hash=setup["data_hash"],
+                         data_uri=setup["data_uri"])
+    result = build_trainer(cfg, name, config, callbacks=[TuneReportCallback()]).fit()
+    # The loop ends cleanly on a NaN/inf loss (so Ray does not retry it): raising here makes Tune record
+    # the trial as failed, not as stopped early, and keeps it out of the best trial.
+    stopped = (result.return_value or {}).get("stopped")
+    if stopped:
+        raise NonFiniteLossError(f"trial {trial_id} (lr {cfg.lr:g}): {stopped.split(': stopping')[0]}")
+
+
+def _trial_rows(result) -> list[dict]:
+    frame = result.metrics_dataframe
+    if frame is None or "iteration" not in frame:
+        return []
+    return [r for r in frame.to_dict("records") if r.get("iteration") == r.get("iteration")]   # not NaN
+
+
+def collect_trials(results, base: TrainConfig, settings: TuneSettings) -> list[dict]:
+    """One dict per trial: id, its schedule (lr and max_iters always), and what it achieved."""
+    columns = [k for k in tuning.TUNABLE if k in settings.space or k in ("lr", "max_iters")]
+    trials = []
+    for result in results:
+        cfg = trial_config(base, {k: v for k, v in (result.config or {}).items() if k in tuning.TUNABLE})
+        summary = tuning.summarize_trial(_trial_rows(result), cfg.max_iters, settings.metric, settings.mode,
+                                         failed=result.error is not None)
+        error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:300]
+        trials.append({"trial_id": Path(result.path).name, **{k: getattr(cfg, k) for k in columns}, **summary,
+                       "error": error})
+    return sorted(trials, key=lambda t: t["trial_id"])
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from components.training.checkpointing import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def write_trials_csv(path: Path, trials: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(trials[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(trials)
+    _atomic_text(path, out.getvalue())
+
+
+def write_best_params(path: Path, cfg: TrainConfig, settings: TuneSettings, best: dict, sweep: str) -> dict:
+    key = f"best_{settings.metric}"
+    data = {"experiment": cfg.name, "profile": cfg.profile, "sweep": sweep, "metric": settings.metric,
+            "mode": settings.mode, "trial_id": best["trial_id"], settings.metric: best[key],
+            "iteration": best["best_iteration"],
+            "params": {k: best[k] for k in tuning.TUNABLE if k in settings.space}}
+    _atomic_text(path, "# written by `dnlseg tune`; applied by `dnlseg train` when train.use_tuned is true\n"
+                 + yaml.safe_dump(data, sort_keys=False))
+    return data
+
+
+def plot_trials(path: Path, trials: list[dict], metric: str) -> None:
+    """Best metric against learning rate (log) and against iterations run; stopped trials as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = f"best_{metric}"
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for status, marker in (("completed", "o"), ("stopped early", "x")):
+        shown = [t for t in trials if t["status"] == status and t[key] is not None]
+        scores = [t[key] for t in shown]
+        axes[0].scatter([t["lr"] for t in shown], scores, marker=marker, label=status)
+        axes[1].scatter([t["iterations_run"] for t in shown], scores, marker=marker, label=status)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("learning rate")
+    axes[1].set_xlabel("iterations run")
+    axes[0].set_ylabel(f"best val {metric} (%)")
+    axes[1].legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _finish_child_runs(cfg: TrainConfig, sweep: str, parent_run_id: str | None, trials: list[dict],
+                       metric: str) -> None:
+    """The driver closes each trial's MLflow child: final metrics, status. (An ASHA-stopped trial's
+    process is ended by Tune, so it cannot close its own run; a trial that failed before it opened one
+    gets one here, nested like the others.)"""
+    from components.tracking import open_run
+
+    for t in trials:
+        tags = {"tune.trial_id": t["trial_id"], "tune.status": t["status"]}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        child = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=f"{sweep}-{t['trial_id']}",
+                         resume=True, tags=tags)
+        final = {"iterations_run": t["iterations_run"], "stopped_early": int(t["stopped_early"])}
+        if t[f"best_{metric}"] is not None:
+            final[f"best_{metric}"] = t[f"best_{metric}"]
+        child.log_metrics(final, step=t["iterations_run"])
+        child.set_status("FAILED" if t["status"] == "failed" else "FINISHED")
+
+
+def tune_experiment(params: dict, name: str | None = None, *, profile: str | None = None,
+                    out_root: Path | str = REPO_ROOT) -> dict:
+    """Sweep experiment `name` (default: tune.experiment), restoring the sweep if it was interrupted;
+    write tune/<exp>/{best_params.yaml, trials.csv, trials.png} under out_root. Returns a summary."""
+    from components.storage import endpoint_env
+    from components.training.distributed import plan_batches
+    from pipeline.preflight import preflight
+    from pipeline.train import scoped_env
+
+    settings = resolve_tune(params)
+    name = name or settings.experiment
+    if not name:
+        raise ConfigError("params.yaml: tune.experiment: missing (or name one on the command line)")
+    cfg = resolve_experiment(params, name, profile)
+    probe = sweep_base(cfg, settings, cfg.storage_path)
+    # Bad input fails here, in one line each, before Ray starts (as in the train stage).
+    plan_batches(probe.batch_size, probe.num_workers, probe.micro_batch_size)
+    with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
+        preflight(cfg)
+        return _tune(cfg, settings, name, Path(out_root))
+
+
+def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path) -> dict:
+    from ray import tune
+
+    from components.storage import pyarrow_filesystem
+    from components.tracking import flat_params, git_commit, open_run
+    from components.training.data_sync import manifest_hash, publish_dataset
+    from pipeline.preflight import preflight_ray, worker_bundle
+    from pipeline.train import connect_ray, shutdown_ray
+
+    storage = f"{cfg.storage_path.rstrip('/')}/tune"
+    data_hash = manifest_hash(cfg.data_dir)
+    sweep = sweep_name(sweep_base(cfg, settings, storage), settings, data_hash)
+    sweep_path = f"{storage}/{sweep}"
+    base = sweep_base(cfg, settings, f"{sweep_path}/train_runs")
+    max_iters = tuning.largest_value(settings.space, "max_iters", base.max_iters)
+    scheduler = tuning.asha_scheduler(settings.metric, settings.mode, base.eval_interval,
+                                      settings.grace_period, settings.reduction_factor, max_iters)
+    # s3:// on a custom endpoint: an explicit filesystem, as the train stage gives Ray Train.
+    fs, fs_path = pyarrow_filesystem(storage, cfg.storage_endpoint_url, cfg.storage_region)
+    fs_kwargs = {"storage_filesystem": fs} if "://" in storage else {}
+    tune_storage = fs_path if fs_kwargs else storage
+    out_dir = out_root / "tune" / name
+
+    started_ray = connect_ray(cfg.ray_address)
+    try:
+        import ray
+
+        preflight_ray(base, driver=settings.driver)   # one trial (its driver + workers) fits the cluster
+        demand = tuning.trial_demand(base.num_workers, worker_bundle(base.resources_per_worker, base.use_gpu),
+                                     settings.driver)
+        concurrent = min(settings.num_samples * _grid_size(settings.space),
+                         settings.max_concurrent_trials
+                         or tuning.max_concurrent_trials(ray.cluster_resources(), demand))
+        restoring = tune.Tuner.can_restore(f"{tune_storage}/{sweep}", **fs_kwargs)
+        print(f"[tune driver] {name}: sweep {sweep} under {storage} ({'restoring' if restoring else 'new'}), "
+              f"{settings.num_samples} samples, {concurrent} at a time (each {demand})", flush=True)
+
+        commit = git_commit(REPO_ROOT)
+        tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"tune@{name}",
+                "dataset_manifest_sha256": data_hash, "experiment": name, "profile": cfg.profile,
+                "tune.sweep": sweep}
+        sweep_params = {**base.to_flat_dict(), "tune.num_samples": settings.num_samples,
+                        "tune.metric": settings.metric, "tune.mode": settings.mode,
+                        "tune.seed": settings.seed,
+                        "tune.space": json.dumps(settings.space, sort_keys=True),
+                        "tune.grace_period_evals": settings.grace_period,
+                        "tune.reduction_factor": settings.reduction_factor,
+                        "tune.max_concurrent_trials": concurrent}
+        # The swept fields' base values would mislead in the parent: the children hold them.
+        parent = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=sweep, resume=restoring,
+                          params={k: v for k, v in sweep_params.items() if k not in settings.space},
+                          tags=tags)
+        parent.log_text(yaml.safe_dump(flat_params(sweep_params), sort_keys=False), "config.yaml")
+        setup = {"base": base, "sweep": sweep, "parent_run_id": parent.run_id, "tags": tags,
+                 "data_hash": data_hash,
+                 "data_uri": publish_dataset(cfg.data_dir, cfg.storage_path, data_hash)}
+        # The trial driver's own bundle is small: Ray Train places the workers in their own placement group.
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), settings.driver)
+        tic = time.perf_counter()
+        try:
+            if restoring:
+                tuner = tune.Tuner.restore(f"{tune_storage}/{sweep}", trainable=trainable,
+                                           resume_unfinished=True, **fs_kwargs)
+            else:
+                from ray.tune.search import BasicVariantGenerator
+
+                # max_concurrent on the search algorithm: Tune applies TuneConfig's max_concurrent_trials
+                # only to the default one it builds itself.
+                search = BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent)
+                tuner = tune.Tuner(
+                    trainable, param_space=tuning.search_space(settings.space),
+                    tune_config=tune.TuneConfig(num_samples=settings.num_samples, scheduler=scheduler,
+                                                search_alg=search, max_concurrent_trials=concurrent,
+                                                trial_dirname_creator=trial_dirname),
+                    run_config=tune.RunConfig(name=sweep, storage_path=tune_storage, verbose=1,
+                                              failure_config=tune.FailureConfig(max_failures=0),
+                                              **fs_kwargs))
+            results = tuner.fit()
+            unfinished = len(results) - results.num_terminated - results.num_errors
+            if unfinished:
+                raise RuntimeError(f"sweep {sweep}: {unfinished} trial(s) did not finish (interrupted?): "
+                                   f"rerun to resume it")
+            trials = collect_trials(results, base, settings)
+            _finish_child_runs(cfg, sweep, parent.run_id, trials, settings.metric)
+            best = tuning.best_trial(trials, settings.metric, settings.mode)
+            if best is None:
+                raise RuntimeError(f"sweep {sweep}: no trial reported {settings.metric} "
+                                   f"(all {len(trials)} failed; see trials' errors under {sweep_path})")
+            write_trials_csv(out_dir / "trials.csv", trials)
+            plot_trials(out_dir / "trials.png", trials, settings.metric)
+            best_params = write_best_params(out_dir / "best_params.yaml", cfg, settings, best, sweep)
+        except KeyboardInterrupt:
+            parent.set_status("KILLED")
+            raise
+        except BaseException:
+            parent.set_status("FAILED")   # the sweep stays in storage: rerunning restores it
+            raise
+        key = f"best_{settings.metric}"
+        parent.log_metrics({key: best[key], "trials": len(trials),
+                            "trials_stopped_early": sum(t["stopped_early"] for t in trials),
+                            "trials_failed": sum(t["status"] == "failed" for t in trials)}, step=0)
+        parent.set_tags({"tune.best_trial": best["trial_id"]})
+        for filename in ("best_params.yaml", "trials.csv", "trials.png"):
+            parent.log_artifact(out_dir / filename, "tune")
+        parent.set_status("FINISHED")
+        print(f"[tune driver] {name}: {len(trials)} trials in {time.perf_counter() - tic:.0f} s "
+              f"({sum(t['stopped_early'] for t in trials)} stopped early); best {settings.metric} "
+              f"{best[key]:.2f} by trial {best['trial_id']}: {best_params['params']}; wrote {out_dir}",
+              flush=True)
+        return {"sweep": sweep, "path": sweep_path, "restored": restoring, "trials": trials,
+                "best": best_params, "mlflow_run_id": parent.run_id, "max_concurrent_trials": concurrent,
+                "out_dir": out_dir}
+    finally:
+        if started_ray:
+            shutdown_ray()
+
+
+def _grid_size(space: dict) -> int:
+    size = 1
+    for spec in space.values():
+        if isinstance(spec, dict) and "grid" in spec:
+            size *= len(spec["grid"])
+    return size

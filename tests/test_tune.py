@@ -1,0 +1,326 @@
+"""The tune stage: search space and resource arithmetic (no Ray), then real sweeps on the session's local
+Ray (ray_local, 2 CPUs): ASHA stops a trial that does not learn, MLflow nests one child run per trial
+under the sweep's parent, and a sweep killed mid-way is restored, its finished trials kept as they were.
+
+Trials are the sample profile shrunk to 32x64 crops, 1 worker, 4 iterations, an evaluation every 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import tuning
+
+EXPERIMENT = "dnl_r50-d8_512x1024_40k_cityscapes"
+REPO = Path(__file__).resolve().parent.parent
+# In 2 iterations from random init a model can learn the class prior (predict the most frequent class
+# everywhere: aAcc = its pixel share, 24% on this data) or not. mIoU cannot tell the two apart yet
+# (measured: 1.85 for the prior, 2.00 for the untrained model), so the sweeps here rank trials by aAcc.
+GOOD_LR, DEAD_LR = 0.02, 1e-7      # DEAD_LR: the weights do not move
+
+
+# --- no Ray ----------------------------------------------------------------------------------------
+
+def test_space_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"tune\.space\.lr\.loguniform: expected a positive value, got 0"):
+        tuning.check_space({"lr": {"loguniform": [0, 0.1]}})
+    with pytest.raises(ValueError, match=r"tune\.space\.lr\.loguniform: expected \[low, high\] with 0 < low"):
+        tuning.check_space({"lr": {"loguniform": [0.1, 0.01]}})
+    with pytest.raises(ValueError, match=r"tune\.space\.batch_size: not a tunable field"):
+        tuning.check_space({"batch_size": {"choice": [2, 4]}})
+    with pytest.raises(ValueError, match=r"tune\.space\.max_iters: max_iters is an integer"):
+        tuning.check_space({"max_iters": {"uniform": [4, 8]}})
+    with pytest.raises(ValueError, match=r"tune\.space\.warmup_iters\.choice: expected an integer"):
+        tuning.check_space({"warmup_iters": {"choice": [0, 2.5]}})
+
+
+def test_search_space_samples_inside_the_bounds():
+    from ray.tune.search.sample import Domain
+
+    space = tuning.search_space({"lr": {"loguniform": [1e-3, 1e-1]}, "max_iters": {"choice": [8, 16]},
+                                 "warmup_iters": {"randint": [0, 2]}, "poly_power": 0.9,
+                                 "weight_decay": {"grid": [1e-4, 5e-4]}})
+    assert space["poly_power"] == 0.9 and space["weight_decay"] == {"grid_search": [1e-4, 5e-4]}
+    lrs = [space["lr"].sample() for _ in range(200)]
+    assert all(1e-3 <= v <= 1e-1 for v in lrs) and min(lrs) < 1e-2 < max(lrs)   # log scale reaches both
+    assert {space["max_iters"].sample() for _ in range(50)} == {8, 16}
+    assert isinstance(space["warmup_iters"], Domain)
+    assert {space["warmup_iters"].sample() for _ in range(100)} == {0, 1, 2}   # high inclusive, as written
+
+
+def test_max_concurrent_trials_from_cluster_resources():
+    # 4 GPU nodes' worth: 32 CPUs, 8 GPUs. A trial: driver 0.5 CPU + 2 workers x (4 CPU, 1 GPU)
+    # = 8.5 CPUs, 2 GPUs.
+    demand = tuning.trial_demand(2, {"CPU": 4, "GPU": 1}, {"cpu": 0.5})
+    assert demand == {"CPU": 8.5, "GPU": 2.0}
+    assert tuning.max_concurrent_trials({"CPU": 32.0, "GPU": 8.0, "memory": 1e11}, demand) == 3   # 32 / 8.5
+    assert tuning.max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, demand) == 4                  # 8 / 2
+    # This machine: 2 CPUs; driver 0.1 CPU + 1 worker x 1 CPU -> 1 at a time (2 would need 2.2 CPUs).
+    assert tuning.max_concurrent_trials({"CPU": 2.0}, tuning.trial_demand(1, {"CPU": 1}, {"CPU": 0.1})) == 1
+    with pytest.raises(ValueError, match=r"resources_per_trial: one trial does not fit.*GPU"):
+        tuning.max_concurrent_trials({"CPU": 2.0}, tuning.trial_demand(1, {"CPU": 1, "GPU": 1}, {"CPU": 0.1}))
+
+
+def test_trial_summary_and_best_trial():
+    rows = [{"iteration": 2, "mIoU": 3.0}, {"iteration": 4, "mIoU": 5.0}, {"iteration": 6, "mIoU": 5.0}]
+    done = tuning.summarize_trial(rows, max_iters=6, metric="mIoU", mode="max", failed=False)
+    assert done == {"best_mIoU": 5.0, "best_iteration": 6, "iterations_run": 6, "stopped_early": False,
+                    "status": "completed"}
+    stopped = tuning.summarize_trial(rows[:1], max_iters=6, metric="mIoU", mode="max", failed=False)
+    assert stopped["stopped_early"] and stopped["iterations_run"] == 2
+    assert stopped["status"] == "stopped early"
+    failed = tuning.summarize_trial([], max_iters=6, metric="mIoU", mode="max", failed=True)
+    assert failed["best_mIoU"] is None and not failed["stopped_early"] and failed["status"] == "failed"
+    trials = [{"trial_id": "a", **stopped}, {"trial_id": "b", **done}, {"trial_id": "c", **failed}]
+    assert tuning.best_trial(trials, "mIoU", "max")["trial_id"] == "b"
+    assert tuning.best_trial(trials, "mIoU", "min")["trial_id"] == "a"
+
+
+def test_apply_tuned_overrides_the_schedule(tmp_path):
+    from pipeline.config import load_params, resolve_experiment
+
+    cfg = resolve_experiment(load_params(), EXPERIMENT, "sample")
+    cfg = cfg.with_overrides(max_iters=16, eval_interval=8)   # 2 evaluations per run
+    path = tmp_path / "best_params.yaml"
+    path.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "sample",
+                                    "params": {"lr": 0.02, "max_iters": 8, "warmup_iters": 2}}))
+    tuned = tuning.apply_tuned(cfg, path)
+    assert (tuned.lr, tuned.max_iters, tuned.warmup_iters) == (0.02, 8, 2)
+    assert tuned.eval_interval == 4                         # still 2 evaluations per run
+    assert tuned.weight_decay == cfg.weight_decay and tuned.crop_size == cfg.crop_size
+    path.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "reference",
+                                    "params": {"lr": 0.02}}))
+    with pytest.raises(ValueError, match=r"best_params.yaml: tuned for profile 'reference', but training "
+                                         r"'sample'"):
+        tuning.apply_tuned(cfg, path)
+    path.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "sample", "params": {"lr": -1}}))
+    with pytest.raises(ValueError, match=r"best_params.yaml: params.lr: expected a positive value"):
+        tuning.apply_tuned(cfg, path)
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml: tuned parameters not found"):
+        tuning.apply_tuned(cfg, tmp_path / "missing.yaml")
+
+
+def test_train_stage_uses_tuned_params_only_when_asked(make_params, tmp_path, monkeypatch):
+    """train.use_tuned: the tuned experiment trains with tune/<exp>/best_params.yaml (a missing file is
+    one line saying how to make it); other experiments and use_tuned: false keep params.yaml's schedule."""
+    import pipeline.preflight
+    import pipeline.train
+
+    seen = []
+
+    def stop_at_preflight(cfg, **kwargs):   # the config the stage would train, before any Ray
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.preflight, "preflight", stop_at_preflight)
+    monkeypatch.setattr(pipeline.train, "REPO_ROOT", tmp_path)
+    params = make_params(tmp_path / "work")
+    params["train"]["use_tuned"] = True
+    params["tune"]["experiment"] = EXPERIMENT
+    with pytest.raises(FileNotFoundError, match=r"best_params.yaml: tuned parameters not found: run `dvc "
+                                                r"repro tune`.* or set train.use_tuned: false$"):
+        pipeline.train.train_experiment(params, EXPERIMENT)
+    assert seen == []
+    best = tmp_path / "tune" / EXPERIMENT / "best_params.yaml"
+    best.parent.mkdir(parents=True)
+    best.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "sample", "params": {"lr": 0.0375}}))
+    for use_tuned, expected_lr in ((True, 0.0375), (False, params["train"]["lr"])):
+        params["train"]["use_tuned"] = use_tuned
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train.train_experiment(params, EXPERIMENT)
+        assert seen[-1].lr == expected_lr
+    other = next(name for name in params["experiments"] if name != EXPERIMENT)
+    params["train"]["use_tuned"] = True
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train.train_experiment(params, other)   # not the tuned experiment: no file needed
+    assert seen[-1].name == other and seen[-1].lr == params["train"]["lr"]
+
+
+def test_repo_params_tune_section_resolves_and_bad_values_name_the_key():
+    import copy
+
+    from pipeline.config import ConfigError, load_params
+    from pipeline.tune import resolve_tune
+
+    params = load_params()
+    settings = resolve_tune(params)
+    assert settings.experiment in params["experiments"]
+    assert settings.metric == "mIoU" and settings.mode == "max" and settings.num_samples >= 1
+    for where, value, message in (
+            (("metric",), "loss", r"tune\.metric: expected one of mIoU, mAcc, aAcc, got 'loss'"),
+            (("scheduler", "grace_period"), 0, r"tune\.scheduler\.grace_period: expected an integer >= 1"),
+            (("space", "lr"), {"normal": [0, 1]}, r"tune\.space\.lr: expected one of \{loguniform"),
+            (("resources_per_trial", "driver_memory_gb"), 0, r"driver_cpu and driver_memory_gb must be")):
+        bad = copy.deepcopy(params)
+        section = bad["tune"]
+        for key in where[:-1]:
+            section = section[key]
+        section[where[-1]] = value
+        if where[0] == "resources_per_trial":
+            section["driver_cpu"] = 0
+        with pytest.raises(ConfigError, match=message):
+            resolve_tune(bad)
+
+
+def test_sweep_name_follows_what_is_searched_not_where_it_runs():
+    """The sweep's name decides restore-or-start-over: same search elsewhere restores, a changed search
+    (or data) starts a fresh sweep."""
+    import dataclasses
+
+    from pipeline.config import load_params, resolve_experiment
+    from pipeline.tune import resolve_tune, sweep_name
+
+    params = load_params()
+    cfg, settings = resolve_experiment(params, EXPERIMENT, "sample"), resolve_tune(params)
+    name = sweep_name(cfg, settings, "data-1")
+    assert name.startswith(f"{EXPERIMENT}-tune-")
+    moved = dataclasses.replace(settings, num_workers=4, max_concurrent_trials=2, driver={"CPU": 1})
+    assert sweep_name(cfg.with_overrides(storage_path="s3://bucket/runs"), moved, "data-1") == name
+    assert sweep_name(cfg, dataclasses.replace(settings, seed=1), "data-1") != name
+    assert sweep_name(cfg, dataclasses.replace(settings, space={"lr": 0.02}), "data-1") != name
+    assert sweep_name(cfg.with_overrides(momentum=0.8), settings, "data-1") != name
+    assert sweep_name(cfg, settings, "data-2") != name
+
+
+# --- real sweeps -----------------------------------------------------------------------------------
+
+def sweep_params(make_params, work: Path, lrs: list[float], max_iters: int = 4) -> dict:
+    """An evaluation every 2 iterations; ASHA may stop a trial at its first; one trial at a time
+    (1 worker x 2 CPUs), in the grid's order."""
+    params = make_params(work, max_iters=max_iters, evals_per_run=max_iters // 2, num_workers=1,
+                         resources_per_worker={"CPU": 2})
+    params["tune"] = {"experiment": EXPERIMENT, "num_samples": 1, "seed": 0, "metric": "aAcc", "mode": "max",
+                      "space": {"lr": {"grid": lrs}}, "eval_interval": 0,
+                      "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                      "resources_per_trial": {"driver_cpu": 0, "driver_memory_gb": 0.25, "num_workers": 0,
+                                              "resources_per_worker": {}}}
+    return params
+
+
+def mlflow_client(work: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("cityscapes").experiment_id
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.integration
+def test_sweep_asha_stops_the_dead_trial_and_mlflow_nests_trials(ray_local, make_params, tmp_path):
+    from pipeline.tune import tune_experiment
+
+    out_root = tmp_path / "out"
+    tic = time.perf_counter()
+    out = tune_experiment(sweep_params(make_params, tmp_path, [GOOD_LR, DEAD_LR, 0.01]), EXPERIMENT,
+                          out_root=out_root)
+    print(f"sweep took {time.perf_counter() - tic:.0f} s")
+    assert not out["restored"]
+
+    rows = read_csv(out_root / "tune" / EXPERIMENT / "trials.csv")
+    print(rows)
+    assert len(rows) == 3
+    by_lr = {float(r["lr"]): r for r in rows}
+    assert set(by_lr) == {GOOD_LR, DEAD_LR, 0.01}
+    assert by_lr[GOOD_LR]["stopped_early"] == "False" and by_lr[GOOD_LR]["iterations_run"] == "4"
+    # The dead trial is compared with the first at its first evaluation (iteration 2) and stopped there.
+    assert by_lr[DEAD_LR]["stopped_early"] == "True" and by_lr[DEAD_LR]["iterations_run"] == "2"
+    assert float(by_lr[DEAD_LR]["best_aAcc"]) < float(by_lr[GOOD_LR]["best_aAcc"])
+
+    best = yaml.safe_load((out_root / "tune" / EXPERIMENT / "best_params.yaml").read_text())
+    best_row = max(rows, key=lambda r: (float(r["best_aAcc"]), int(r["iterations_run"])))
+    assert best["params"] == {"lr": float(best_row["lr"])} and best["params"]["lr"] != DEAD_LR
+    assert best["experiment"] == EXPERIMENT and best["profile"] == "sample"
+    assert (out_root / "tune" / EXPERIMENT / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client, experiment_id = mlflow_client(tmp_path)
+    parent = client.get_run(out["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["dvc_stage"] == f"tune@{EXPERIMENT}"
+    assert parent.data.metrics["best_aAcc"] == pytest.approx(float(best_row["best_aAcc"]))
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3
+    assert {float(c.data.params["lr"]) for c in children} == {GOOD_LR, DEAD_LR, 0.01}
+    for child in children:
+        lr = float(child.data.params["lr"])
+        assert child.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss"))   # from rank 0
+        if lr == DEAD_LR:   # stopped after its evaluation at 2; it may have logged a step more meanwhile
+            assert steps[:2] == [1, 2] and steps == list(range(1, len(steps) + 1)) and len(steps) < 4
+        else:
+            assert steps == [1, 2, 3, 4]
+        assert child.data.metrics["stopped_early"] == (1.0 if lr == DEAD_LR else 0.0)
+        assert {"mIoU", "aAcc", "lr", "best_aAcc", "iterations_run"} <= set(child.data.metrics)
+
+
+def finished_trial_ids(sweep_dir: Path) -> list[str]:
+    """Trials the sweep's saved state (what a restore starts from) records as TERMINATED."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return [t.trial_id for t in ExperimentAnalysis(str(sweep_dir)).trials if t.status == "TERMINATED"]
+    except Exception:  # noqa: BLE001 - the state file may be mid-write: look again
+        return []
+
+
+@pytest.mark.integration
+def test_killed_sweep_resumes_keeping_finished_trials(ray_local, make_params, tmp_path):
+    """A sweep in another process is killed (SIGKILL) once its saved state records a finished trial;
+    rerun, it restores: the finished trial is not trained again, the other one completes, and MLflow
+    still has one parent with one child per trial."""
+    from components.tracking import RUN_NAME_TAG
+    from pipeline.tune import tune_experiment
+
+    params = sweep_params(make_params, tmp_path, [GOOD_LR, 0.01], max_iters=2)
+    params["train"]["ray_address"] = ray_local.get_runtime_context().gcs_address   # join this cluster
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    out_root = tmp_path / "out"
+    code = ("import sys, yaml; from pipeline.tune import tune_experiment; "
+            "tune_experiment(yaml.safe_load(open(sys.argv[1])), sys.argv[2], out_root=sys.argv[3])")
+    log = open(tmp_path / "first_run.log", "w")
+    first = subprocess.Popen([sys.executable, "-c", code, str(params_file), EXPERIMENT, str(out_root)],
+                             cwd=REPO, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        finished: list[str] = []
+        while not finished and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+            sweeps = list((tmp_path / "runs" / "tune").glob("*/experiment_state-*.json"))
+            finished = finished_trial_ids(sweeps[0].parent) if sweeps else []
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        log.close()
+    killed_at = time.time()
+    assert len(finished) == 1, (tmp_path / "first_run.log").read_text()[-3000:]
+    assert not (out_root / "tune" / EXPERIMENT / "best_params.yaml").exists()   # it did not get that far
+
+    out = tune_experiment(params, EXPERIMENT, out_root=out_root)
+    assert out["restored"]
+    rows = read_csv(out_root / "tune" / EXPERIMENT / "trials.csv")
+    assert len(rows) == 2 and finished[0] in {r["trial_id"] for r in rows}
+    assert all(r["iterations_run"] == "2" and r["status"] == "completed" for r in rows)
+
+    client, experiment_id = mlflow_client(tmp_path)
+    parents = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{out['sweep']}'")
+    assert [p.info.run_id for p in parents] == [out["mlflow_run_id"]] and parents[0].info.status == "FINISHED"
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{out['mlflow_run_id']}'")
+    assert len(children) == 2
+    done_before = next(c for c in children if c.data.tags["tune.trial_id"] == finished[0])
+    losses = client.get_metric_history(done_before.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2]                       # trained once ...
+    assert all(m.timestamp / 1000 < killed_at for m in losses)            # ... before the kill
+    assert done_before.info.status == "FINISHED"
