@@ -108,7 +108,9 @@ def start_local_ray(**init_kwargs) -> None:
     _ENV_BEFORE_LOCAL_RAY.update({k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")})
     os.environ.pop("RAY_ADDRESS", None)   # we start a cluster: ray.init must not join one
     try:
-        context = ray.init(**LOCAL_RAY_OPTIONS, dashboard_port=port,
+        # address="local": without it ray.init joins the latest cluster started on this machine
+        # (/tmp/ray/ray_current_cluster), e.g. someone else's, instead of starting ours.
+        context = ray.init(address="local", **LOCAL_RAY_OPTIONS, dashboard_port=port,
                            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, **init_kwargs)
     except BaseException:
         shutdown_ray()

@@ -147,6 +147,7 @@ def test_the_stage_starts_ray_with_its_dashboard_on_loopback(monkeypatch):
     try:
         assert pipeline.train.connect_ray("") is True
         started = calls[-1]
+        assert started["address"] == "local"   # a new cluster, never the machine's latest one
         assert started["dashboard_host"] == "127.0.0.1"
         # Ray Train's placement-group cleaner must find this cluster's state API, not another one's.
         api = f"http://127.0.0.1:{started['dashboard_port']}"
