@@ -6,31 +6,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from components.data.io import write_bytes_atomic as atomic_write_bytes  # noqa: F401 (used by the stages too)
 from components.models.checkpoint import load_mmseg_checkpoint, save_checkpoint
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 CURVE_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "img_s", "mIoU")
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)   # mkstemp makes 0600; outputs are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_train_checkpoint(folder: Path | str, model: torch.nn.Module, optimizer, scaler, state: dict,
