@@ -24,7 +24,9 @@ from pipeline.config import REPO_ROOT, ConfigError, TrainConfig, resolve_experim
 
 EVAL_FILE = "eval.json"
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # spec section 2
-SETTING_KEYS = ("ms_ratios", "flip", "max_images", "fps_images", "fps_warmup", "overlays", "device")
+SETTING_KEYS = ("ms_ratios", "flip", "max_images", "fps_images", "fps_warmup", "overlays", "device", "precision",
+                "fold_bn")
+EVAL_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,14 @@ class EvalSettings:
     fps_warmup: int = 5
     overlays: int = 4            # val images drawn as image | ground truth | prediction
     device: str = "auto"         # auto | cpu | cuda
+    precision: str = "auto"      # auto (fp16 on CUDA, bf16 on CPU) | fp32 | bf16 | fp16: autocast of inference
+    fold_bn: bool = True         # BatchNorm folded into the convs (exact in fp32; bench/README.md)
+
+    def precision_on(self, device) -> str:
+        """The autocast precision this evaluation runs with on `device`."""
+        if self.precision != "auto":
+            return self.precision
+        return "fp16" if str(device).startswith("cuda") else "bf16"
 
 
 def _count(value, where: str, minimum: int) -> int:
@@ -69,8 +79,17 @@ def eval_settings(params: dict, profile: str | None = None) -> EvalSettings:
     device = merged.get("device", d.device)
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"params.yaml: {where('device')}: expected one of auto, cpu, cuda, got {device!r}")
+    precision = merged.get("precision", d.precision)
+    if precision not in EVAL_PRECISIONS:
+        raise ConfigError(f"params.yaml: {where('precision')}: expected one of {', '.join(EVAL_PRECISIONS)}, "
+                          f"got {precision!r}")
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError(f"params.yaml: {where('precision')}: fp16 needs a GPU (use bf16 on CPU)")
+    fold_bn = merged.get("fold_bn", d.fold_bn)
+    if not isinstance(fold_bn, bool):
+        raise ConfigError(f"params.yaml: {where('fold_bn')}: expected true or false, got {fold_bn!r}")
     settings = EvalSettings(
-        ms_ratios=tuple(float(r) for r in ratios), flip=flip,
+        ms_ratios=tuple(float(r) for r in ratios), flip=flip, precision=precision, fold_bn=fold_bn,
         max_images=_count(merged.get("max_images", d.max_images), where("max_images"), 0),
         fps_images=_count(merged.get("fps_images", d.fps_images), where("fps_images"), 0),
         fps_warmup=_count(merged.get("fps_warmup", d.fps_warmup), where("fps_warmup"), 0),
@@ -117,22 +136,19 @@ def _device(choice: str):
     return torch.device("cuda" if use_cuda else "cpu")
 
 
-def load_model(cfg: TrainConfig, checkpoint: Path, device):
-    """The network of `cfg` with the checkpoint's weights (strict), fp32, eval mode, on `device`."""
-    import torch
-
+def load_model(cfg: TrainConfig, checkpoint: Path, device, fold_bn: bool = False):
+    """The network of `cfg` with the checkpoint's weights (strict), fp32, eval mode, on `device`,
+    channels-last when the experiment trains so, BN folded into the convs when `fold_bn`."""
     from components.models import build_dnlnet
     from components.models.checkpoint import load_mmseg_checkpoint
+    from components.models.speedups import prepare_for_inference
 
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found (run the train stage, or fix the path)")
     model = build_dnlnet(depth=cfg.depth, num_classes=cfg.num_classes, align_corners=cfg.align_corners,
                          attention=cfg.attention)
     meta = load_mmseg_checkpoint(model, checkpoint)
-    model = model.to(device).eval()
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, meta
+    return prepare_for_inference(model.to(device), channels_last=cfg.channels_last, fold_bn=fold_bn), meta
 
 
 class _ValImages:
@@ -200,7 +216,8 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
     cfg, checkpoint, imported = resolve_target(params, name, out_root)
     settings = eval_settings(params, cfg.profile)
     device = _device(settings.device)
-    model, meta = load_model(cfg, checkpoint, device)
+    model, meta = load_model(cfg, checkpoint, device, fold_bn=settings.fold_bn)
+    precision = settings.precision_on(device)
     names, colours = class_names(cfg.dataset), palette(cfg.dataset)
     dataset = SegmentationDataset(Path(cfg.data_dir) / "val", build_test_transform(scale=tuple(cfg.scale)),
                                   max_images=settings.max_images)
@@ -213,15 +230,16 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
             save_label_png(Path(predictions_dir) / setting / f"{index:05d}.png", pred.numpy(), colours)
 
     print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.test_mode} at scale {list(cfg.scale)}, "
-          f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {describe_device(device)}",
+          f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {describe_device(device)}, "
+          f"{precision}{', BN folded' if settings.fold_bn else ''}",
           flush=True)
     batches = ((img[None], label[None]) for img, label in dataset)
     results = evaluate_split(model, batches, cfg.num_classes, tests, device, keep_samples=settings.overlays,
-                             channels_last=cfg.channels_last, on_prediction=save)
+                             channels_last=cfg.channels_last, precision=precision, on_prediction=save)
     speed = None
     if settings.fps_images:
         speed = measure_fps(model, _ValImages(dataset, len(dataset)), device, single, settings.fps_images,
-                            settings.fps_warmup, channels_last=cfg.channels_last)
+                            settings.fps_warmup, channels_last=cfg.channels_last, precision=precision)
         speed = {**{k: v for k, v in speed.items() if k != "timed_seconds"}, "fps": round(speed["fps"], 4),
                  "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.test_mode,
                  "scale": list(cfg.scale)}
@@ -235,7 +253,6 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
         except Exception as e:  # noqa: BLE001 - a missing figure must not lose the evaluation
             _warn(f"[evaluate] {name}: training memory unavailable ({type(e).__name__}: {e})")
 
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     summary = {
         "experiment": name,
         "dataset": cfg.dataset,
@@ -248,7 +265,8 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
         "split": "val",
         "images": results["single_scale"].images,
         "device": describe_device(device),
-        "dtype": dtype,
+        "dtype": precision,   # autocast of the convs and matmuls (fp32: none)
+        "bn_folded": settings.fold_bn,
         "test": {"mode": cfg.test_mode, "scale": list(cfg.scale), "crop": list(cfg.test_crop),
                  "stride": list(cfg.test_stride), "align_corners": cfg.align_corners},
         "single_scale": _percent(results["single_scale"].metrics(), names),
@@ -266,7 +284,7 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
     ss, ms = summary["single_scale"], summary["ms_flip"]
     fps = f"{speed['fps']:.2f} fps" if speed else "fps not measured"
     print(f"[evaluate] {name}: mIoU {ss['mIoU']} (ms+flip {ms['mIoU']}), mAcc {ss['mAcc']}, "
-          f"aAcc {ss['aAcc']}; {fps} ({summary['device']}, {dtype}); wrote {metrics_path}", flush=True)
+          f"aAcc {ss['aAcc']}; {fps} ({summary['device']}, {precision}); wrote {metrics_path}", flush=True)
     return summary
 
 

@@ -93,6 +93,8 @@ def predict(params: dict, inputs: list[Path], out_dir: Path, model_ref: str,
     from components.evaluation.visualize import overlay, save_image, save_label_png
     from components.models import build_dnlnet
     from components.models.checkpoint import load_mmseg_checkpoint
+    from components.models.speedups import autocast, prepare_for_inference
+    from pipeline.evaluate import eval_settings
 
     images = collect_images(inputs)
     fetched = fetch_model(model_ref, tracking_uri(params))
@@ -101,7 +103,8 @@ def predict(params: dict, inputs: list[Path], out_dir: Path, model_ref: str,
     model = build_dnlnet(depth=s["depth"], num_classes=s["num_classes"], align_corners=s["align_corners"],
                          attention=s.get("attention", "fused"))
     load_mmseg_checkpoint(model, fetched.checkpoint)
-    model = model.to(device).eval()
+    speed = eval_settings(params)   # the evaluate stage's precision and BN folding
+    model = prepare_for_inference(model.to(device), channels_last=True, fold_bn=speed.fold_bn)
     transform = build_test_transform(scale=tuple(s["scale"]))
     setting = InferenceSetting(s["test_mode"], tuple(s["test_crop"]), tuple(s["test_stride"]))
     colours = palette(s["dataset"])
@@ -111,7 +114,9 @@ def predict(params: dict, inputs: list[Path], out_dir: Path, model_ref: str,
     for path, name in images:
         rgb = _read_rgb(path)
         img = torch.from_numpy(transform(image=rgb)["image"].transpose(2, 0, 1).copy())[None].to(device)
-        label = predict_label(model, img, rgb.shape[:2], setting)[0].to(torch.uint8).cpu().numpy()
+        img = img.contiguous(memory_format=torch.channels_last)
+        with autocast(device, speed.precision_on(device)):
+            label = predict_label(model, img, rgb.shape[:2], setting)[0].to(torch.uint8).cpu().numpy()
         target = out_dir / name
         written.append(save_label_png(target.with_name(target.name + ".png"), label, colours))
         written.append(save_image(target.with_name(target.name + "_overlay.png"),

@@ -29,6 +29,7 @@ from components.evaluation.segment import InferenceSetting, evaluate_split, pred
 from components.evaluation.speed import measure_fps
 from components.models import build_dnlnet
 from components.models.checkpoint import save_checkpoint
+from components.models.speedups import autocast, prepare_for_inference
 from pipeline.config import ConfigError, load_params
 from pipeline.evaluate import eval_settings, evaluate_experiment
 
@@ -48,7 +49,7 @@ def tiny_params(work: Path, data_root: Path, db_template: Path) -> dict:
     params["data"]["prepared_dir"] = str(data_root)
     params["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}"}
     params["evaluate"] = {"ms_ratios": [0.5, 1.0], "flip": True, "max_images": 0, "fps_images": 4,
-                          "fps_warmup": 1, "overlays": 1, "device": "cpu"}
+                          "fps_warmup": 1, "overlays": 1, "device": "cpu", "precision": "auto", "fold_bn": True}
     return params
 
 
@@ -140,12 +141,13 @@ def test_single_scale_logits_are_resized_to_the_label_size_before_argmax(evaluat
     """The saved label maps are argmax(bilinear resize of the 32x64 logits to 64x128), recomputed here
     straight from the model, not at 32x64 then upsampled."""
     dataset = SegmentationDataset(evaluated["val"], build_test_transform(scale=(64, 32)))
-    model = evaluated["model"]
+    # What the stage runs on CPU by default: BN folded, channels-last, bf16 autocast.
+    model = prepare_for_inference(evaluated["model"], channels_last=True, fold_bn=True)
     for index in range(len(dataset)):
         img, label = dataset[index]
         assert tuple(img.shape[1:]) == (32, 64) and tuple(label.shape) == (64, 128)
-        with torch.no_grad():
-            logits = model.encode_decode(img[None])
+        with torch.no_grad(), autocast("cpu", "bf16"):
+            logits = model.encode_decode(img[None].contiguous(memory_format=torch.channels_last))
         expected = F.interpolate(logits, size=(64, 128), mode="bilinear", align_corners=False).argmax(1)[0]
         saved = np.array(Image.open(evaluated["work"] / "predictions" / "single_scale" / f"{index:05d}.png"))
         assert np.array_equal(saved, expected.numpy())
@@ -156,10 +158,10 @@ def test_eval_json_records_settings_speed_and_memory(evaluated):
     assert s["test"] == {"mode": "whole", "scale": [64, 32], "crop": [16, 32], "stride": [16, 32],
                          "align_corners": False}
     assert s["ms_flip"]["ratios"] == [0.5, 1.0] and s["ms_flip"]["flip"] is True
-    assert s["device"].startswith("cpu") and s["dtype"] == "float32"
+    assert s["device"].startswith("cpu") and s["dtype"] == "bf16" and s["bn_folded"] is True
     speed = s["speed"]
     assert speed["fps"] > 0 and speed["images"] == 4 and speed["warmup"] == 1 and speed["batch_size"] == 1
-    assert speed["device"].startswith("cpu") and speed["dtype"] == "float32"
+    assert speed["device"].startswith("cpu") and speed["dtype"] == "bf16"
     # No memory in train.json here: the largest memory_gb the training run logged, with what it measures.
     assert s["train_memory"]["peak_gb"] == 1.25
     assert s["train_memory"]["device"] == "cpu" and s["train_memory"]["dtype"] == "bf16"
@@ -198,7 +200,7 @@ def test_logged_into_the_training_run(evaluated):
     assert run.data.metrics["eval.mIoU"] == pytest.approx(summary["single_scale"]["mIoU"])
     assert run.data.metrics["eval.ms_flip.mIoU"] == pytest.approx(summary["ms_flip"]["mIoU"])
     assert run.data.metrics["eval.fps"] == pytest.approx(summary["speed"]["fps"])
-    assert run.data.tags["eval.device"] == summary["device"] and run.data.tags["eval.dtype"] == "float32"
+    assert run.data.tags["eval.device"] == summary["device"] and run.data.tags["eval.dtype"] == "bf16"
     files = {f.path for folder in ("evaluation", "evaluation/overlays", "model")
              for f in client.list_artifacts(evaluated["run_id"], folder) if not f.is_dir}
     assert {"evaluation/eval.json", "evaluation/confusion.png", "evaluation/per_class_iou.png",
@@ -302,7 +304,7 @@ def test_fps_times_only_the_images_after_warmup():
     # 5 timed images of >= 20 ms: at most 50 fps; including a 0.3 s warm-up image would give < 16 fps.
     assert 20 < result["fps"] <= 50.5
     assert result["images"] == 10 and result["warmup"] == 5 and result["batch_size"] == 1
-    assert result["device"].startswith("cpu") and result["dtype"] == "float32"
+    assert result["device"].startswith("cpu") and result["dtype"] == "fp32"
 
 
 def test_fps_rejects_too_few_images():
@@ -336,6 +338,19 @@ def test_eval_settings_profile_override_and_errors():
         eval_settings({"profile": "sample", "evaluate": {"profiles": {"sample": {"fps_images": 3}}}})
     with pytest.raises(ConfigError, match=r"evaluate\.ratios: unknown setting"):
         eval_settings({"evaluate": {"ratios": [1.0]}})
+
+
+def test_eval_precision_defaults_to_the_fastest_that_agrees():
+    s = eval_settings({})
+    assert (s.precision, s.fold_bn) == ("auto", True)
+    assert (s.precision_on("cpu"), s.precision_on("cuda:0")) == ("bf16", "fp16")
+    assert eval_settings({"evaluate": {"precision": "fp32"}}).precision_on("cuda") == "fp32"
+    with pytest.raises(ConfigError, match=r"evaluate\.precision: expected one of auto, fp32, bf16, fp16"):
+        eval_settings({"evaluate": {"precision": "half"}})
+    with pytest.raises(ConfigError, match=r"evaluate\.precision: fp16 needs a GPU"):
+        eval_settings({"evaluate": {"precision": "fp16", "device": "cpu"}})
+    with pytest.raises(ConfigError, match=r"evaluate\.fold_bn: expected true or false"):
+        eval_settings({"evaluate": {"fold_bn": "yes"}})
 
 
 def test_unknown_name_and_missing_checkpoint(evaluated, tmp_path):

@@ -17,6 +17,7 @@ from components.data.transforms import build_test_transform
 from components.evaluation.registry import ensure_model_artifacts, register_champion
 from components.models import build_dnlnet
 from components.models.checkpoint import save_checkpoint
+from components.models.speedups import autocast, prepare_for_inference
 from pipeline.config import load_params, resolve_experiment
 from pipeline.predict import predict
 
@@ -49,10 +50,12 @@ def setup(tmp_path_factory, mlflow_db_template):
 
 
 def expected_label(model, rgb: np.ndarray, scale=(128, 64)) -> np.ndarray:
-    """The test pipeline written out: keep-ratio resize to the test scale, logits, bilinear back, argmax."""
+    """The test pipeline written out: keep-ratio resize to the test scale, logits, bilinear back, argmax;
+    with the evaluate stage's CPU defaults (BN folded, channels-last, bf16 autocast)."""
     img = torch.from_numpy(build_test_transform(scale)(image=rgb)["image"].transpose(2, 0, 1).copy())[None]
-    with torch.no_grad():
-        logits = model.encode_decode(img)
+    model = prepare_for_inference(model, channels_last=True, fold_bn=True)
+    with torch.no_grad(), autocast("cpu", "bf16"):
+        logits = model.encode_decode(img.contiguous(memory_format=torch.channels_last))
     resized = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
     return resized.argmax(1)[0].numpy()
 

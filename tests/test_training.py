@@ -14,8 +14,8 @@ from torch.utils.data import DistributedSampler
 from components.training.checkpointing import load_train_checkpoint, save_train_checkpoint, write_curve_csv
 from components.training.distributed import InfiniteDistributedSampler, plan_batches, shard
 from components.training.evaluate import evaluate
-from components.training.loop import train_step
 from components.training.progress import Progress
+from components.training.step import train_step
 
 # --- batch split -----------------------------------------------------------------------------------
 

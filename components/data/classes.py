@@ -9,6 +9,9 @@ the order of `objectInfo150.csv`) with mmseg's palette; the annotation files sto
 from __future__ import annotations
 
 IGNORE_INDEX = 255
+# mmseg's image normalisation (RGB, 0..255 scale) for both datasets.
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

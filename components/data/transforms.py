@@ -26,8 +26,7 @@ import numpy as np
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at import
 import albumentations as A  # noqa: E402
 
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
+from components.data.classes import MEAN, STD  # noqa: E402
 
 
 def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:

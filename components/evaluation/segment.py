@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from components.evaluation.confusion import ConfusionMatrix
 from components.metrics import IoUAccumulator
 from components.models.inference import predict_logits
+from components.models.speedups import autocast
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,14 @@ class SplitResult:
 @torch.no_grad()
 def evaluate_split(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                    settings: dict[str, InferenceSetting], device: torch.device, ignore_index: int = 255,
-                   keep_samples: int = 0, channels_last: bool = False,
+                   keep_samples: int = 0, channels_last: bool = False, precision: str = "fp32",
                    on_prediction: Callable[[int, str, torch.Tensor], None] | None = None
                    ) -> dict[str, SplitResult]:
     """Every named setting over `batches` of (image 1×3×h×w at the test scale, label 1×H×W at full size).
 
     `on_prediction(index, setting_name, pred H×W)` sees every label map (e.g. to save it);
     the first `keep_samples` predictions of each setting are kept for the overlay pictures.
+    `precision`: autocast of the forward passes (components/models/speedups.py).
     """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -91,7 +93,8 @@ def evaluate_split(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], 
         img = img.to(device).contiguous(memory_format=memory_format)
         label = label[0]
         for name, setting in settings.items():
-            pred = predict_label(model, img, tuple(label.shape), setting)[0].cpu()
+            with autocast(device, precision):
+                pred = predict_label(model, img, tuple(label.shape), setting)[0].cpu()
             result = results[name]
             result.iou.update(pred, label)
             result.confusion.update(pred, label)

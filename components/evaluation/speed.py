@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from components.evaluation.segment import InferenceSetting, predict_label
+from components.models.speedups import autocast
 
 
 def describe_device(device: torch.device | str) -> str:
@@ -44,11 +45,11 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure_fps(model, samples: Sequence[tuple[torch.Tensor, tuple[int, int]]], device: torch.device | str,
                 setting: InferenceSetting, n_images: int = 200, warmup: int = 5,
-                channels_last: bool = False) -> dict:
+                channels_last: bool = False, precision: str = "fp32") -> dict:
     """Images per second over images warmup+1 .. n_images (mmseg: fps = timed images / timed seconds).
 
     `samples`: (image 1×3×h×w at the test scale, original (H, W)); cycled when there are fewer than
-    n_images. The model runs in whatever dtype its weights are (fp32 for the seed's figure).
+    n_images. `precision`: autocast (components/models/speedups.py); fp32 for the seed's exact setting.
     """
     if n_images <= warmup:
         raise ValueError(f"fps: n_images ({n_images}) must be larger than warmup ({warmup})")
@@ -59,15 +60,15 @@ def measure_fps(model, samples: Sequence[tuple[torch.Tensor, tuple[int, int]]], 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     inputs = [(img.to(device).contiguous(memory_format=memory_format), size) for img, size in samples]
     timed_seconds = 0.0
-    for i, (img, size) in enumerate(itertools.islice(itertools.cycle(inputs), n_images)):
-        _sync(device)
-        tic = time.perf_counter()
-        predict_label(model, img, size, setting)
-        _sync(device)
-        if i >= warmup:
-            timed_seconds += time.perf_counter() - tic
+    with autocast(device, precision):
+        for i, (img, size) in enumerate(itertools.islice(itertools.cycle(inputs), n_images)):
+            _sync(device)
+            tic = time.perf_counter()
+            predict_label(model, img, size, setting)
+            _sync(device)
+            if i >= warmup:
+                timed_seconds += time.perf_counter() - tic
     timed = n_images - warmup
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
     return {
         "fps": timed / timed_seconds,
         "images": n_images,
@@ -76,7 +77,7 @@ def measure_fps(model, samples: Sequence[tuple[torch.Tensor, tuple[int, int]]], 
         "batch_size": 1,
         "distinct_images": len(inputs),
         "device": describe_device(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": precision,
         "channels_last": channels_last,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "cpu_count": os.cpu_count(),

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 
 from components.metrics import IoUAccumulator
 from components.models.inference import predict_logits
+from components.models.speedups import autocast
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device, mode: str = "whole",
              crop_size: tuple[int, int] = (512, 1024), stride: tuple[int, int] = (512, 1024),
-             align_corners: bool = False, ignore_index: int = 255, channels_last: bool = False) -> dict:
+             align_corners: bool = False, ignore_index: int = 255, channels_last: bool = False,
+             precision: str = "fp32") -> dict:
     """mIoU / mAcc / aAcc (fractions) and per-class IoU / Acc over all ranks' shards of `loader`.
 
     `loader` yields (image N×3×h×w at the test scale, label N×H×W at the original size), as the test
@@ -29,7 +31,8 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
     for img, label in loader:
         img = img.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         label = label.to(device, non_blocking=True)
-        logits = predict_logits(model, img, mode=mode, crop_size=tuple(crop_size), stride=tuple(stride))
+        with autocast(device, precision):
+            logits = predict_logits(model, img, mode=mode, crop_size=tuple(crop_size), stride=tuple(stride))
         if logits.shape[-2:] != label.shape[-2:]:
             logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear",
                                    align_corners=align_corners)

@@ -7,7 +7,6 @@ train.py, iteration-based, with the Ray parts in plain sight: get_checkpoint, pr
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -19,7 +18,6 @@ from types import SimpleNamespace
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Subset
 
@@ -27,6 +25,7 @@ from components.data.dataset import SegmentationDataset, build_loader
 from components.data.transforms import build_test_transform, build_train_transform
 from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
+from components.models.speedups import amp_dtype_of
 from components.schedules import poly_lr
 from components.tracking import RunLogger, with_env_credentials
 from components.training.checkpointing import load_train_checkpoint, save_train_checkpoint, write_curve_csv
@@ -40,8 +39,8 @@ from components.training.distributed import (
 )
 from components.training.evaluate import evaluate
 from components.training.progress import Progress, peak_memory_gb
+from components.training.step import sgd, train_step
 
-LOSS_KEYS = ("loss", "decode_loss", "aux_loss")
 # What the driver adds to TrainConfig's fields (see pipeline/train.py); the defaults run the loop bare.
 EXTRA_DEFAULTS = {"micro_batch_size": 0, "log_interval": 1, "class_names": None, "mlflow_run_id": None,
                   "data_uri": None, "manifest_sha256": None, "test_hooks": {}}
@@ -74,7 +73,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # To the device, and DDP (gloo on CPU, NCCL on GPU) when world > 1. The training call goes through
     # ddp_model(img, label) -> model.forward_train: DDP syncs gradients only for calls through its forward.
     ddp_model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    optimizer = sgd(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=c.precision == "fp16")
     if checkpoint:
         optimizer.load_state_dict(state.pop("optimizer"))
@@ -98,7 +97,7 @@ def train_loop_per_worker(config: dict) -> dict:
     val_loader = build_loader(Subset(val_set, shard(len(val_set), rank, world)), 1, c.loader_workers,
                               shuffle=False, drop_last=False)
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
+    amp_dtype = amp_dtype_of(c.precision)
     progress = Progress(c.max_iters, c.batch_size, c.name)
     tracker = RunLogger(with_env_credentials(c.tracking_uri), c.mlflow_run_id if rank == 0 else None,
                         who=f"{c.name} rank 0", fail_fast=True)
@@ -137,11 +136,15 @@ def train_loop_per_worker(config: dict) -> dict:
             state["curve"].append(row)
             progress.say(progress.line(row, memory))
             tracker.log_metrics({**without(row, "iteration"), "memory_gb": memory}, step=it)
+        if it == start + 1 and device.type == "cuda":
+            # cudnn.benchmark tries algorithms with large workspaces in the first step only: the
+            # memory figure is the steady state from here on (as the seed's Mem column).
+            torch.cuda.reset_peak_memory_stats(device)
 
         if is_eval:   # every rank evaluates its shard; counts are all-reduced inside
             result = evaluate(model, val_loader, c.num_classes, device, mode=c.test_mode,
                               crop_size=c.test_crop, stride=c.test_stride, align_corners=c.align_corners,
-                              channels_last=c.channels_last)
+                              channels_last=c.channels_last, precision=c.precision)
             summary = {"iteration": it, **{k: round(100 * result[k], 2) for k in ("mIoU", "mAcc", "aAcc")}}
             if rank == 0:
                 log_evaluation(c, state, summary, result, tracker, progress)
@@ -159,38 +162,6 @@ def train_loop_per_worker(config: dict) -> dict:
     steps = sorted(progress.step_seconds)
     return {"start_iteration": start, "iteration": c.max_iters, "train_time_s": state["train_time_s"],
             "median_step_s": steps[len(steps) // 2] if steps else None, "mlflow_failures": tracker.failures}
-
-
-def train_step(ddp_model, optimizer, scaler, batches, accum: int, device, amp_dtype, channels_last: bool,
-               it: int) -> dict[str, float]:
-    """One optimizer step over `accum` micro-batches; the losses averaged over micro-steps and ranks."""
-    totals = torch.zeros(len(LOSS_KEYS), device=device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for micro in range(accum):
-        img, label = next(batches)
-        img = img.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        label = label.to(device, non_blocking=True)
-        # DDP all-reduces gradients on the last micro-step only.
-        last = micro == accum - 1
-        sync = contextlib.nullcontext() if last else getattr(ddp_model, "no_sync", contextlib.nullcontext)()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = ddp_model(img, label)
-            scaler.scale(out["loss"] / accum).backward()
-        zero = out["loss"].new_zeros(())
-        totals += torch.stack([out.get(k, zero) for k in LOSS_KEYS]).detach().float() / accum
-    # Mean over ranks (as mmseg logs it); a NaN on any rank reaches every rank, so all stop together.
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-        totals /= dist.get_world_size()
-    if not torch.isfinite(totals).all():
-        raise FloatingPointError(f"loss is {totals.tolist()} (loss, decode, aux) at iteration {it}: "
-                                 f"stopping; the last good checkpoint is kept (lower train.lr or use "
-                                 f"precision fp32)")
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return dict(zip(LOSS_KEYS, totals.tolist(), strict=True))
 
 
 def log_evaluation(c, state: dict, summary: dict, result: dict, tracker: RunLogger,

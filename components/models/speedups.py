@@ -1,0 +1,45 @@
+"""The switchable speed-ups of DNLNet, shared by training, evaluation and bench/.
+
+- attention "fused" (chosen when the model is built): scaled_dot_product_attention, memory linear in L;
+- channels-last: NHWC activations, oneDNN's fast convolution layout on CPU, tensor cores' on GPU;
+- autocast (bf16 on CPU / GPU, fp16 on GPU): matmuls and convs in 16 bits, softmax and loss in fp32;
+- BN folding (inference only): BatchNorm merged into the preceding conv (components/models/fold.py);
+bench/bench_perf.py measures each one on and off, and torch.compile next to them; README.md has the
+figures. The pipeline does not compile: it recompiles for every input shape (six ms+flip scales), which
+costs more than it saves over a val split (see the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from components.models.fold import fold_batchnorm
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype_of(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a `precision` setting (None: plain fp32)."""
+    if precision not in AMP_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(AMP_DTYPES)}, got {precision!r}")
+    return AMP_DTYPES[precision]
+
+
+def autocast(device: torch.device | str, precision: str):
+    """torch.autocast for `precision` on `device`; a no-op context for fp32."""
+    dtype = amp_dtype_of(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    if dtype == torch.float16 and device_type != "cuda":
+        raise ValueError("precision fp16 needs a GPU (use bf16 on CPU)")
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fold_bn: bool = True) -> nn.Module:
+    """`model` in eval mode with the inference speed-ups applied (a folded copy when fold_bn)."""
+    model = fold_batchnorm(model) if fold_bn else model.eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model

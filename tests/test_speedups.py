@@ -1,0 +1,101 @@
+"""BN folding against the BN formula by hand and against the unfolded network; the autocast switch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from components.models import build_dnlnet
+from components.models.fold import fold_batchnorm, fold_conv_bn
+from components.models.speedups import autocast, prepare_for_inference
+
+
+def test_fold_conv_bn_matches_the_bn_formula_by_hand():
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    bn = nn.BatchNorm2d(1, eps=1e-5).eval()
+    with torch.no_grad():
+        conv.weight.fill_(2.0)
+        bn.weight.fill_(3.0)
+        bn.bias.fill_(1.0)
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(3.0)
+    folded = fold_conv_bn(conv, bn)
+    # y = 3 * (2x - 0.5) / sqrt(3 + 1e-5) + 1
+    s = 3.0 / math.sqrt(3.0 + 1e-5)
+    assert folded.weight.item() == pytest.approx(2.0 * s, rel=1e-6)
+    assert folded.bias.item() == pytest.approx(-0.5 * s + 1.0, rel=1e-6)
+    x = torch.tensor([[[[-1.0, 0.0], [2.0, 7.5]]]])
+    expected = s * (2 * x - 0.5) + 1
+    assert torch.allclose(folded(x), expected, rtol=1e-6)
+    assert conv.bias is None and conv.weight.item() == 2.0   # the original conv is untouched
+
+
+def test_fold_conv_bn_keeps_an_existing_conv_bias():
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=True)
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 2, 5, 6)
+    assert torch.allclose(fold_conv_bn(conv, bn)(x), bn(conv(x)), atol=1e-6)
+
+
+def randomized_dnlnet(seed: int = 0) -> nn.Module:
+    """Non-trivial BN: random gamma / beta / running statistics everywhere, conv_out's gamma non-zero."""
+    torch.manual_seed(seed)
+    model = build_dnlnet(depth=50, num_classes=5).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        for block in model.backbone.modules():   # keep the residual stream O(1) over 16 blocks
+            if hasattr(block, "bn3"):
+                block.bn3.weight.mul_(0.3)
+    return model
+
+
+def test_folded_network_equals_the_original_and_has_no_bn_left():
+    model = randomized_dnlnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+    # R-50-D8: 3 stem + 4 downsample + 16 blocks x 3 in the backbone, 4 in the DNL head, 1 in the FCN head.
+    assert sum(isinstance(m, _BatchNorm) for m in model.modules()) == 3 + 4 + 48 + 4 + 1
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref, out = model.encode_decode(x), folded.encode_decode(x)
+        aux_ref = model.auxiliary_head(model.extract_feat(x)[2])
+        aux_out = folded.auxiliary_head(folded.extract_feat(x)[2])
+    assert (out - ref).norm() / ref.norm() < 1e-5
+    assert (aux_out - aux_ref).norm() / aux_ref.norm() < 1e-5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # original untouched
+
+
+def test_prepare_for_inference_is_eval_mode_and_channels_last():
+    model = randomized_dnlnet().train()
+    ready = prepare_for_inference(model, channels_last=True, fold_bn=True)
+    assert not ready.training and model.training
+    assert ready.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    unfolded = prepare_for_inference(model, channels_last=False, fold_bn=False)
+    assert unfolded is model and not model.training
+
+
+def test_autocast_switch():
+    with autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        autocast("cpu", "fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast("cpu", "half")
