@@ -88,6 +88,13 @@ def _peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
+def _base_mib(device) -> float:
+    """Memory before the timed work: the peak so far on CPU (model + input), what is allocated on CUDA."""
+    import torch
+
+    return _peak_mib(device) if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
+
+
 def _reset_peak(device) -> None:
     """CUDA: forget the warm-up's peak (cudnn.benchmark tries algorithms with large workspaces there);
     CPU: ru_maxrss cannot be reset, the peak includes the warm-up."""
@@ -147,7 +154,7 @@ def infer_row(s: dict, size: tuple[int, int], reps: int, warmup: int, weights: P
     img = img.to(device).contiguous(memory_format=torch.channels_last if s["channels_last"]
                                     else torch.contiguous_format)
     _sync(device)
-    base_mib = _peak_mib(device) if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
+    base_mib = _base_mib(device)
     times = []
     with torch.no_grad(), autocast(device, s["precision"]):
         for i in range(warmup + reps):
@@ -208,7 +215,7 @@ def train_row(s: dict, size: tuple[int, int], batch: int, steps: int, warmup: in
     step_model = torch.compile(model) if s["compile"] else model
     batches = crops(scene, size, batch, seed)
     _sync(device)
-    base_mib = _peak_mib(device) if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
+    base_mib = _base_mib(device)
     times, losses = [], []
     total = warmup + steps
     for i in range(total):
@@ -222,12 +229,9 @@ def train_row(s: dict, size: tuple[int, int], batch: int, steps: int, warmup: in
         out = train_step(step_model, optimizer, scaler, batches, 1, device, amp_dtype_of(s["precision"]),
                          s["channels_last"], i + 1)
         _sync(device)
-        elapsed = time.perf_counter() - tic
-        if i == 0:
-            first_s = elapsed
-        if i >= warmup:
-            times.append(elapsed)
+        times.append(time.perf_counter() - tic)
         losses.append(out["loss"])
+    first_s, times = times[0], times[warmup:]
     if save_to:
         torch.save(model.state_dict(), save_to)
     return {"median_s": statistics.median(times), "min_s": min(times), "first_s": first_s,
