@@ -201,7 +201,6 @@ def train_row(s: dict, size: tuple[int, int], batch: int, steps: int, warmup: in
     result, i.e. when pretraining the bench weights); times the last `steps`."""
     import torch
 
-    from components.models.speedups import amp_dtype_of
     from components.schedules import poly_lr
     from components.training.step import sgd, train_step
 
@@ -226,7 +225,7 @@ def train_row(s: dict, size: tuple[int, int], batch: int, steps: int, warmup: in
                 group["lr"] = poly_lr(i, total, 0.01, 0.9, 1e-4)
         _sync(device)
         tic = time.perf_counter()
-        out = train_step(step_model, optimizer, scaler, batches, 1, device, amp_dtype_of(s["precision"]),
+        out = train_step(step_model, optimizer, scaler, batches, 1, device, s["precision"],
                          s["channels_last"], i + 1)
         _sync(device)
         times.append(time.perf_counter() - tic)

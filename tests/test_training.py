@@ -88,7 +88,7 @@ class TinySegmentor(nn.Module):
 def _step(model, batches, accum):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = train_step(model, optimizer, scaler, iter(batches), accum, torch.device("cpu"), None, False,
+    losses = train_step(model, optimizer, scaler, iter(batches), accum, torch.device("cpu"), "fp32", False,
                         it=1)
     return losses, model.conv.weight.detach().clone()
 
@@ -116,7 +116,7 @@ def test_nan_loss_stops_before_the_update():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with pytest.raises(FloatingPointError, match="at iteration 7"):
         train_step(model, optimizer, scaler, iter([(img, torch.zeros(1, 2, 2, dtype=torch.long))]), 1,
-                   torch.device("cpu"), None, False, it=7)
+                   torch.device("cpu"), "fp32", False, it=7)
     torch.testing.assert_close(model.conv.weight, before)
 
 

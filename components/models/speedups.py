@@ -21,16 +21,11 @@ from components.models.fold import fold_batchnorm
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_dtype_of(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a `precision` setting (None: plain fp32)."""
-    if precision not in AMP_DTYPES:
-        raise ValueError(f"precision must be one of {tuple(AMP_DTYPES)}, got {precision!r}")
-    return AMP_DTYPES[precision]
-
-
 def autocast(device: torch.device | str, precision: str):
     """torch.autocast for `precision` on `device`; a no-op context for fp32."""
-    dtype = amp_dtype_of(precision)
+    if precision not in AMP_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(AMP_DTYPES)}, got {precision!r}")
+    dtype = AMP_DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
     device_type = torch.device(device).type

@@ -25,7 +25,6 @@ from components.data.dataset import SegmentationDataset, build_loader
 from components.data.transforms import build_test_transform, build_train_transform
 from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
-from components.models.speedups import amp_dtype_of
 from components.schedules import poly_lr
 from components.tracking import RunLogger, with_env_credentials
 from components.training.checkpointing import load_train_checkpoint, save_train_checkpoint, write_curve_csv
@@ -97,7 +96,6 @@ def train_loop_per_worker(config: dict) -> dict:
     val_loader = build_loader(Subset(val_set, shard(len(val_set), rank, world)), 1, c.loader_workers,
                               shuffle=False, drop_last=False)
 
-    amp_dtype = amp_dtype_of(c.precision)
     progress = Progress(c.max_iters, c.batch_size, c.name)
     tracker = RunLogger(with_env_credentials(c.tracking_uri), c.mlflow_run_id if rank == 0 else None,
                         who=f"{c.name} rank 0", fail_fast=True)
@@ -116,7 +114,7 @@ def train_loop_per_worker(config: dict) -> dict:
             group["lr"] = lr
         step_batches = poisoned(batches) if c.test_hooks.get("nan_at") == it else batches
         try:
-            losses = train_step(ddp_model, optimizer, scaler, step_batches, accum, device, amp_dtype,
+            losses = train_step(ddp_model, optimizer, scaler, step_batches, accum, device, c.precision,
                                 c.channels_last, it)
         except FloatingPointError as e:
             # Not a transient failure: raised, Ray would restart the workers from the last checkpoint

@@ -7,6 +7,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from components.models.speedups import autocast
+
 LOSS_KEYS = ("loss", "decode_loss", "aux_loss")
 
 
@@ -16,7 +18,7 @@ def sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
 
-def train_step(ddp_model, optimizer, scaler, batches, accum: int, device, amp_dtype, channels_last: bool,
+def train_step(ddp_model, optimizer, scaler, batches, accum: int, device, precision: str, channels_last: bool,
                it: int) -> dict[str, float]:
     """One optimizer step over `accum` micro-batches; the losses averaged over micro-steps and ranks."""
     totals = torch.zeros(len(LOSS_KEYS), device=device)
@@ -29,7 +31,7 @@ def train_step(ddp_model, optimizer, scaler, batches, accum: int, device, amp_dt
         last = micro == accum - 1
         sync = contextlib.nullcontext() if last else getattr(ddp_model, "no_sync", contextlib.nullcontext)()
         with sync:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, precision):
                 out = ddp_model(img, label)
             scaler.scale(out["loss"] / accum).backward()
         zero = out["loss"].new_zeros(())
