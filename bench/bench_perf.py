@@ -14,7 +14,7 @@ Sections:
   peak   the machine's measured matmul peak, fp32 and bf16 (the yardstick for GFLOP/s)
   infer  forward at 512×1024, batch 1: the plain fp32 NCHW model with mmseg's naive attention, then
          each speed-up added, then the fastest set with each one removed; argmax agreement with the plain
-         model's prediction
+         model's prediction; on CPU also int8 post-training quantization (explored, not a pipeline option)
   whole  forward on the whole 1024×2048 image: time and peak memory
   train  a training step (the pipeline's own train_step: forward, backward, SGD) at the sample
          profile's size (64×128, batch 2) and at 512×1024, batch 2
@@ -138,6 +138,33 @@ def build_model(s: dict, weights: Path, device):
     return model.to(device)
 
 
+def quantize_int8(model, scene: Path, size: tuple[int, int]):
+    """int8 post-training quantization, FX graph mode for the x86 backend (per-channel int8 weights,
+    activations calibrated on the four training scenes); the DNL block's attention stays fp32."""
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from components.models.segmentor import resize_logits
+
+    class Logits(torch.nn.Module):   # traceable: the resize to the input's size stays outside
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.decode_head = model.backbone, model.decode_head
+
+        def forward(self, img):
+            return self.decode_head(self.backbone(img)[3])
+
+    calibration = [load_scene(scene, i, *size)[0] for i in range(1, 5)]
+    prepared = prepare_fx(Logits().eval(), get_default_qconfig_mapping("x86"), (calibration[0],),
+                          prepare_custom_config={"non_traceable_module_name": ["decode_head.dnl_block"]})
+    with torch.no_grad():
+        for img in calibration:
+            prepared(img)
+    quantized = convert_fx(prepared)
+    return lambda img: resize_logits(quantized(img), tuple(img.shape[2:]), model.align_corners)
+
+
 def infer_row(s: dict, size: tuple[int, int], reps: int, warmup: int, weights: Path, scene: Path,
               device_name: str, argmax_out: Path) -> dict:
     import numpy as np
@@ -146,8 +173,11 @@ def infer_row(s: dict, size: tuple[int, int], reps: int, warmup: int, weights: P
     from components.models.speedups import autocast, prepare_for_inference
 
     device = _device(device_name)
-    model = build_model(s, weights, device)
-    model = prepare_for_inference(model, channels_last=s["channels_last"], fold_bn=s["fold_bn"])
+    model = build_model(s, weights, device).eval()
+    if s["precision"] == "int8":
+        model, s = quantize_int8(model, scene, size), {**s, "precision": "fp32"}
+    else:
+        model = prepare_for_inference(model, channels_last=s["channels_last"], fold_bn=s["fold_bn"])
     if s["compile"]:
         model.compile()   # compiles forward(img) = encode_decode(img)
     img, _ = load_scene(scene, 0, *size)
@@ -336,8 +366,8 @@ def make_scenes(scene_dir: Path, count: int) -> None:
 
 
 def of_peak(gflops: float, peak: dict, precision: str) -> str:
-    """Achieved rate as a percentage of the measured matmul peak of the row's dtype."""
-    p = peak.get("fp32" if precision == "fp32" else "bf16")
+    """Achieved rate as a percentage of the measured matmul peak of the row's dtype (none for int8)."""
+    p = peak.get({"fp32": "fp32", "bf16": "bf16", "fp16": "bf16"}.get(precision, ""))
     return f"{100 * gflops / p:.0f}" if p else "-"
 
 
@@ -472,13 +502,16 @@ def main() -> None:
         # fp16 (with GradScaler in training) is a GPU-only option.
         fp16 = ([("fastest, fp16 instead of bf16", settings(**{**fastest, "precision": "fp16"}))]
                 if args.device == "cuda" else [])
+        # FX quantization runs on the CPU only (fbgemm/oneDNN int8 kernels).
+        int8 = ([("int8 quantized (FX, x86 backend), fused attention", settings(attention="fused", precision="int8"))]
+                if args.device == "cpu" else [])
 
         def keep(rows):
             return [(n, s) for n, s in rows if not (args.no_compile and s["compile"])]
 
         if "infer" in sections:
             rows = [(n, settings(**s)) for n, s in LADDER]
-            rows += [(f"fastest without {k}", settings(**{**fastest, k: PLAIN[k]})) for k in SWITCHES] + fp16
+            rows += [(f"fastest without {k}", settings(**{**fastest, k: PLAIN[k]})) for k in SWITCHES] + fp16 + int8
             rows = keep(rows)
             h, w = hw(args.infer_size)
             report["sections"]["infer"] = infer_table(common, peak, tmp, f"Inference, {h}×{w}, batch 1", (h, w),
