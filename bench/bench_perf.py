@@ -173,7 +173,7 @@ def infer_row(s: dict, size: tuple[int, int], reps: int, warmup: int, weights: P
     from components.models.speedups import autocast, prepare_for_inference
 
     device = _device(device_name)
-    model = build_model(s, weights, device).eval()
+    model = build_model(s, weights, device)
     if s["precision"] == "int8":
         model, s = quantize_int8(model, scene, size), {**s, "precision": "fp32"}
     else:

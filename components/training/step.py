@@ -14,7 +14,9 @@ LOSS_KEYS = ("loss", "decode_loss", "aux_loss")
 
 def sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """mmseg's optimizer, with torch's fused kernel: one pass over the 50M parameters instead of one per
-    tensor (measured on 2 CPU cores: 19 ms a step instead of 63 ms; the same update rule)."""
+    tensor, the same update rule. Measured on 2 CPU cores: 19 ms a step instead of 63 ms with NCHW
+    weights; with channels-last weights it copies the 23 non-contiguous 3×3 weights first and takes
+    58-65 ms, no slower than the foreach kernel (54-60 ms)."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
 
