@@ -23,6 +23,10 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # One actor process less per fit (it watches for cloud preemption notices; there are none here).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's controller polls its workers every 2 s by default: reports, stops and a run's end reach it
+# that much later. The tests' runs are a few seconds long, so poll 4x as often (a poll that misses its
+# 0.5 s is only a missed health check; a worker is declared dead after 10 min of them).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Tests only ever talk to moto on loopback: fake credentials, set before Ray starts so its workers
 # inherit them too, and never a developer's real ones.
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -117,7 +117,9 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(ray_local, make_params, 
     params = make_params(tmp_path)
     params["train"]["max_failures"] = 1
     marker = tmp_path / "killed"
-    kill = {"fault": {"rank": 1, "iteration": 3, "how": "exit", "marker": str(marker)}}
+    # Once Ray has committed the report at 2: the rank dying before the controller's next poll would
+    # take that report with it, and the run would rightly restart from 0.
+    kill = {"fault": {"rank": 1, "iteration": 3, "how": "exit", "marker": str(marker), "committed_reports": 1}}
     out = train_experiment(params, EXPERIMENT, out_root=tmp_path / "out", test_hooks=kill)
 
     assert marker.exists()                  # the worker did die

@@ -201,7 +201,8 @@ def run_test_hooks(c, it: int, rank: int) -> None:
     """Fault injection for the tests, after iteration `it` (and its checkpoint) is done:
     `hold`: rank r writes a marker file at iteration k, then waits until the `release` file exists (the
     test kills a server or the driver meanwhile); `fault`: rank r stops once at iteration k, by raising or
-    by its process exiting (a marker file makes it once)."""
+    by its process exiting (a marker file makes it once), after Ray has committed `committed_reports`
+    reports if given."""
     hold = c.test_hooks.get("hold")
     if hold and it == hold["iteration"] and rank == hold["rank"] and not os.path.exists(hold["marker"]):
         Path(hold["marker"]).touch()
@@ -212,9 +213,27 @@ def run_test_hooks(c, it: int, rank: int) -> None:
     if not fault or it != fault["iteration"] or rank != fault["rank"] or os.path.exists(fault["marker"]):
         return
     Path(fault["marker"]).touch()
+    wait_until_committed(fault.get("committed_reports", 0))
     if fault.get("how") == "exit":
         os._exit(1)   # a worker process dying, as a crashed or preempted node would
     raise RuntimeError(f"test hook: rank {rank} stops after iteration {it}")
+
+
+def wait_until_committed(reports: int, timeout_s: float = 120) -> None:
+    """Ray commits a report (and its checkpoint) when its controller has collected it from every rank,
+    at the next poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a rank that dies before then takes
+    its queued report with it and the run restarts from the checkpoint before. The controller's
+    snapshot in storage counts the committed reports."""
+    storage = ray.train.get_context().get_storage()
+    deadline = time.monotonic() + timeout_s
+    while reports and time.monotonic() < deadline:
+        try:
+            with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+                if json.loads(f.read())["current_report_index"] >= reports:
+                    return
+        except (OSError, ValueError, KeyError):   # not written yet, or caught mid-write
+            pass
+        time.sleep(0.2)
 
 
 def dump_worker_facts(folder: str, rank: int, model: nn.Module) -> None:
