@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from test_training import HAND_LABEL, HAND_PRED, PredictsChannelZero, assert_hand_computed_metrics, image_of
 from torch import nn
 
 from components.models import build_dnlnet
@@ -86,27 +86,7 @@ def test_syncbn_ddp_training_fits_a_batch(nccl, precision):
         assert 0 < scaler.get_scale() < float("inf")
 
 
-class PredictsChannelZero(nn.Module):
-    """encode_decode returns one-hot logits of the class map stored in the image's channel 0."""
-
-    align_corners = False
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.num_classes = num_classes
-
-    def encode_decode(self, img):
-        return F.one_hot(img[:, 0].long(), self.num_classes).permute(0, 3, 1, 2).float()
-
-
 def test_distributed_validation_counts_over_nccl(nccl):
-    """The hand-computed case of test_training.py, with the counts on the GPU and all-reduced by NCCL:
-    class 0: IoU 1/3, Acc 1/2; class 1: 3/4, 1; class 2: 1/2, 1/2; aAcc 5/7."""
-    label = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 1]]])
-    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
-    img = pred.float()[None, None].expand(1, 3, 2, 4).clone()
-    result = evaluate(PredictsChannelZero(3), [(img, label)], 3, CUDA)
-    assert result["IoU"] == pytest.approx([1 / 3, 3 / 4, 1 / 2])
-    assert result["mIoU"] == pytest.approx(19 / 36)
-    assert result["mAcc"] == pytest.approx(2 / 3)
-    assert result["aAcc"] == pytest.approx(5 / 7)
+    """test_training's hand-computed case, with the counts on the GPU and all-reduced by NCCL."""
+    result = evaluate(PredictsChannelZero(3), [(image_of(HAND_PRED), HAND_LABEL[None])], 3, CUDA)
+    assert_hand_computed_metrics(result)

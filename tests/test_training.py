@@ -135,21 +135,27 @@ class PredictsChannelZero(nn.Module):
         return F.one_hot(img[:, 0].long(), self.num_classes).permute(0, 3, 1, 2).float()
 
 
-def _image_of(pred: torch.Tensor) -> torch.Tensor:
+def image_of(pred: torch.Tensor) -> torch.Tensor:
     return pred.float()[None, None].expand(1, 3, *pred.shape).clone()
 
 
-def test_evaluate_hand_computed_metrics():
-    # label / prediction of one 2x4 image, 3 classes, one ignored pixel. By hand (spec section 4):
-    # class 0: I=1 P=2 L=2 U=3 -> IoU 1/3, Acc 1/2; class 1: I=3 P=4 L=3 U=4 -> 3/4, 1;
-    # class 2: I=1 P=1 L=2 U=2 -> 1/2, 1/2; aAcc = 5/7.
-    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
-    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
-    result = evaluate(PredictsChannelZero(3), [(_image_of(pred), label[None])], 3, torch.device("cpu"))
+# label / prediction of one 2x4 image, 3 classes, one ignored pixel. By hand (spec section 4):
+# class 0: I=1 P=2 L=2 U=3 -> IoU 1/3, Acc 1/2; class 1: I=3 P=4 L=3 U=4 -> 3/4, 1;
+# class 2: I=1 P=1 L=2 U=2 -> 1/2, 1/2; aAcc = 5/7.
+HAND_LABEL = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+HAND_PRED = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
+
+
+def assert_hand_computed_metrics(result: dict) -> None:
     assert result["IoU"] == pytest.approx([1 / 3, 3 / 4, 1 / 2])
     assert result["mIoU"] == pytest.approx(19 / 36)
     assert result["mAcc"] == pytest.approx(2 / 3)
     assert result["aAcc"] == pytest.approx(5 / 7)
+
+
+def test_evaluate_hand_computed_metrics():
+    result = evaluate(PredictsChannelZero(3), [(image_of(HAND_PRED), HAND_LABEL[None])], 3, torch.device("cpu"))
+    assert_hand_computed_metrics(result)
 
 
 def test_evaluate_resizes_logits_to_the_label_size():
@@ -157,7 +163,7 @@ def test_evaluate_resizes_logits_to_the_label_size():
     pred = torch.full((2, 3), 2)                    # the image at half size, all class 2
     label = torch.full((1, 4, 6), 2)
     label[0, 0, 0] = 255
-    result = evaluate(PredictsChannelZero(3), [(_image_of(pred), label)], 3, torch.device("cpu"))
+    result = evaluate(PredictsChannelZero(3), [(image_of(pred), label)], 3, torch.device("cpu"))
     assert result["IoU"][2] == 1.0 and result["aAcc"] == 1.0
 
 
