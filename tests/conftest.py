@@ -12,7 +12,6 @@ import copy
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
                    "AWS_DEFAULT_REGION": "us-east-1"})
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
     os.environ.pop(_name, None)
+
+from pipeline.train import free_port  # noqa: E402 (after the environment above; yaml and config only)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -131,12 +132,6 @@ def ray_local(_shutdown_ray_at_end):
 
 
 # --- servers on loopback ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class MotoS3:
     """moto's S3 server (a real HTTP endpoint) on 127.0.0.1; stop() and start() again keep the port and,

@@ -6,7 +6,6 @@ over NCCL. Skipped without CUDA (CI has none). On a GPU machine that lacks the p
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from components.models import build_dnlnet
 from components.training.evaluate import evaluate
 from components.training.step import sgd, train_step
+from pipeline.train import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda:0")
@@ -25,10 +25,7 @@ CUDA = torch.device("cuda:0")
 @pytest.fixture(scope="module")
 def nccl():
     """A one-rank NCCL group on loopback, as Ray Train's TorchConfig makes on a GPU worker."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     torch.cuda.set_device(CUDA)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=CUDA)
     yield
