@@ -6,9 +6,11 @@ Each failure is ONE line that says what is wrong and what to fix; all failures a
     preflight: tracking: MLflow server http://127.0.0.1:5000 not reachable (ConnectionError): start it ...
     preflight: storage: s3://bucket/runs/.dnlseg-write-probe-1a2b3c4d: put failed ... create the bucket ...
     preflight: ray: the experiment needs 4 GPU (4 workers x {GPU: 1}), the Ray cluster has 0 GPU: ...
+    preflight: disk: /repo has 1.2 GB free, the run writes up to 2.4 GB there (runs/..., ...): free ...
 
-`preflight(cfg)` covers data, tracking and storage (no Ray needed); `preflight_ray(cfg)` runs after
-ray.init and compares the cluster's resources with what the experiment asks for. Set
+`preflight(cfg)` covers data, tracking and storage (no Ray needed); `preflight_disk(...)` checks that the
+local folders the run writes to have room for its checkpoints and outputs; `preflight_ray(cfg)` runs
+after ray.init and compares the cluster's resources with what the experiment asks for. Set
 DNLSEG_RAY_AUTOSCALING=1 on clusters that add nodes on demand (deploy/): their current resources say
 nothing about what they can get, so the Ray check only reports there.
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 SPLITS = ("train", "val")
@@ -148,6 +152,70 @@ def check_ray_resources(num_workers: int, resources_per_worker: dict | None, use
                         f"{_fmt({k: float(largest.get(k, 0.0)) for k in bundle})}): lower "
                         f"{where}.resources_per_worker")
     return problems
+
+
+# --- disk ------------------------------------------------------------------------------------------
+
+GB = 1e9
+
+
+def weight_bytes(depth: int, num_classes: int) -> tuple[int, int]:
+    """(model.pt, training checkpoint) sizes of a DNLNet in fp32: the weights, and the weights plus SGD's
+    momentum (one buffer per parameter). Built on the meta device: no memory, no time."""
+    import torch
+
+    from components.models import build_dnlnet
+
+    with torch.device("meta"):
+        model = build_dnlnet(depth=depth, num_classes=num_classes)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights, weights + momentum
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def check_disk(needs: list[tuple[Path, int, str]]) -> list[str]:
+    """`needs`: (folder, bytes, what) the run writes locally; folders on one filesystem share its space."""
+    by_device: dict[int, list] = {}
+    for folder, size, what in needs:
+        anchor = _existing(Path(folder).absolute())
+        by_device.setdefault(anchor.stat().st_dev, []).append((anchor, size, what))
+    problems = []
+    for entries in by_device.values():
+        anchor, need = entries[0][0], sum(size for _, size, _ in entries)
+        free = shutil.disk_usage(anchor).free
+        if need > free:
+            what = ", ".join(f"{w} {s / GB:.1f} GB" for _, s, w in entries)
+            problems.append(f"preflight: disk: {anchor} has {free / GB:.1f} GB free, the run writes up to "
+                            f"{need / GB:.1f} GB there ({what}): free some space, or point "
+                            f"train.storage_path / $TMPDIR elsewhere")
+    return problems
+
+
+def preflight_disk(cfg, out_root: Path | str, run_dir: str) -> None:
+    """Room for the run's peak on each local filesystem: Ray keeps the best and the latest checkpoint
+    and writes a third before dropping one (a resumed run's own are already there); rank 0 stages each
+    in a temp folder; the driver writes models/<exp>/model.pt (temp + rename) and, with a local store,
+    MLflow's copy of it."""
+    weights, checkpoint = weight_bytes(cfg.depth, cfg.num_classes)
+    needs = [(Path(tempfile.gettempdir()), checkpoint, "staging a checkpoint"),
+             (Path(out_root) / "models", 2 * weights, "models/")]
+    if "://" not in cfg.storage_path:
+        needs.append((Path(run_dir), max(checkpoint, 3 * checkpoint - _bytes_under(Path(run_dir))),
+                      "checkpoints"))
+    if cfg.tracking_uri.startswith("sqlite:///"):
+        needs.append((Path(cfg.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts", weights,
+                      "MLflow artifacts"))
+    _raise(check_disk(needs))
 
 
 # --- entry points ----------------------------------------------------------------------------------

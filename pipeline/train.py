@@ -292,10 +292,11 @@ def train_experiment(params: dict, name: str, *, profile: str | None = None,
 def _train(cfg: TrainConfig, name: str, out_root: Path, test_hooks: dict | None) -> dict:
     from components.tracking import flat_params, git_commit, open_run
     from components.training.data_sync import manifest_hash, publish_dataset
-    from pipeline.preflight import preflight_ray
+    from pipeline.preflight import preflight_disk, preflight_ray
 
     data_hash, code = manifest_hash(cfg.data_dir), code_hash()
     ray_name = run_name(cfg, data_hash, code)
+    preflight_disk(cfg, out_root, f"{cfg.storage_path.rstrip('/')}/{ray_name}")
     started_ray = connect_ray(cfg.ray_address)
     try:
         preflight_ray(cfg)

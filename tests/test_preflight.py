@@ -9,13 +9,17 @@ import pytest
 from conftest import EXPERIMENT, free_port
 
 from pipeline.preflight import (
+    GB,
     PreflightError,
     check_data,
+    check_disk,
     check_ray_resources,
     check_storage,
     check_tracking,
     preflight,
+    preflight_disk,
     preflight_ray,
+    weight_bytes,
     worker_bundle,
 )
 
@@ -154,6 +158,77 @@ def test_ray_check_against_the_live_cluster(ray_local, make_params, tmp_path, mo
     preflight_ray(too_big)
 
 
+# --- disk ------------------------------------------------------------------------------------------
+
+def test_size_estimates_match_the_files_a_checkpoint_writes(tmp_path):
+    """weight_bytes (counted on the meta device) against the real files: model.pt, and the checkpoint
+    folder (weights + optimizer state) after one SGD step."""
+    import torch
+
+    from components.models import build_dnlnet
+    from components.training.checkpointing import save_train_checkpoint
+    from components.training.step import sgd
+
+    model = build_dnlnet(depth=50, num_classes=19)
+    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    save_train_checkpoint(tmp_path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                          {"iteration": 1}, meta={})
+    weights, checkpoint = weight_bytes(50, 19)
+    folder = sum(f.stat().st_size for f in tmp_path.iterdir())
+    assert weights <= (tmp_path / "model.pt").stat().st_size < 1.01 * weights   # + key names, pickle
+    assert checkpoint <= folder < 1.01 * checkpoint
+
+
+@pytest.fixture
+def free_space(monkeypatch, tmp_path):
+    """Every filesystem reports `set(gb)` free; temp files go under tmp_path (one filesystem)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return lambda gb: monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=gb * GB))
+
+
+def test_disk_check_adds_up_what_shares_a_filesystem(tmp_path, free_space):
+    free_space(1.0)
+    runs, models = tmp_path / "runs" / "exp", tmp_path / "models"
+    assert check_disk([(runs, int(0.6 * GB), "checkpoints")]) == []
+    line = _one_line(check_disk([(runs, int(0.6 * GB), "checkpoints"), (models, int(0.6 * GB), "models/")]))
+    assert line == (f"preflight: disk: {tmp_path} has 1.0 GB free, the run writes up to 1.2 GB there "
+                    f"(checkpoints 0.6 GB, models/ 0.6 GB): free some space, or point train.storage_path / "
+                    f"$TMPDIR elsewhere")
+
+
+def test_disk_needs_of_a_run_by_hand(make_params, tmp_path, free_space):
+    """R-50, 19 classes: weights W = 200.3 MB, checkpoint C = W + momentum = 400.4 MB (weight_bytes).
+    A new run: staging C + models/ 2W + 3 checkpoints 3C + MLflow's copy W = 2.2 GB. A resumed run whose
+    two checkpoints (2C) are already in its folder needs one more: C + 2W + C + W = 1.4 GB."""
+    from pipeline.config import resolve_experiment
+
+    cfg = resolve_experiment(make_params(tmp_path), EXPERIMENT)
+    run_dir = tmp_path / "runs" / "exp-1234"
+    free_space(2.3)
+    preflight_disk(cfg, tmp_path, str(run_dir))
+    free_space(2.1)
+    with pytest.raises(PreflightError, match=r"has 2.1 GB free, the run writes up to 2.2 GB there \("
+                                             r"staging a checkpoint 0.4 GB, models/ 0.4 GB, checkpoints 1.2 GB, "
+                                             r"MLflow artifacts 0.2 GB\)"):
+        preflight_disk(cfg, tmp_path, str(run_dir))
+
+    _, checkpoint = weight_bytes(50, 19)
+    (run_dir / "checkpoint_0").mkdir(parents=True)
+    with open(run_dir / "checkpoint_0" / "train_state.pt", "wb") as f:
+        f.truncate(2 * checkpoint)   # sparse: its size without the disk space
+    free_space(1.5)
+    preflight_disk(cfg, tmp_path, str(run_dir))
+    free_space(1.3)
+    with pytest.raises(PreflightError, match=r"writes up to 1.4 GB there .*checkpoints 0.4 GB"):
+        preflight_disk(cfg, tmp_path, str(run_dir))
+
+
 # --- the stage -------------------------------------------------------------------------------------
 
 def test_all_failures_reported_together_one_line_each(make_params, tmp_path):
@@ -190,4 +265,26 @@ def test_the_train_stage_fails_before_starting_ray(make_params, tmp_path, monkey
     assert err[0].startswith("dnlseg train: error: preflight: data: ")
     assert "dnlseg prepare cityscapes" in err[0]
     assert len(err) == 2 and all("preflight: data:" in line for line in err)   # train and val
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_train_stage_checks_the_disk_before_starting_ray(make_params, tmp_path, monkeypatch, capsys,
+                                                             free_space):
+    import yaml
+
+    import pipeline.train
+    from pipeline.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started before the disk check passed")
+
+    monkeypatch.setattr(pipeline.train, "connect_ray", no_ray)
+    free_space(1.0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params(tmp_path)))
+    assert main(["--params", str(tmp_path / "params.yaml"), "train", EXPERIMENT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # models/ is under the repo: one line, or two where the repo is on another filesystem than tmp_path.
+    assert err[0].startswith("dnlseg train: error: preflight: disk: ") and len(err) in (1, 2)
+    assert all("GB free, the run writes up to" in line for line in err)
+    assert any(f"{tmp_path} has 1.0 GB free" in line for line in err)
     assert not (tmp_path / "runs").exists()

@@ -4,6 +4,9 @@ stop, distributed validation's metric math, checkpoint files, progress lines, ru
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from components.training.checkpointing import load_train_checkpoint, save_train_checkpoint, write_curve_csv
+from components.training.checkpointing import (
+    load_train_checkpoint,
+    save_train_checkpoint,
+    staging_folder,
+    write_curve_csv,
+)
 from components.training.distributed import InfiniteDistributedSampler, plan_batches, shard
 from components.training.evaluate import evaluate
 from components.training.progress import Progress
@@ -190,6 +198,24 @@ def test_train_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(fresh_optimizer.state_dict()["state"][0]["momentum_buffer"],
                                optimizer.state_dict()["state"][0]["momentum_buffer"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "train_state.pt"]   # no temp files
+
+
+def test_staging_folders_of_dead_processes_are_removed(tmp_path):
+    """A worker SIGKILLed while writing a checkpoint leaves its staging folder; the next one removes it
+    (the pid is gone), and leaves the folders of live processes and anything else alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    left_by_dead = tmp_path / f"dnlseg-checkpoint-{dead}-abc"
+    live = tmp_path / f"dnlseg-checkpoint-{os.getppid()}-def"
+    unrelated = tmp_path / "dnlseg-checkpoint-notapid-x"
+    for folder in (left_by_dead, live, unrelated):
+        folder.mkdir()
+        (folder / "model.pt").write_bytes(b"x")
+
+    with staging_folder(str(tmp_path)) as folder:
+        assert os.path.basename(folder).startswith(f"dnlseg-checkpoint-{os.getpid()}-")
+        assert not left_by_dead.exists() and live.exists() and unrelated.exists()
+    assert not os.path.exists(folder)
 
 
 def test_curve_csv_has_miou_only_on_evaluation_rows(tmp_path):

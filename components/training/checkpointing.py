@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from components.models.checkpoint import load_mmseg_checkpoint, save_checkpoint
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
+STAGING_PREFIX = "dnlseg-checkpoint-"
 CURVE_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "img_s", "mIoU")
 
 
@@ -33,6 +37,28 @@ def load_train_checkpoint(folder: Path | str, model: torch.nn.Module) -> dict:
     folder = Path(folder)
     load_mmseg_checkpoint(model, folder / MODEL_FILE)
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def staging_folder(tmp_root: str | None = None) -> tempfile.TemporaryDirectory:
+    """Where a rank writes a checkpoint for Ray to copy into storage: a temp folder named after this
+    process. A worker killed while one is open (faults, restarts) cannot remove it, so the folders of
+    processes that are gone (~2 x the model's size each) are removed first."""
+    root = Path(tmp_root or tempfile.gettempdir())
+    for folder in root.glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def _cell(value) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +26,12 @@ from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
 from components.schedules import poly_lr
 from components.tracking import RunLogger, with_env_credentials
-from components.training.checkpointing import load_train_checkpoint, save_train_checkpoint, write_curve_csv
+from components.training.checkpointing import (
+    load_train_checkpoint,
+    save_train_checkpoint,
+    staging_folder,
+    write_curve_csv,
+)
 from components.training.data_sync import local_dataset
 from components.training.distributed import (
     InfiniteDistributedSampler,
@@ -147,7 +151,7 @@ def train_loop_per_worker(config: dict) -> dict:
             if rank == 0:
                 log_evaluation(c, state, summary, result, tracker, progress)
             state["iteration"] = it
-            with tempfile.TemporaryDirectory() as folder:   # rank 0 writes, Ray copies it to storage_path
+            with staging_folder() as folder:   # rank 0 writes, Ray copies it to storage_path
                 ckpt = None
                 if rank == 0:
                     save_checkpoint_folder(folder, c, model, optimizer, scaler, state, summary)
