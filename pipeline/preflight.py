@@ -201,20 +201,23 @@ def check_disk(needs: list[tuple[Path, int, str]]) -> list[str]:
     return problems
 
 
-def preflight_disk(cfg, out_root: Path | str, run_dir: str) -> None:
-    """Room for the run's peak on each local filesystem: Ray keeps the best and the latest checkpoint
-    and writes a third before dropping one (a resumed run's own are already there); rank 0 stages each
-    in a temp folder; the driver writes models/<exp>/model.pt (temp + rename) and, with a local store,
-    MLflow's copy of it."""
+def preflight_disk(cfg, run_dir: str, *, out_root: Path | str | None = None, runs: int = 1,
+                   concurrent: int = 1) -> None:
+    """Room for the peak on each local filesystem. A run (Ray Train) keeps its best and latest checkpoints
+    and writes a third before dropping one; rank 0 stages each in a temp folder. A sweep has `runs`
+    trials under run_dir, `concurrent` of them writing at once. What is already under run_dir (a resumed
+    run's or sweep's own checkpoints) is counted as there. The train stage also writes
+    out_root/models/<exp>/model.pt (temp + rename) and, with a local MLflow store, MLflow's copy of it."""
     weights, checkpoint = weight_bytes(cfg.depth, cfg.num_classes)
-    needs = [(Path(tempfile.gettempdir()), checkpoint, "staging a checkpoint"),
-             (Path(out_root) / "models", 2 * weights, "models/")]
+    needs = [(Path(tempfile.gettempdir()), concurrent * checkpoint, "staging checkpoints")]
     if "://" not in cfg.storage_path:
-        needs.append((Path(run_dir), max(checkpoint, 3 * checkpoint - _bytes_under(Path(run_dir))),
-                      "checkpoints"))
-    if cfg.tracking_uri.startswith("sqlite:///"):
-        needs.append((Path(cfg.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts", weights,
-                      "MLflow artifacts"))
+        kept = (2 * runs + concurrent) * checkpoint - _bytes_under(Path(run_dir))
+        needs.append((Path(run_dir), max(concurrent * checkpoint, kept), "checkpoints"))
+    if out_root is not None:
+        needs.append((Path(out_root) / "models", 2 * weights, "models/"))
+        if cfg.tracking_uri.startswith("sqlite:///"):
+            needs.append((Path(cfg.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts", weights,
+                          "MLflow artifacts"))
     _raise(check_disk(needs))
 
 

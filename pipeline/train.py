@@ -296,7 +296,7 @@ def _train(cfg: TrainConfig, name: str, out_root: Path, test_hooks: dict | None)
 
     data_hash, code = manifest_hash(cfg.data_dir), code_hash()
     ray_name = run_name(cfg, data_hash, code)
-    preflight_disk(cfg, out_root, f"{cfg.storage_path.rstrip('/')}/{ray_name}")
+    preflight_disk(cfg, f"{cfg.storage_path.rstrip('/')}/{ray_name}", out_root=out_root)
     started_ray = connect_ray(cfg.ray_address)
     try:
         preflight_ray(cfg)

@@ -292,7 +292,7 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path) -
     from components.storage import pyarrow_filesystem
     from components.tracking import flat_params, git_commit, open_run
     from components.training.data_sync import manifest_hash, publish_dataset
-    from pipeline.preflight import preflight_ray, worker_bundle
+    from pipeline.preflight import preflight_disk, preflight_ray, worker_bundle
     from pipeline.train import connect_ray, shutdown_ray
 
     storage = f"{cfg.storage_path.rstrip('/')}/tune"
@@ -319,6 +319,8 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path) -
         concurrent = min(settings.num_samples * _grid_size(settings.space),
                          settings.max_concurrent_trials
                          or tuning.max_concurrent_trials(ray.cluster_resources(), demand))
+        preflight_disk(base, sweep_path, runs=settings.num_samples * _grid_size(settings.space),
+                       concurrent=concurrent)
         restoring = tune.Tuner.can_restore(f"{tune_storage}/{sweep}", **fs_kwargs)
         print(f"[tune driver] {name}: sweep {sweep} under {storage} ({'restoring' if restoring else 'new'}), "
               f"{settings.num_samples} samples, {concurrent} at a time (each {demand})", flush=True)

@@ -204,29 +204,42 @@ def test_disk_check_adds_up_what_shares_a_filesystem(tmp_path, free_space):
 
 def test_disk_needs_of_a_run_by_hand(make_params, tmp_path, free_space):
     """R-50, 19 classes: weights W = 200.3 MB, checkpoint C = W + momentum = 400.4 MB (weight_bytes).
-    A new run: staging C + models/ 2W + 3 checkpoints 3C + MLflow's copy W = 2.2 GB. A resumed run whose
-    two checkpoints (2C) are already in its folder needs one more: C + 2W + C + W = 1.4 GB."""
+    A new run: staging C + 3 checkpoints 3C + models/ 2W + MLflow's copy W = 2.2 GB. A resumed run whose
+    two checkpoints (2C) are already in its folder needs one more: C + C + 2W + W = 1.4 GB."""
     from pipeline.config import resolve_experiment
 
     cfg = resolve_experiment(make_params(tmp_path), EXPERIMENT)
     run_dir = tmp_path / "runs" / "exp-1234"
     free_space(2.3)
-    preflight_disk(cfg, tmp_path, str(run_dir))
+    preflight_disk(cfg, str(run_dir), out_root=tmp_path)
     free_space(2.1)
     with pytest.raises(PreflightError, match=r"has 2.1 GB free, the run writes up to 2.2 GB there \("
-                                             r"staging a checkpoint 0.4 GB, models/ 0.4 GB, checkpoints 1.2 GB, "
+                                             r"staging checkpoints 0.4 GB, checkpoints 1.2 GB, models/ 0.4 GB, "
                                              r"MLflow artifacts 0.2 GB\)"):
-        preflight_disk(cfg, tmp_path, str(run_dir))
+        preflight_disk(cfg, str(run_dir), out_root=tmp_path)
 
     _, checkpoint = weight_bytes(50, 19)
     (run_dir / "checkpoint_0").mkdir(parents=True)
     with open(run_dir / "checkpoint_0" / "train_state.pt", "wb") as f:
         f.truncate(2 * checkpoint)   # sparse: its size without the disk space
     free_space(1.5)
-    preflight_disk(cfg, tmp_path, str(run_dir))
+    preflight_disk(cfg, str(run_dir), out_root=tmp_path)
     free_space(1.3)
     with pytest.raises(PreflightError, match=r"writes up to 1.4 GB there .*checkpoints 0.4 GB"):
-        preflight_disk(cfg, tmp_path, str(run_dir))
+        preflight_disk(cfg, str(run_dir), out_root=tmp_path)
+
+
+def test_disk_needs_of_a_sweep_by_hand(make_params, tmp_path, free_space):
+    """5 trials, 2 at a time (C = 400.4 MB): staging 2C + checkpoints (2 x 5 + 2) C = 14C = 5.6 GB."""
+    from pipeline.config import resolve_experiment
+
+    cfg = resolve_experiment(make_params(tmp_path), EXPERIMENT)
+    free_space(5.7)
+    preflight_disk(cfg, str(tmp_path / "sweep"), runs=5, concurrent=2)
+    free_space(5.5)
+    with pytest.raises(PreflightError, match=r"writes up to 5.6 GB there \(staging checkpoints 0.8 GB, "
+                                             r"checkpoints 4.8 GB\)"):
+        preflight_disk(cfg, str(tmp_path / "sweep"), runs=5, concurrent=2)
 
 
 # --- the stage -------------------------------------------------------------------------------------
