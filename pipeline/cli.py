@@ -66,6 +66,15 @@ def _predict(args, params) -> None:
         print(path)
 
 
+def _with_ray(args, params) -> int:
+    from pipeline.train import run_with_local_ray
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise ValueError("no command given (e.g. `dnlseg with-ray -- dvc repro`)")
+    return run_with_local_ray(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dnlseg", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="params file (default: the repo's params.yaml)")
@@ -103,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None,
                    help="experiment whose test settings to use (default: the one recorded with the model)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("with-ray", help="run a command (`-- dvc repro`) with one local Ray its stages share")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_with_ray)
     return parser
 
 
@@ -114,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params or DEFAULT_PARAMS)
-        args.func(args, params)
+        status = args.func(args, params)
     # ConfigError, DataError, PreflightError are ValueErrors; a NaN stop is a FloatingPointError.
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError) as e:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"dnlseg {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -133,6 +133,27 @@ def shutdown_ray() -> None:
     _ENV_BEFORE_LOCAL_RAY.clear()
 
 
+def run_with_local_ray(command: list[str]) -> int:
+    """Run `command` (e.g. `dvc repro`) with one local Ray that lives as long as it: every stage it starts
+    joins that cluster through $RAY_ADDRESS instead of starting and stopping its own, which is half of a
+    sample training stage (measured: 47 s alone, 24 s joining). With $RAY_ADDRESS already set, the
+    command runs against that cluster and nothing is started. Returns the command's exit status."""
+    import subprocess
+
+    started = not os.environ.get("RAY_ADDRESS")
+    if started:
+        start_local_ray()   # sets RAY_ADDRESS / RAY_API_SERVER_ADDRESS / RAY_AUTH_MODE for the child
+    try:
+        with subprocess.Popen(command) as child:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:   # Ctrl-C reached the child too: let it stop cleanly first
+                return child.wait()
+    finally:
+        if started:
+            shutdown_ray()
+
+
 def free_port() -> int:
     """A TCP port free on loopback now (the OS picks it)."""
     import socket

@@ -173,3 +173,32 @@ def test_learning_check_beats_chance(ray_local, make_params, tmp_path_factory):
     print(f"learning check: best mIoU {out['best']['mIoU']:.2f} at {out['best']['iteration']}, "
           f"final {out['final']['mIoU']:.2f}, {out['img_s']} img/s")
     assert out["best"]["mIoU"] > 15.0
+
+
+def test_with_ray_runs_the_command_on_one_cluster_then_stops_it():
+    """`dnlseg with-ray -- CMD` (what scripts/run.sh runs around `dvc repro`): two Ray drivers CMD starts
+    one after the other join the same cluster, the one the wrapper started; CMD's exit status comes
+    back; the cluster is gone afterwards."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    driver = ("import os, ray; ray.init(); "
+              "print('joined', os.environ['RAY_ADDRESS'], ray.get_runtime_context().gcs_address, "
+              "ray.cluster_resources()['CPU'], flush=True)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "with-ray", "--", "bash", "-c",
+         f'{sys.executable} -c "$0" && {sys.executable} -c "$0" && exit 3', driver],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 3, done.stderr[-2000:]
+    joined = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("joined ")]
+    assert len(joined) == 2 and joined[0] == joined[1], done.stdout
+    address, gcs_address, cpus = joined[0]
+    assert address == gcs_address and float(cpus) >= 1
+    host, port = address.rsplit(":", 1)
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=5):
+        pass   # the wrapper's cluster (its GCS) is gone
