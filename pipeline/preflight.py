@@ -6,7 +6,7 @@ Each failure is ONE line that says what is wrong and what to fix; all failures a
     preflight: tracking: MLflow server http://127.0.0.1:5000 not reachable (ConnectionError): start it ...
     preflight: storage: s3://bucket/runs/.dnlseg-write-probe-1a2b3c4d: put failed ... create the bucket ...
     preflight: ray: the experiment needs 4 GPU (4 workers x {GPU: 1}), the Ray cluster has 0 GPU: ...
-    preflight: disk: /repo has 1.2 GB free, the run writes up to 2.4 GB there (runs/..., ...): free ...
+    preflight: disk: /repo has 1.2 GB free, the run writes up to 2.2 GB there (staging checkpoints 0.4 GB, ...
 
 `preflight(cfg)` covers data, tracking and storage (no Ray needed); `preflight_disk(...)` checks that the
 local folders the run writes to have room for its checkpoints and outputs; `preflight_ray(cfg)` runs
@@ -161,7 +161,7 @@ GB = 1e9
 
 def weight_bytes(depth: int, num_classes: int) -> tuple[int, int]:
     """(model.pt, training checkpoint) sizes of a DNLNet in fp32: the weights, and the weights plus SGD's
-    momentum (one buffer per parameter). Built on the meta device: no memory, no time."""
+    momentum (one buffer per parameter). Built on the meta device: no memory used."""
     import torch
 
     from components.models import build_dnlnet
