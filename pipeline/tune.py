@@ -316,11 +316,10 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path) -
         preflight_ray(base, driver=settings.driver)   # one trial (its driver + workers) fits the cluster
         demand = tuning.trial_demand(base.num_workers, worker_bundle(base.resources_per_worker, base.use_gpu),
                                      settings.driver)
-        concurrent = min(settings.num_samples * _grid_size(settings.space),
-                         settings.max_concurrent_trials
+        n_trials = settings.num_samples * _grid_size(settings.space)
+        concurrent = min(n_trials, settings.max_concurrent_trials
                          or tuning.max_concurrent_trials(ray.cluster_resources(), demand))
-        preflight_disk(base, sweep_path, runs=settings.num_samples * _grid_size(settings.space),
-                       concurrent=concurrent)
+        preflight_disk(base, sweep_path, runs=n_trials, concurrent=concurrent)
         restoring = tune.Tuner.can_restore(f"{tune_storage}/{sweep}", **fs_kwargs)
         print(f"[tune driver] {name}: sweep {sweep} under {storage} ({'restoring' if restoring else 'new'}), "
               f"{settings.num_samples} samples, {concurrent} at a time (each {demand})", flush=True)
