@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.report import compare_url
+from pipeline.train import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -83,12 +83,6 @@ def fill_store(tracking_uri: str) -> dict[str, str]:
         run_ids[name] = logger.run_id
     mark_training_experiment(MlflowClient(tracking_uri=tracking_uri), "cityscapes")
     return run_ids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
