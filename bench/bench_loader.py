@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from components.data.dataset import SegmentationDataset, build_loader  # noqa: E402
-from components.data.sample import write_cityscapes  # noqa: E402
 from components.data.transforms import build_train_transform, seed_transform  # noqa: E402
+from components.sample import write_cityscapes  # noqa: E402
 from pipeline.prepare import prepare_dataset  # noqa: E402
 
 SCALE, CROP = (2048, 1024), (512, 1024)

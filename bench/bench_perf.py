@@ -349,8 +349,8 @@ def make_scenes(scene_dir: Path, count: int) -> None:
     (train ids). Scene 0 is the inference input, the others are the training crops' source."""
     import cv2
 
-    from components.data.cityscapes import label_ids_to_train_ids
-    from components.data.sample import write_cityscapes
+    from components.data.datasets.cityscapes import label_ids_to_train_ids
+    from components.sample import write_cityscapes
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "cityscapes"

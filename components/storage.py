@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from components.console import warn
 
 RETRYABLE_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling",
                              "ThrottlingException", "RequestLimitExceeded", "InternalError",
@@ -77,11 +78,6 @@ def client(endpoint_url: str | None = None, region: str | None = None):
                         region_name=resolve_region(region) or "us-east-1", config=config)
 
 
-def _warn(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
@@ -132,8 +128,8 @@ def with_retries(what: str, uri: str, call, *, attempts: int = 5, first_delay: f
                     f"({_first_line(e)}): is the S3 endpoint {endpoint} up, and storage.endpoint_url / "
                     f"AWS_ENDPOINT_URL right?") from None
             delay = min(max_delay, first_delay * 2 ** (attempt - 1))
-            _warn(f"[storage] {what} {uri}: {_first_line(e)}; retry {attempt}/{attempts - 1} "
-                  f"in {delay:.1f} s")
+            warn(f"[storage] {what} {uri}: {_first_line(e)}; retry {attempt}/{attempts - 1} "
+                 f"in {delay:.1f} s")
             sleep(delay)
     raise AssertionError("unreachable")
 

@@ -2,7 +2,7 @@
 
 The driver finds or creates the run (`open_run`) and hands its id to the workers; rank 0 logs into it
 through a `RunLogger`; the driver sets the final status. Every MLflow call goes through
-`RunLogger._safe`, so an unreachable tracking server costs a warning (once), not the run.
+`RunLogger.safely`, so an unreachable tracking server costs a warning (once), not the run.
 """
 
 from __future__ import annotations
@@ -14,29 +14,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+
+from components.console import redact, redact_text, warn  # redact / redact_text: re-exported
 
 RUN_NAME_TAG = "dnlseg.run_name"       # the deterministic Ray run name: the key to resume a run
 RETRY_AFTER_S = 60.0                   # after a failure, skip MLflow calls this long instead of blocking
 # Fail-fast HTTP settings for calls made while training runs (MLflow's defaults retry for minutes).
 FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-_USERINFO = re.compile(r"(\w[\w+.-]*://)[^/\s@]+@")
-
-
-def redact_text(text: str) -> str:
-    """Drop user:password@ from every URL inside a message (exceptions quote the URLs they called)."""
-    return _USERINFO.sub(r"\1", text)
 
 
 def _first_line(error: Exception) -> str:
     text = redact_text(str(error).strip())
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
-
-
-def _warn(text: str) -> None:
-    # Not print(): inside Ray Train workers print is patched and the line would show twice.
-    sys.stderr.write(redact_text(text) + "\n")
-    sys.stderr.flush()
 
 
 def with_env_credentials(uri: str) -> str:
@@ -62,15 +51,6 @@ def _environment_defaults(defaults: dict[str, str]):
 def metric_name(name: str) -> str:
     """A name MLflow accepts (letters, digits, _ - . / and spaces), e.g. ADE20K's 'bed ' -> 'bed'."""
     return re.sub(r"[^\w\-./ ]", "_", name.strip())
-
-
-def redact(value: str) -> str:
-    """Drop user:password@ from URLs so a credential never lands in params or logs."""
-    if "://" not in value or "@" not in value:
-        return value
-    parts = urlsplit(value)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=host))
 
 
 def flat_params(config: dict) -> dict[str, str]:
@@ -114,12 +94,13 @@ class RunLogger:
     training step on connection retries; logging resumes by itself when the server is back.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str | None, who: str = "mlflow", fail_fast: bool = False):
+    def __init__(self, tracking_uri: str, run_id: str | None, who: str = "mlflow", fail_fast: bool = False,
+                 client=None):
         self.tracking_uri, self.run_id, self.who = tracking_uri, run_id, who
         # MLflow's HTTP client retries for minutes by default: while training runs, give up quickly.
         self.fail_fast = fail_fast
         self.failures = 0
-        self._client = None
+        self._client = client
         self._paused_until = 0.0
 
     @property
@@ -130,8 +111,9 @@ class RunLogger:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    def _safe(self, what: str, call, final: bool = False) -> bool:
-        """`final` calls (the run's status) are tried even while paused: they are the last chance."""
+    def safely(self, what: str, call, final: bool = False) -> bool:
+        """Run `call()` (any MLflow call on this run); a failure is a warning. `final` calls (the run's
+        status) are tried even while paused: they are the last chance."""
         if self.run_id is None or (time.monotonic() < self._paused_until and not final):
             return False
         try:
@@ -142,8 +124,8 @@ class RunLogger:
             self.failures += 1
             self._paused_until = time.monotonic() + RETRY_AFTER_S
             if self.failures == 1:
-                _warn(f"[{self.who}] warning: MLflow {what} failed ({_first_line(e)}); training continues, "
-                      f"retrying every {RETRY_AFTER_S:.0f} s")
+                warn(f"[{self.who}] warning: MLflow {what} failed ({_first_line(e)}); training continues, "
+                     f"retrying every {RETRY_AFTER_S:.0f} s")
             return False
 
     def log_metrics(self, metrics: dict, step: int) -> bool:
@@ -152,33 +134,33 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(metric_name(k), float(v), now, int(step)) for k, v in metrics.items()
                  if v is not None and v == v]  # NaN (class absent) is left out, as mmseg's nanmean does
-        return self._safe("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+        return self.safely("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_params(self, params: dict) -> bool:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in flat_params(params).items()]
         # log_batch takes at most 100 params per call.
-        return self._safe("log_params", lambda: [self.client.log_batch(self.run_id, params=items[i:i + 100])
+        return self.safely("log_params", lambda: [self.client.log_batch(self.run_id, params=items[i:i + 100])
                                                   for i in range(0, len(items), 100)])
 
     def set_tags(self, tags: dict) -> bool:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
-        return self._safe("set_tags", lambda: self.client.log_batch(self.run_id, tags=items))
+        return self.safely("set_tags", lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> bool:
-        return self._safe("log_artifact",
+        return self.safely("log_artifact",
                           lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> bool:
-        return self._safe("log_text", lambda: self.client.log_text(self.run_id, text, artifact_file))
+        return self.safely("log_text", lambda: self.client.log_text(self.run_id, text, artifact_file))
 
     def set_status(self, status: str) -> bool:
         """RUNNING, FINISHED, FAILED or KILLED."""
         if status == "RUNNING":
-            return self._safe("update_run", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+            return self.safely("update_run", lambda: self.client.update_run(self.run_id, status="RUNNING"))
 
         def terminate():
             # MLflow prints "View run ... at: <tracking URI>" here, credentials included: print it redacted.
@@ -188,7 +170,7 @@ class RunLogger:
                 sys.stdout.write(f"[{self.who}] MLflow run {self.run_id}: "
                                  f"{redact(self.tracking_uri).rstrip('/')}/#/runs/{self.run_id}\n")
 
-        return self._safe("set_terminated", terminate, final=True)
+        return self.safely("set_terminated", terminate, final=True)
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, tags: dict | None = None,
@@ -214,12 +196,35 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, ta
             client.update_run(run.info.run_id, status="RUNNING")
         else:
             run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-        logger._client, logger.run_id = client, run.info.run_id
+        logger = RunLogger(tracking_uri, run.info.run_id, who="train driver", client=client)
     except Exception as e:  # noqa: BLE001 - tracking is optional for training
-        _warn(f"[train driver] warning: MLflow at {redact(tracking_uri)} unavailable ({_first_line(e)}); "
-              f"training continues without tracking")
+        warn(f"[train driver] warning: MLflow at {redact(tracking_uri)} unavailable ({_first_line(e)}); "
+             f"training continues without tracking")
         return logger
     if not (resume and previous) and params:
         logger.log_params(params)
     logger.set_tags(tags or {})
     return logger
+
+
+def find_training_run(client, dataset: str, experiment: str) -> str | None:
+    """The MLflow run of experiment `experiment`'s training (the latest finished one tagged
+    dvc_stage=train@<experiment>, else the latest), in MLflow experiment `dataset`."""
+    found = client.get_experiment_by_name(dataset)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id],
+                              filter_string=(f"tags.experiment = '{experiment}' "
+                                             f"and tags.dvc_stage = 'train@{experiment}'"),
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or runs)[0].info.run_id if runs else None
+
+
+def mark_training_experiment(client, dataset: str) -> str:
+    """MLflow 3's UI opens an experiment on its GenAI overview unless told it holds model training runs.
+    Returns the experiment id."""
+    experiment = client.get_experiment_by_name(dataset)
+    if "mlflow.experimentKind" not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+    return experiment.experiment_id

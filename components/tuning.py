@@ -1,7 +1,7 @@
 """Building blocks of a schedule sweep: the search space, ASHA, how many trials fit the cluster at once,
 what each trial achieved, the best parameters, and applying them to a training config.
 
-Pure functions over plain dicts (the tune stage validates params.yaml and passes its values in). Errors
+Pure functions over plain values (pipeline/config validates params.yaml and the tune stage passes them in). Errors
 name the params key, e.g. `params.yaml: tune.space.lr: loguniform needs 0 < low < high, got [0, 1]`.
 """
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-# The schedule fields of TrainConfig a sweep may change, and their types.
-TUNABLE = {"lr": float, "max_iters": int, "poly_power": float, "warmup_iters": int, "weight_decay": float,
-           "momentum": float, "min_lr": float, "warmup_ratio": float}
+from components.schedules import schedule_field_types
+
+# What a sweep may change: the fields of a Schedule, with their types.
+TUNABLE = schedule_field_types()
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 WHERE = "params.yaml: tune"
 
@@ -184,14 +185,10 @@ def read_best_params(path: Path | str) -> dict:
 
 def apply_tuned(cfg, path: Path | str):
     """`cfg` (a TrainConfig) with the schedule from best_params.yaml. It must have been tuned for the same
-    experiment and profile. A tuned max_iters keeps the number of evaluations per run."""
+    experiment and profile. A tuned max_iters keeps the number of evaluations per run (evals_per_run)."""
     data = read_best_params(path)
     for field, ours in (("experiment", cfg.name), ("profile", cfg.profile)):
         if data.get(field) != ours:
             raise ValueError(f"{path}: tuned for {field} {data.get(field)!r}, but training {ours!r} "
                              f"(rerun `dnlseg tune` or set train.use_tuned: false)")
-    changes = {k: TUNABLE[k](v) for k, v in data["params"].items()}
-    if "max_iters" in changes:
-        evals = max(1, cfg.max_iters // cfg.eval_interval)
-        changes["eval_interval"] = max(1, changes["max_iters"] // evals)
-    return cfg.with_overrides(**changes)
+    return cfg.with_schedule(**{k: TUNABLE[k](v) for k, v in data["params"].items()})

@@ -9,7 +9,7 @@ shift
 dvc config --local core.no_scm true   # the upload has no .git
 
 # The cluster adds GPU nodes when the workers ask for them: the preflight's Ray resource check reports
-# instead of failing (pipeline/preflight.py).
+# instead of failing (components/preflight.py).
 export DNLSEG_RAY_AUTOSCALING=1
 
 # Workers on other nodes log to the MLflow server on the head (deploy/cluster.yaml starts it).

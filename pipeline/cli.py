@@ -10,55 +10,58 @@ import os
 import sys
 from pathlib import Path
 
+from components.data.datasets import dataset_names
+from pipeline.config import ConfigError, Params, load
+
 # albumentations otherwise calls out to the network at import to look for updates.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def _sample(args, params) -> None:
-    from pipeline.prepare import generate_sample
+def _sample(args, params: Params) -> None:
+    from components.sample import SAMPLE_DATASETS, generate_sample
 
-    sample = params["sample"]
-    generate_sample(Path(args.out), seed=sample["seed"], cityscapes=sample["cityscapes"], ade20k=sample["ade20k"],
-                    archives=args.archives)
+    if set(params.sample) != set(SAMPLE_DATASETS):
+        raise ConfigError(f"params.yaml: sample: expected an entry for each of {', '.join(SAMPLE_DATASETS)} "
+                          f"(the datasets components/sample generates), got {', '.join(params.sample) or 'none'}")
+    generate_sample(Path(args.out), seed=params.sample_seed, archives=args.archives,
+                    **{name: size.as_dict() for name, size in params.sample.items()})
 
 
-def _prepare(args, params) -> None:
-    from pipeline.config import REPO_ROOT
+def _prepare(args, params: Params) -> None:
     from pipeline.prepare import prepare_dataset
 
-    data = params["data"]
-    source = Path(data[args.dataset]["source"])
-    out_dir = Path(data["prepared_dir"]) / args.dataset
-    stats = Path("metrics/data") / f"{args.dataset}.json"
-    root = lambda p: p if p.is_absolute() else REPO_ROOT / p  # noqa: E731
-    prepare_dataset(args.dataset, root(source), root(out_dir), root(stats), workers=data.get("prepare_workers", 0))
+    if args.dataset not in params.sources:
+        raise ConfigError(f"params.yaml: data.datasets: no entry for {args.dataset!r} "
+                          f"(has: {', '.join(params.sources)})")
+    prepare_dataset(args.dataset, params.sources[args.dataset], params.prepared_dir / args.dataset,
+                    params.root / "metrics" / "data" / f"{args.dataset}.json", workers=params.prepare_workers)
 
 
-def _train(args, params) -> None:
+def _train(args, params: Params) -> None:
     from pipeline.train import train_experiment
 
     train_experiment(params, args.experiment)
 
 
-def _tune(args, params) -> None:
+def _tune(args, params: Params) -> None:
     from pipeline.tune import tune_experiment
 
     tune_experiment(params, args.experiment)
 
 
-def _evaluate(args, params) -> None:
+def _evaluate(args, params: Params) -> None:
     from pipeline.evaluate import evaluate_experiment
 
     evaluate_experiment(params, args.experiment)
 
 
-def _report(args, params) -> None:
+def _report(args, params: Params) -> None:
     from pipeline.report import write_report
 
     print(write_report(params))
 
 
-def _predict(args, params) -> None:
+def _predict(args, params: Params) -> None:
     from pipeline.predict import predict
 
     for path in predict(params, [Path(p) for p in args.inputs], Path(args.out), args.model,
@@ -66,8 +69,8 @@ def _predict(args, params) -> None:
         print(path)
 
 
-def _with_ray(args, params) -> int:
-    from pipeline.train import run_with_local_ray
+def _with_ray(args, params: Params) -> int:
+    from components.ray_cluster import run_with_local_ray
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
@@ -77,7 +80,10 @@ def _with_ray(args, params) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dnlseg", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: the repo's params.yaml)")
+    parser.add_argument("--params", default=None, help="params file (default: ./params.yaml; DVC runs every "
+                        "stage from the repo root)")
+    parser.add_argument("--root", default=None, help="the repo whose outputs the stage writes (default: the "
+                        "params file's folder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="generate the sample Cityscapes and ADE20K in the official formats")
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("prepare", help="prepare a dataset (labels, manifests, stats) from its official files")
-    p.add_argument("dataset", choices=["cityscapes", "ade20k"])
+    p.add_argument("dataset", choices=dataset_names())
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train one experiment of params.yaml on Ray")
@@ -120,13 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import DEFAULT_PARAMS, ConfigError, load_params
-
-    args = build_parser().parse_args(argv)
     from components.storage import StorageError
 
+    args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params or DEFAULT_PARAMS)
+        params = load(args.params, args.root)   # the whole file is checked before any stage works
         status = args.func(args, params)
     # ConfigError, DataError, PreflightError are ValueErrors; a NaN stop is a FloatingPointError.
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError) as e:

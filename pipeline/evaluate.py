@@ -16,116 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT, ConfigError, TrainConfig, resolve_experiment
+from components.console import warn
+from components.experiment import TrainConfig
+from pipeline.config import ConfigError, Params, eval_metrics_file, plots_dir
 
-EVAL_FILE = "eval.json"
-MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # spec section 2
-SETTING_KEYS = ("ms_ratios", "flip", "max_images", "fps_images", "fps_warmup", "overlays", "device", "precision",
-                "fold_bn")
-EVAL_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    ms_ratios: tuple[float, ...] = MS_RATIOS
-    flip: bool = True
-    max_images: int = 0          # 0 = the whole val split
-    fps_images: int = 200        # the seed: 200 images, the first 5 not timed
-    fps_warmup: int = 5
-    overlays: int = 4            # val images drawn as image | ground truth | prediction
-    device: str = "auto"         # auto | cpu | cuda
-    precision: str = "auto"      # auto (fp16 on CUDA, bf16 on CPU) | fp32 | bf16 | fp16: autocast of inference
-    fold_bn: bool = True         # BatchNorm folded into the convs (exact in fp32; bench/README.md)
-
-    def precision_on(self, device) -> str:
-        """The autocast precision this evaluation runs with on `device`."""
-        if self.precision != "auto":
-            return self.precision
-        return "fp16" if str(device).startswith("cuda") else "bf16"
-
-
-def _count(value, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"params.yaml: {where}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def eval_settings(params: dict, profile: str | None = None) -> EvalSettings:
-    """`evaluate:` of params.yaml with `evaluate.profiles.<profile>` laid over it (missing keys: defaults)."""
-    section = params.get("evaluate") or {}
-    if not isinstance(section, dict):
-        raise ConfigError("params.yaml: evaluate: expected a mapping")
-    profile = profile or params.get("profile", "")
-    overrides = (section.get("profiles") or {}).get(profile) or {}
-    merged = {k: v for k, v in section.items() if k != "profiles"} | overrides
-    where = lambda key: f"evaluate.profiles.{profile}.{key}" if key in overrides else f"evaluate.{key}"  # noqa: E731
-    unknown = sorted(set(merged) - set(SETTING_KEYS))
-    if unknown:
-        raise ConfigError(f"params.yaml: {where(unknown[0])}: unknown setting "
-                          f"(known: {', '.join(SETTING_KEYS)})")
-    d = EvalSettings()
-    ratios = merged.get("ms_ratios", list(d.ms_ratios))
-    if (not isinstance(ratios, list) or not ratios
-            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios)):
-        raise ConfigError(f"params.yaml: {where('ms_ratios')}: expected a list of positive numbers like "
-                          f"[0.5, 0.75, 1.0], got {ratios!r}")
-    flip = merged.get("flip", d.flip)
-    if not isinstance(flip, bool):
-        raise ConfigError(f"params.yaml: {where('flip')}: expected true or false, got {flip!r}")
-    device = merged.get("device", d.device)
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"params.yaml: {where('device')}: expected one of auto, cpu, cuda, got {device!r}")
-    precision = merged.get("precision", d.precision)
-    if precision not in EVAL_PRECISIONS:
-        raise ConfigError(f"params.yaml: {where('precision')}: expected one of {', '.join(EVAL_PRECISIONS)}, "
-                          f"got {precision!r}")
-    if precision == "fp16" and device == "cpu":
-        raise ConfigError(f"params.yaml: {where('precision')}: fp16 needs a GPU (use bf16 on CPU)")
-    fold_bn = merged.get("fold_bn", d.fold_bn)
-    if not isinstance(fold_bn, bool):
-        raise ConfigError(f"params.yaml: {where('fold_bn')}: expected true or false, got {fold_bn!r}")
-    settings = EvalSettings(
-        ms_ratios=tuple(float(r) for r in ratios), flip=flip, precision=precision, fold_bn=fold_bn,
-        max_images=_count(merged.get("max_images", d.max_images), where("max_images"), 0),
-        fps_images=_count(merged.get("fps_images", d.fps_images), where("fps_images"), 0),
-        fps_warmup=_count(merged.get("fps_warmup", d.fps_warmup), where("fps_warmup"), 0),
-        overlays=_count(merged.get("overlays", d.overlays), where("overlays"), 0),
-        device=device)
-    if settings.fps_images and settings.fps_images <= settings.fps_warmup:
-        raise ConfigError(f"params.yaml: {where('fps_images')}: {settings.fps_images} must be larger than "
-                          f"fps_warmup {settings.fps_warmup} (or 0 to skip the speed measurement)")
-    return settings
-
-
-def evaluation_names(params: dict) -> list[str]:
-    return list(params.get("experiments") or {}) + list(params.get("imported_checkpoints") or {})
-
-
-def resolve_target(params: dict, name: str, out_root: Path) -> tuple[TrainConfig, Path, bool]:
-    """(config, checkpoint, imported) of a trained experiment or an imported checkpoint entry."""
-    imported = params.get("imported_checkpoints") or {}
-    if name in (params.get("experiments") or {}):
-        return resolve_experiment(params, name), out_root / "models" / name / "model.pt", False
-    if name not in imported:
-        raise ConfigError(f"params.yaml: no experiment or imported_checkpoints entry named {name!r} "
-                          f"(known: {', '.join(sorted(evaluation_names(params)))})")
-    entry = imported[name]
-    where = f"imported_checkpoints.{name}"
-    if not isinstance(entry, dict) or not entry.get("experiment") or not entry.get("path"):
-        raise ConfigError(f"params.yaml: {where}: expected {{experiment: <experiments key>, "
-                          f"path: <checkpoint>}}, got {entry!r}")
-    if entry["experiment"] not in (params.get("experiments") or {}):
-        raise ConfigError(f"params.yaml: {where}.experiment: unknown experiment {entry['experiment']!r}")
-    cfg = resolve_experiment(params, entry["experiment"]).with_overrides(name=name)
-    path = Path(entry["path"])
-    return cfg, path if path.is_absolute() else REPO_ROOT / path, True
-
-
-# --- the measurement --------------------------------------------------------------------------------
 
 def _device(choice: str):
     import torch
@@ -134,21 +30,6 @@ def _device(choice: str):
         raise ConfigError("params.yaml: evaluate.device: cuda asked for but torch sees no GPU")
     use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
-
-
-def load_model(cfg: TrainConfig, checkpoint: Path, device, fold_bn: bool = False):
-    """The network of `cfg` with the checkpoint's weights (strict), fp32, eval mode, on `device`,
-    channels-last when the experiment trains so, BN folded into the convs when `fold_bn`."""
-    from components.models import build_dnlnet
-    from components.models.checkpoint import load_mmseg_checkpoint
-    from components.models.speedups import prepare_for_inference
-
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint not found (run the train stage, or fix the path)")
-    model = build_dnlnet(depth=cfg.depth, num_classes=cfg.num_classes, align_corners=cfg.align_corners,
-                         attention=cfg.attention)
-    meta = load_mmseg_checkpoint(model, checkpoint)
-    return prepare_for_inference(model.to(device), channels_last=cfg.channels_last, fold_bn=fold_bn), meta
 
 
 class _ValImages:
@@ -174,14 +55,9 @@ def _percent(metrics: dict, class_names) -> dict:
                     for n, v in zip(class_names, metrics["IoU"], strict=True)}}
 
 
-def training_memory(out_root: Path, name: str, client, run_id: str | None) -> dict | None:
-    """Peak training memory as the train stage recorded it: metrics/<exp>/train.json's `memory` when it
-    has one, else the largest `memory_gb` rank 0 logged to the run (GPU: max_memory_allocated; CPU: peak
-    RSS of the worker process)."""
-    train_json = out_root / "metrics" / name / "train.json"
-    recorded = json.loads(train_json.read_text()) if train_json.is_file() else {}
-    if isinstance(recorded.get("memory"), dict) and recorded["memory"].get("peak_gb") is not None:
-        return {**recorded["memory"], "source": str(train_json.relative_to(out_root))}
+def training_memory(client, run_id: str | None) -> dict | None:
+    """Peak training memory: the largest `memory_gb` rank 0 logged to the training run (GPU:
+    max_memory_allocated; CPU: peak RSS of the worker process)."""
     if client is None or run_id is None:
         return None
     history = client.get_metric_history(run_id, "memory_gb")
@@ -196,7 +72,7 @@ def training_memory(out_root: Path, name: str, client, run_id: str | None) -> di
             "workers": int(params.get("num_workers", 0) or 0) or None, "source": "mlflow metric memory_gb"}
 
 
-def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_ROOT,
+def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | None = None,
                         predictions_dir: Path | str | None = None) -> dict:
     """Evaluate `name` (an experiments key or an imported_checkpoints key); returns what eval.json holds.
 
@@ -205,24 +81,28 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
     """
     import torch
 
-    from components.data import class_names, palette
+    from components.atomic import atomic_write_text
+    from components.data import get_dataset
     from components.data.dataset import SegmentationDataset
     from components.data.transforms import build_test_transform
+    from components.evaluation.loading import load_model
     from components.evaluation.segment import InferenceSetting, evaluate_split, ms_flip_setting
     from components.evaluation.speed import describe_device, measure_fps
     from components.evaluation.visualize import save_label_png
 
-    out_root = Path(out_root)
-    cfg, checkpoint, imported = resolve_target(params, name, out_root)
-    settings = eval_settings(params, cfg.profile)
+    out_root = Path(out_root or params.root)
+    cfg, checkpoint, imported = params.evaluation_target(name, out_root)
+    settings = params.eval_settings(cfg.profile)
     device = _device(settings.device)
-    model, meta = load_model(cfg, checkpoint, device, fold_bn=settings.fold_bn)
+    model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
+                             align_corners=cfg.align_corners, attention=cfg.attention, device=device,
+                             channels_last=cfg.channels_last, fold_bn=settings.fold_bn)
     precision = settings.precision_on(device)
-    names, colours = class_names(cfg.dataset), palette(cfg.dataset)
-    dataset = SegmentationDataset(Path(cfg.data_dir) / "val", build_test_transform(scale=tuple(cfg.scale)),
+    names, colours = cfg.class_names, get_dataset(cfg.dataset).palette
+    dataset = SegmentationDataset(Path(cfg.data_dir) / "val", build_test_transform(scale=cfg.scale),
                                   max_images=settings.max_images)
 
-    single = InferenceSetting(cfg.test_mode, tuple(cfg.test_crop), tuple(cfg.test_stride))
+    single = InferenceSetting(cfg.test_mode, cfg.test_crop, cfg.test_stride)
     tests = {"single_scale": single, "ms_flip": ms_flip_setting(single, settings.ms_ratios, settings.flip)}
     save = None
     if predictions_dir is not None:
@@ -244,14 +124,14 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
                  "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.test_mode,
                  "scale": list(cfg.scale)}
 
-    tracker, experiment_id = _open_tracking(cfg, name, imported, checkpoint, out_root)
+    tracker, experiment_id = _open_tracking(cfg, name, imported, checkpoint)
     client, run_id = (tracker.client, tracker.run_id) if tracker else (None, None)
     memory = None
     if not imported:
         try:
-            memory = training_memory(out_root, name, client, run_id)
+            memory = training_memory(client, run_id)
         except Exception as e:  # noqa: BLE001 - a missing figure must not lose the evaluation
-            _warn(f"[evaluate] {name}: training memory unavailable ({type(e).__name__}: {e})")
+            warn(f"[evaluate] {name}: training memory unavailable ({type(e).__name__}: {e})")
 
     summary = {
         "experiment": name,
@@ -276,9 +156,9 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
         "train_memory": memory,
         "mlflow": {"run_id": run_id, "experiment_id": experiment_id},
     }
-    plots = _write_pictures(out_root / "plots" / name, dataset, results, names, colours, name)
-    metrics_path = out_root / "metrics" / name / EVAL_FILE
-    _write_json(metrics_path, summary)
+    plots = _write_pictures(plots_dir(out_root, name), dataset, results, names, colours, name)
+    metrics_path = eval_metrics_file(out_root, name)
+    atomic_write_text(metrics_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if tracker is not None:
         _log_to_mlflow(tracker, cfg, summary, checkpoint, metrics_path, plots, results["single_scale"])
     ss, ms = summary["single_scale"], summary["ms_flip"]
@@ -288,22 +168,17 @@ def evaluate_experiment(params: dict, name: str, *, out_root: Path | str = REPO_
     return summary
 
 
-def _trained_as(params: dict, name: str, cfg: TrainConfig, imported: bool) -> dict:
+def _trained_as(params: Params, name: str, cfg: TrainConfig, imported: bool) -> dict:
     """Crop and schedule of the checkpoint, for the table's Crop Size / Lr schd columns: what this
     pipeline ran (profile applied), or for an imported checkpoint the experiment's own (the release's)."""
     if imported:
-        exp = params["experiments"][params["imported_checkpoints"][name]["experiment"]]
-        return {"crop_size": list(exp["crop_size"]), "max_iters": exp["max_iters"],
-                "batch_size": exp["batch_size"]}
+        exp = params.experiments[params.imported[name].experiment]
+        return {"crop_size": list(exp.crop_size), "max_iters": params.schedules[exp.schedule],
+                "batch_size": exp.batch_size}
     return {"crop_size": list(cfg.crop_size), "max_iters": cfg.max_iters, "batch_size": cfg.batch_size}
 
 
 # --- outputs ----------------------------------------------------------------------------------------
-
-def _warn(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
 
 def _display_path(path: Path, root: Path) -> str:
     try:
@@ -312,19 +187,13 @@ def _display_path(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from components.training.checkpointing import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
-
-
 def _write_pictures(folder: Path, dataset, results: dict, names, colours, title: str) -> dict:
     """per_class_iou.csv / .png, confusion.png, overlays/*.png; returns their paths."""
     import csv
     import io
 
+    from components.atomic import atomic_write_text
     from components.evaluation.visualize import save_confusion_chart, save_iou_chart, save_panel
-    from components.training.checkpointing import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     ss, ms = results["single_scale"].metrics(), results["ms_flip"].metrics()
@@ -333,7 +202,7 @@ def _write_pictures(folder: Path, dataset, results: dict, names, colours, title:
     writer.writerow(["class", "IoU", "IoU_ms_flip"])
     for n, a, b in zip(names, ss["IoU"], ms["IoU"], strict=True):
         writer.writerow([n, "" if a != a else f"{100 * a:.4f}", "" if b != b else f"{100 * b:.4f}"])
-    atomic_write_bytes(folder / "per_class_iou.csv", text.getvalue().encode())
+    atomic_write_text(folder / "per_class_iou.csv", text.getvalue())
     paths = {"per_class_iou_csv": folder / "per_class_iou.csv"}
     paths["per_class_iou"] = save_iou_chart(
         folder / "per_class_iou.png", names,
@@ -354,62 +223,40 @@ def _write_pictures(folder: Path, dataset, results: dict, names, colours, title:
     return paths
 
 
-def _open_tracking(cfg: TrainConfig, name: str, imported: bool, checkpoint: Path, out_root: Path):
-    """The MLflow run to log into: the training run of the experiment (train.json's mlflow_run_id, else
-    the latest run tagged dvc_stage=train@<name>); for imported checkpoints (or when no training run is
-    found) a run of the evaluation's own, found again by its deterministic name on the next evaluation."""
-    from components.tracking import RunLogger, open_run, redact
+def _open_tracking(cfg: TrainConfig, name: str, imported: bool, checkpoint: Path):
+    """The MLflow run to log into: the experiment's training run; for imported checkpoints (or when no
+    training run is found) a run of the evaluation's own, found again by its deterministic name on the
+    next evaluation."""
+    from components.tracking import (
+        RunLogger,
+        find_training_run,
+        mark_training_experiment,
+        open_run,
+        redact,
+    )
 
     try:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=cfg.tracking_uri)
-        run_id = None if imported else find_training_run(client, cfg.dataset, name, out_root)
+        run_id = None if imported else find_training_run(client, cfg.dataset, name)
         if run_id is not None:
-            logger = RunLogger(cfg.tracking_uri, run_id, who=f"evaluate {name}")
-            logger._client = client
+            logger = RunLogger(cfg.tracking_uri, run_id, who=f"evaluate {name}", client=client)
         else:
             if not imported:
-                _warn(f"[evaluate] {name}: no training run found in MLflow experiment {cfg.dataset!r}; "
-                      f"logging into an evaluation run")
+                warn(f"[evaluate] {name}: no training run found in MLflow experiment {cfg.dataset!r}; "
+                     f"logging into an evaluation run")
             tags = {"experiment": name, "dvc_stage": f"evaluate@{name}", "profile": cfg.profile,
                     "imported_checkpoint": str(checkpoint) if imported else ""}
             logger = open_run(cfg.tracking_uri, cfg.dataset, run_name=f"{name}-eval", resume=True, tags=tags,
                               params=cfg.to_flat_dict())
             if logger.run_id is None:
                 return None, None
-        experiment_id = mark_training_experiment(client, cfg.dataset)
-        return logger, experiment_id
+        return logger, mark_training_experiment(client, cfg.dataset)
     except Exception as e:  # noqa: BLE001 - eval.json is the stage's output; tracking is a copy of it
-        _warn(f"[evaluate] warning: MLflow at {redact(cfg.tracking_uri)} unavailable "
-              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); eval.json is still written")
+        warn(f"[evaluate] warning: MLflow at {redact(cfg.tracking_uri)} unavailable "
+             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); eval.json is still written")
         return None, None
-
-
-def find_training_run(client, dataset: str, name: str, out_root: Path) -> str | None:
-    train_json = out_root / "metrics" / name / "train.json"
-    if train_json.is_file():
-        run_id = json.loads(train_json.read_text()).get("mlflow_run_id")
-        if run_id:
-            return run_id
-    experiment = client.get_experiment_by_name(dataset)
-    if experiment is None:
-        return None
-    runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.experiment = '{name}' and tags.dvc_stage = 'train@{name}'",
-                              order_by=["attributes.start_time DESC"], max_results=20)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    return (finished or runs)[0].info.run_id if runs else None
-
-
-def mark_training_experiment(client, dataset: str) -> str:
-    """MLflow 3's UI opens an experiment on its GenAI overview unless told it holds model training runs.
-    Returns the experiment id."""
-    experiment = client.get_experiment_by_name(dataset)
-    if "mlflow.experimentKind" not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind",
-                                  "custom_model_development")
-    return experiment.experiment_id
 
 
 def eval_metrics(summary: dict) -> dict:
@@ -430,7 +277,7 @@ def eval_metrics(summary: dict) -> dict:
 
 def _log_to_mlflow(tracker, cfg: TrainConfig, summary: dict, checkpoint: Path, metrics_path: Path,
                    plots: dict, single) -> None:
-    from components.evaluation.registry import ensure_model_artifacts, model_config
+    from components.evaluation.registry import ModelSpec, ensure_model_artifacts
 
     tracker.log_metrics(eval_metrics(summary), step=int(summary.get("iteration") or 0))
     tags = {"eval.device": summary["device"], "eval.dtype": summary["dtype"],
@@ -452,8 +299,8 @@ def _log_to_mlflow(tracker, cfg: TrainConfig, summary: dict, checkpoint: Path, m
     tracker.log_text(json.dumps({"classes": list(summary["single_scale"]["IoU"]),
                                  "rows_ground_truth_columns_prediction": single.confusion.counts.tolist()}),
                      "evaluation/confusion_counts.json")
-    tracker._safe("log model artifacts", lambda: ensure_model_artifacts(tracker.client, tracker.run_id,
-                                                                        checkpoint, model_config(cfg)))
+    tracker.safely("log model artifacts", lambda: ensure_model_artifacts(tracker.client, tracker.run_id,
+                                                                        checkpoint, ModelSpec.of(cfg)))
     own_run = tracker.client.get_run(tracker.run_id).data.tags.get("dvc_stage", "").startswith("evaluate@")
     if own_run:   # an evaluation run of its own ends here; a training run keeps the status training gave it
         tracker.set_status("FINISHED")

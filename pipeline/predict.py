@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import DATASET_CLASSES, ConfigError, resolve_experiment, tracking_uri
+from components.evaluation.registry import ModelSpec
+from pipeline.config import ConfigError, Params
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -38,38 +39,31 @@ def collect_images(inputs: list[Path]) -> list[tuple[Path, Path]]:
     return found
 
 
-def _settings_from_experiment(params: dict, experiment: str) -> dict:
-    from components.evaluation.registry import model_config
-
-    return model_config(resolve_experiment(params, experiment))
-
-
-def model_settings(params: dict, config: dict | None, checkpoint: Path,
-                   experiment: str | None = None) -> dict:
+def model_spec(params: Params, spec: ModelSpec | None, checkpoint: Path, experiment: str | None = None) -> ModelSpec:
     """How to build and test the model: an explicit `experiment` of params.yaml, else the config.json
-    logged with it, else the experiment named in the checkpoint's meta, else the weights' depth and
+    logged with it, else the experiment named in the checkpoint's meta, else the weights' backbone and
     class count with the first matching experiment's test settings."""
-    from components.evaluation.registry import infer_build_args
-    from components.models.checkpoint import _read_state_dict
+    from components.backbones import backbone_of_weights
+    from components.data import get_dataset
+    from components.models.checkpoint import read_checkpoint
 
     if experiment:
-        return _settings_from_experiment(params, experiment)
-    if config:
-        return dict(config)
-    state_dict, meta = _read_state_dict(checkpoint)   # read twice only when nothing else says how
-    if meta.get("experiment") in (params.get("experiments") or {}):
-        settings = _settings_from_experiment(params, meta["experiment"])
-    else:
-        inferred = infer_build_args(state_dict)
-        datasets = [d for d, n in DATASET_CLASSES.items() if n == inferred["num_classes"]]
-        backbone = f"R-{inferred['depth']}-D8"
-        candidates = [name for name, exp in (params.get("experiments") or {}).items()
-                      if exp.get("dataset") in datasets and exp.get("backbone") == backbone]
-        if not candidates:
-            raise ConfigError(f"cannot tell how to test this checkpoint (R-{inferred['depth']}, "
-                              f"{inferred['num_classes']} classes): name an experiment of params.yaml")
-        settings = _settings_from_experiment(params, candidates[0])
-    return settings
+        return ModelSpec.of(params.experiment(experiment))
+    if spec:
+        return spec
+    state_dict, meta = read_checkpoint(checkpoint)   # read twice only when nothing else says how
+    if meta.get("experiment") in params.experiments:
+        return ModelSpec.of(params.experiment(meta["experiment"]))
+    if "decode_head.conv_seg.weight" not in state_dict:
+        raise ValueError(f"{checkpoint}: not a DNLNet state dict: 'decode_head.conv_seg.weight' is missing")
+    backbone = backbone_of_weights(state_dict).name
+    num_classes = int(state_dict["decode_head.conv_seg.weight"].shape[0])
+    candidates = [name for name, exp in params.experiments.items()
+                  if get_dataset(exp.dataset).num_classes == num_classes and exp.backbone == backbone]
+    if not candidates:
+        raise ConfigError(f"cannot tell how to test this checkpoint ({backbone}, {num_classes} classes): "
+                          f"name an experiment of params.yaml")
+    return ModelSpec.of(params.experiment(candidates[0]))
 
 
 def _read_rgb(path: Path):
@@ -81,33 +75,31 @@ def _read_rgb(path: Path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def predict(params: dict, inputs: list[Path], out_dir: Path, model_ref: str,
+def predict(params: Params, inputs: list[Path], out_dir: Path, model_ref: str,
             experiment: str | None = None) -> list[Path]:
     """Label PNG + overlay for every input image; returns the written paths (label, overlay per image)."""
     import torch
 
-    from components.data import palette
+    from components.backbones import get_backbone
+    from components.data import get_dataset
     from components.data.transforms import build_test_transform
+    from components.evaluation.loading import load_model
     from components.evaluation.registry import fetch_model
     from components.evaluation.segment import InferenceSetting, predict_label
     from components.evaluation.visualize import overlay, save_image, save_label_png
-    from components.models import build_dnlnet
-    from components.models.checkpoint import load_mmseg_checkpoint
-    from components.models.speedups import autocast, prepare_for_inference
-    from pipeline.evaluate import eval_settings
+    from components.models.speedups import autocast
 
     images = collect_images(inputs)
-    fetched = fetch_model(model_ref, tracking_uri(params))
-    s = model_settings(params, fetched.config, fetched.checkpoint, experiment)
+    fetched = fetch_model(model_ref, params.tracking_uri)
+    s = model_spec(params, fetched.spec, fetched.checkpoint, experiment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_dnlnet(depth=s["depth"], num_classes=s["num_classes"], align_corners=s["align_corners"],
-                         attention=s.get("attention", "fused"))
-    load_mmseg_checkpoint(model, fetched.checkpoint)
-    speed = eval_settings(params)   # the evaluate stage's precision and BN folding
-    model = prepare_for_inference(model.to(device), channels_last=True, fold_bn=speed.fold_bn)
-    transform = build_test_transform(scale=tuple(s["scale"]))
-    setting = InferenceSetting(s["test_mode"], tuple(s["test_crop"]), tuple(s["test_stride"]))
-    colours = palette(s["dataset"])
+    speed = params.eval_settings()   # the evaluate stage's precision and BN folding
+    model, _ = load_model(fetched.checkpoint, depth=get_backbone(s.backbone).depth, num_classes=s.num_classes,
+                          align_corners=s.align_corners, attention=s.attention, device=device,
+                          channels_last=True, fold_bn=speed.fold_bn)
+    transform = build_test_transform(scale=s.scale)
+    setting = InferenceSetting(s.test_mode, s.test_crop, s.test_stride)
+    colours = get_dataset(s.dataset).palette
 
     out_dir = Path(out_dir)
     written = []
@@ -121,6 +113,6 @@ def predict(params: dict, inputs: list[Path], out_dir: Path, model_ref: str,
         written.append(save_label_png(target.with_name(target.name + ".png"), label, colours))
         written.append(save_image(target.with_name(target.name + "_overlay.png"),
                                   overlay(rgb, label, colours)))
-    print(f"[predict] {len(images)} images with {fetched.source} ({s['dataset']}, R-{s['depth']}, "
-          f"{s['test_mode']} at scale {list(s['scale'])}) -> {out_dir}", flush=True)
+    print(f"[predict] {len(images)} images with {fetched.source} ({s.dataset}, {s.backbone}, "
+          f"{s.test_mode} at scale {list(s.scale)}) -> {out_dir}", flush=True)
     return written

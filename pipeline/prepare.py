@@ -1,5 +1,4 @@
-"""Stages `sample` and `prepare`: generate the sample datasets; turn official dataset files into
-prepared splits.
+"""Stage `prepare@<dataset>`: turn a registered dataset's official files into prepared splits.
 
 `prepare_dataset` reads an extracted official folder or the official zip archives (never writing
 into them) and writes, per split (train, val):
@@ -10,7 +9,7 @@ into them) and writes, per split (train, val):
 
 plus a stats json (images per split, class pixel counts and frequencies with class names).
 Cityscapes labels come from the polygon JSON via cityscapesscripts' json2labelImg('trainIds');
-ADE20K's reduce_zero_label is applied here, once (see components/data/ade20k.py).
+ADE20K's reduce_zero_label is applied here, once (see components/data/datasets/ade20k.py).
 Every file is checked first (missing label, unreadable image, size mismatch, label values, empty split,
 wrong archive) and a problem stops the stage with a one-line DataError naming the file. Splits are
 built in temp folders next to the destination and swapped in with os.replace only when all splits
@@ -30,40 +29,23 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from components.data import ade20k as ade20k_data
-from components.data import cityscapes as cityscapes_data
+from components.atomic import atomic_write_bytes
 from components.data.classes import IGNORE_INDEX
-from components.data.io import (
-    MANIFEST_COLUMNS,
-    link_or_copy,
-    make_temp_dir,
-    replace_dir,
-    sha256_bytes,
-    write_bytes_atomic,
-)
-from components.data.sample import (
-    write_ade20k,
-    write_ade20k_archive,
-    write_cityscapes,
-    write_cityscapes_archives,
-)
+from components.data.datasets import get_dataset
+from components.data.io import MANIFEST_COLUMNS, link_or_copy, make_temp_dir, replace_dir, sha256_bytes
 from components.data.validate import DataError, check_label_values, check_rgb_image
-
-DATASETS = {"cityscapes": cityscapes_data, "ade20k": ade20k_data}
 
 
 def prepare_dataset(name: str, source: Path, out_dir: Path, stats_path: Path, workers: int = 0) -> dict:
-    """Prepare dataset `name` ("cityscapes" | "ade20k") from `source` into `out_dir/{train,val}` and
-    write the stats json to `stats_path`; returns the stats. workers: processes, 0 = all cores."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {name!r}")
-    module = DATASETS[name]
+    """Prepare the registered dataset `name` from `source` into `out_dir/{train,val}` and write the stats
+    json to `stats_path`; returns the stats. workers: processes, 0 = all cores."""
+    module = get_dataset(name)
     source, out_dir, stats_path = Path(source), Path(out_dir), Path(stats_path)
     if not source.exists():
         raise DataError(f"{source}: dataset source not found")
     _check_separate(source, out_dir)
     src = module.open_source(source)
-    items = {split: module.list_split(src, split) for split in module.SPLITS}  # listing errors come first
+    items = {split: module.list_split(src, split) for split in module.splits}  # listing errors come first
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
@@ -74,7 +56,7 @@ def prepare_dataset(name: str, source: Path, out_dir: Path, stats_path: Path, wo
             staged[split] = make_temp_dir(out_dir, f".{split}.tmp-")
             rows, hist = _convert_split(name, src, split_items, staged[split], workers, f"{name} {split}")
             _write_manifest(staged[split] / "manifest.csv", rows)
-            split_stats[split] = _split_stats(len(rows), hist, module.CLASSES)
+            split_stats[split] = _split_stats(len(rows), hist, module.classes)
         for split, staging in list(staged.items()):
             replace_dir(staging, out_dir / split)
             del staged[split]
@@ -84,45 +66,12 @@ def prepare_dataset(name: str, source: Path, out_dir: Path, stats_path: Path, wo
 
     stats = {
         "dataset": name,
-        "num_classes": len(module.CLASSES),
+        "num_classes": len(module.classes),
         "ignore_index": IGNORE_INDEX,
         "splits": split_stats,
     }
-    write_bytes_atomic(stats_path, (json.dumps(stats, indent=2) + "\n").encode())
+    atomic_write_bytes(stats_path, (json.dumps(stats, indent=2) + "\n").encode())
     return stats
-
-
-def generate_sample(
-    out_root: Path, seed: int, cityscapes: dict, ade20k: dict, archives: bool = False
-) -> None:
-    """Write the generated sample datasets in their official layouts:
-    `out_root/cityscapes/{leftImg8bit,gtFine}/...` and `out_root/ade20k/ADEChallengeData2016/...`.
-    cityscapes: {train, val, height, width, cities (optional: a list, or {split: list})};
-    ade20k: {train, val, height, width}. archives=True also writes the official zip archives under
-    `out_root/archives/{cityscapes,ade20k}/`."""
-    out_root = Path(out_root)
-    cs = _sample_spec(cityscapes, "sample.cityscapes", {"train", "val", "height", "width", "cities"})
-    ade = _sample_spec(ade20k, "sample.ade20k", {"train", "val", "height", "width"})
-    write_cityscapes(
-        out_root / "cityscapes",
-        seed,
-        train=cs["train"],
-        val=cs["val"],
-        height=cs.get("height", 256),
-        width=cs.get("width", 512),
-        cities=cs.get("cities"),
-    )
-    write_ade20k(
-        out_root / "ade20k",
-        seed,
-        train=ade["train"],
-        val=ade["val"],
-        height=ade.get("height", 256),
-        width=ade.get("width", 256),
-    )
-    if archives:
-        write_cityscapes_archives(out_root / "cityscapes", out_root / "archives" / "cityscapes")
-        write_ade20k_archive(out_root / "ade20k", out_root / "archives" / "ade20k")
 
 
 # --- conversion ------------------------------------------------------------------------------------
@@ -165,7 +114,7 @@ def _start_worker(name, src, staging) -> None:
 
 def _convert_one(item):
     """One image: place it, check it, make its label, check that."""
-    module, src, staging = DATASETS[_job["name"]], _job["src"], _job["staging"]
+    module, src, staging = get_dataset(_job["name"]), _job["src"], _job["staging"]
     where = src.images.where(item.image)
     data = src.images.read_bytes(item.image)
     width, height = check_rgb_image(data, where)
@@ -177,7 +126,7 @@ def _convert_one(item):
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
     label = module.make_label(src, item, (width, height), staging / item.out_label, where)
-    check_label_values(label, len(module.CLASSES), src.labels.where(item.label))
+    check_label_values(label, len(module.classes), src.labels.where(item.label))
     row = [item.out_image, item.out_label, height, width, sha256_bytes(data)]
     return row, np.bincount(label.ravel(), minlength=256)
 
@@ -187,7 +136,7 @@ def _write_manifest(path: Path, rows: list) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)
     writer.writerows(rows)
-    write_bytes_atomic(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _split_stats(images: int, hist: np.ndarray, classes) -> dict:
@@ -230,18 +179,3 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _sample_spec(spec: dict, where: str, allowed: set[str]) -> dict:
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where}: expected a mapping, got {spec!r}")
-    unknown = set(spec) - allowed
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (expected {sorted(allowed)})")
-    for key in ("train", "val"):
-        if not isinstance(spec.get(key), int) or isinstance(spec.get(key), bool) or spec[key] < 1:
-            raise ValueError(f"{where}.{key}: expected an integer >= 1, got {spec.get(key)!r}")
-    for key in ("height", "width"):
-        if key in spec and (not isinstance(spec[key], int) or spec[key] < 32):
-            raise ValueError(f"{where}.{key}: expected an integer >= 32, got {spec[key]!r}")
-    return spec

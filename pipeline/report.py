@@ -13,43 +13,23 @@ from __future__ import annotations
 import html
 import json
 import re
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from pipeline.config import REPO_ROOT, tracking_uri
+from components.console import warn
+from components.data import get_dataset
+from pipeline.config import Params, eval_metrics_file
 
-DATASET_TITLES = {"cityscapes": "Cityscapes", "ade20k": "ADE20K"}
 NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page
 COMPARED = ("mIoU", "mIoU(ms+flip)", "Mem (GB)", "Inf time (fps)")   # published vs ours, with the difference
 
 
-def _warn(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
-def report_settings(params: dict) -> dict:
-    from pipeline.config import ConfigError
-
-    section = params.get("report") or {}
-    settings = {"mlflow_ui": "http://127.0.0.1:5000", "register": True, "model_name": "dnlnet-{dataset}",
-                **section}
-    if not isinstance(settings["register"], bool):
-        raise ConfigError(f"params.yaml: report.register: expected true or false, "
-                          f"got {settings['register']!r}")
-    if "{dataset}" not in str(settings["model_name"]):
-        raise ConfigError(f"params.yaml: report.model_name: expected a name containing {{dataset}}, "
-                          f"got {settings['model_name']!r}")
-    return settings
-
-
 # --- MLflow links -----------------------------------------------------------------------------------
 
-def ui_base(params: dict) -> str:
+def ui_base(params: Params) -> str:
     """Where the MLflow UI of the tracking store is served: the tracking server, else report.mlflow_ui."""
-    uri = tracking_uri(params)
-    base = uri if uri.startswith(("http://", "https://")) else report_settings(params)["mlflow_ui"]
+    uri = params.tracking_uri
+    base = uri if uri.startswith(("http://", "https://")) else params.report.mlflow_ui
     return re.sub(r"//[^/@]*@", "//", base.rstrip("/"))   # never a user:password in a link
 
 
@@ -93,12 +73,10 @@ def our_cells(evaluation: dict | None, published_method: str, backbone: str) -> 
     }
 
 
-def load_evaluations(params: dict, out_root: Path) -> dict[str, dict]:
-    from pipeline.evaluate import EVAL_FILE, evaluation_names
-
+def load_evaluations(params: Params, out_root: Path) -> dict[str, dict]:
     found = {}
-    for name in evaluation_names(params):
-        path = out_root / "metrics" / name / EVAL_FILE
+    for name in params.evaluation_names():
+        path = eval_metrics_file(out_root, name)
         if path.is_file():
             try:
                 found[name] = json.loads(path.read_text())
@@ -109,30 +87,29 @@ def load_evaluations(params: dict, out_root: Path) -> dict[str, dict]:
 
 # --- the registry -----------------------------------------------------------------------------------
 
-def register_champions(params: dict, evaluations: dict[str, dict]) -> dict[str, dict]:
+def register_champions(params: Params, evaluations: dict[str, dict]) -> dict[str, dict]:
     """Per dataset, the evaluation with the best single-scale mIoU that has an MLflow run: registered, alias
     champion. Returns {dataset: {name, version, model, run_id, mIoU}}; MLflow failures are warnings."""
     from mlflow.tracking import MlflowClient
 
     from components.evaluation.registry import CHAMPION, register_champion
 
-    settings = report_settings(params)
     champions = {}
     by_dataset: dict[str, list[tuple[str, dict]]] = {}
     for name, ev in evaluations.items():
         if (ev.get("mlflow") or {}).get("run_id") and ev["single_scale"]["mIoU"] is not None:
             by_dataset.setdefault(ev["dataset"], []).append((name, ev))
-    client = MlflowClient(tracking_uri=tracking_uri(params))
+    client = MlflowClient(tracking_uri=params.tracking_uri)
     for dataset, candidates in sorted(by_dataset.items()):
         name, ev = max(candidates, key=lambda item: item[1]["single_scale"]["mIoU"])
-        model, miou = settings["model_name"].format(dataset=dataset), ev["single_scale"]["mIoU"]
+        model, miou = params.report.model_name.format(dataset=dataset), ev["single_scale"]["mIoU"]
         try:
             version, created = register_champion(
                 client, model, ev["mlflow"]["run_id"],
                 tags={"experiment": name, "mIoU": miou, "profile": ev.get("profile", "")},
-                description=f"DNLNet on {DATASET_TITLES.get(dataset, dataset)}; {CHAMPION}: best val mIoU")
+                description=f"DNLNet on {get_dataset(dataset).title}; {CHAMPION}: best val mIoU")
         except Exception as e:  # noqa: BLE001 - the report is still written
-            _warn(f"[report] warning: registering {model} failed "
+            warn(f"[report] warning: registering {model} failed "
                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
             continue
         champions[dataset] = {"name": name, "version": version, "model": model, "created": created,
@@ -143,7 +120,7 @@ def register_champions(params: dict, evaluations: dict[str, dict]) -> dict[str, 
 
 # --- the page ---------------------------------------------------------------------------------------
 
-def build_markdown(params: dict, evaluations: dict[str, dict], champions: dict[str, dict]) -> str:
+def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict[str, dict]) -> str:
     from components.evaluation.table import (
         ALIGN,
         COLUMNS,
@@ -155,8 +132,7 @@ def build_markdown(params: dict, evaluations: dict[str, dict], champions: dict[s
 
     published = parse_seed_table()
     base = ui_base(params)
-    profile = params.get("profile", "")
-    imported = params.get("imported_checkpoints") or {}
+    profile = params.profile
     lines = ["# DNLNet results", ""]
     lines += [f"Profile `{profile}`. Published numbers: mmseg's DNLNet table (verbatim copy in "
               f"`components/evaluation/seed_dnlnet_results.md`); ours: `metrics/<experiment>/eval.json` "
@@ -165,22 +141,22 @@ def build_markdown(params: dict, evaluations: dict[str, dict], champions: dict[s
         lines += [f"**Profile `{profile}` runs shortened schedules on small inputs (the generated sample "
                   f"data unless data sources point at the real datasets): these numbers check the pipeline, "
                   f"they are not comparable with the published ones.**", ""]
-    experiments = params.get("experiments") or {}
-    for dataset, title in DATASET_TITLES.items():
+    experiments = params.experiments
+    for dataset in params.sources:   # in params.yaml's order
+        title = get_dataset(dataset).title
         rows = [r for r in published if r.dataset == dataset]
-        names = [n for n, e in experiments.items() if (e or {}).get("dataset") == dataset]
-        names += [n for n, e in imported.items()
-                  if experiments.get((e or {}).get("experiment"), {}).get("dataset") == dataset]
+        names = [n for n, e in experiments.items() if e.dataset == dataset]
+        names += [n for n, e in params.imported.items() if experiments[e.experiment].dataset == dataset]
         if not rows and not names:
             continue
         lines += [f"## {title}", ""]
         seed_of = {r.config: r for r in rows}
         ours_rows, compare_rows, run_links, measured = [], [], [], []
         for name in names:
-            config = imported[name]["experiment"] if name in imported else name
+            config = params.imported[name].experiment if name in params.imported else name
             seed = seed_of.get(config)
             ev = evaluations.get(name)
-            backbone = (experiments.get(config) or {}).get("backbone", "-")
+            backbone = experiments[config].backbone
             ours = our_cells(ev, seed["Method"] if seed else "dnl", backbone)
             run = (ev or {}).get("mlflow") or {}
             link = "-"
@@ -280,16 +256,16 @@ def markdown_to_html(text: str, title: str = "DNLNet results") -> str:
     return head + "\n".join(out) + "\n</body>\n</html>\n"
 
 
-def write_report(params: dict, *, out_root: Path | str = REPO_ROOT) -> Path:
+def write_report(params: Params, *, out_root: Path | str | None = None) -> Path:
     """reports/results.md and reports/results.html; registers the champions first. Returns the .md path."""
-    from components.training.checkpointing import atomic_write_bytes
+    from components.atomic import atomic_write_text
 
-    out_root = Path(out_root)
+    out_root = Path(out_root or params.root)
     evaluations = load_evaluations(params, out_root)
-    champions = register_champions(params, evaluations) if report_settings(params)["register"] else {}
+    champions = register_champions(params, evaluations) if params.report.register else {}
     text = build_markdown(params, evaluations, champions)
     md = out_root / "reports" / "results.md"
-    atomic_write_bytes(md, text.encode())
-    atomic_write_bytes(md.with_suffix(".html"), markdown_to_html(text).encode())
+    atomic_write_text(md, text)
+    atomic_write_text(md.with_suffix(".html"), markdown_to_html(text))
     print(f"[report] {len(evaluations)} evaluations -> {md} and {md.with_suffix('.html').name}", flush=True)
     return md

@@ -14,97 +14,16 @@ changed params, data or code start a fresh sweep. MLflow: one parent run per swe
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
-import os
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from components import tuning
-from pipeline.config import REPO_ROOT, ConfigError, TrainConfig, resolve_experiment
-
-# tune settings that say where and how fast a sweep runs, not what it finds: changing them restores it.
-EXECUTION_SETTINGS = frozenset({"driver", "num_workers", "resources_per_worker", "max_concurrent_trials"})
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """params.yaml's `tune` section, validated."""
-
-    experiment: str
-    num_samples: int
-    seed: int
-    metric: str
-    mode: str
-    space: dict
-    eval_interval: int                  # iterations between evaluations in every trial; 0 = the profile's
-    grace_period: int                   # evaluations before ASHA may stop a trial
-    reduction_factor: float
-    driver: dict = field(default_factory=dict)             # the trial driver's Ray resources
-    num_workers: int = 0                                   # 0 = the profile's
-    resources_per_worker: dict = field(default_factory=dict)   # empty = the profile's
-    max_concurrent_trials: int = 0                         # 0 = as many as the cluster holds now
-
-
-def _int(section: dict, key: str, minimum: int, default: int | None = None, where: str = "tune") -> int:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"params.yaml: {where}.{key}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def resolve_tune(params: dict) -> TuneSettings:
-    section = params.get("tune")
-    if not isinstance(section, dict):
-        raise ConfigError("params.yaml: tune: missing (the sweep's settings)")
-    scheduler = section.get("scheduler") or {}
-    if scheduler.get("type", "asha") != "asha":
-        raise ConfigError(f"params.yaml: tune.scheduler.type: expected asha, got {scheduler.get('type')!r}")
-    rf = scheduler.get("reduction_factor", 2)
-    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
-        raise ConfigError(f"params.yaml: tune.scheduler.reduction_factor: expected a number > 1, got {rf!r}")
-    grace = scheduler.get("grace_period", 1)
-    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
-        raise ConfigError(f"params.yaml: tune.scheduler.grace_period: expected an integer >= 1 "
-                          f"(evaluations), got {grace!r}")
-    mode = section.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise ConfigError(f"params.yaml: tune.mode: expected max or min, got {mode!r}")
-    metric = section.get("metric", "mIoU")
-    if metric not in ("mIoU", "mAcc", "aAcc"):
-        raise ConfigError(f"params.yaml: tune.metric: expected one of mIoU, mAcc, aAcc, got {metric!r}")
-    res = section.get("resources_per_trial") or {}
-    cpu, memory_gb = res.get("driver_cpu", 0), res.get("driver_memory_gb", 0)
-    if (any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in (cpu, memory_gb))
-            or not (cpu or memory_gb)):
-        raise ConfigError("params.yaml: tune.resources_per_trial: driver_cpu and driver_memory_gb must be "
-                          f"numbers >= 0, not both 0 (Ray needs a non-empty bundle), got {res!r}")
-    driver = {k: v for k, v in (("CPU", cpu), ("memory", round(memory_gb * 2**30))) if v}
-    workers = res.get("num_workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"params.yaml: tune.resources_per_trial.num_workers: expected an integer >= 0, "
-                          f"got {workers!r}")
-    per_worker = res.get("resources_per_worker") or {}
-    if not isinstance(per_worker, dict):
-        raise ConfigError(f"params.yaml: tune.resources_per_trial.resources_per_worker: expected a mapping "
-                          f"like {{CPU: 1}}, got {per_worker!r}")
-    try:
-        space = tuning.check_space(section.get("space"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return TuneSettings(
-        experiment=str(section.get("experiment", "")), num_samples=_int(section, "num_samples", 1),
-        seed=_int(section, "seed", 0, default=0), metric=metric, mode=mode, space=space,
-        eval_interval=_int(section, "eval_interval", 0, default=0),
-        grace_period=grace, reduction_factor=float(rf), driver=driver, num_workers=workers,
-        resources_per_worker=dict(per_worker),
-        max_concurrent_trials=_int(res, "max_concurrent_trials", 0, default=0,
-                                   where="tune.resources_per_trial"))
+from components.experiment import TrainConfig
+from pipeline.config import CODE_ROOT, ConfigError, Params, TuneSettings, code_deps, tune_dir
 
 
 def sweep_base(cfg: TrainConfig, settings: TuneSettings, trials_storage: str) -> TrainConfig:
@@ -113,24 +32,12 @@ def sweep_base(cfg: TrainConfig, settings: TuneSettings, trials_storage: str) ->
     return cfg.with_overrides(
         num_workers=settings.num_workers or cfg.num_workers,
         resources_per_worker=settings.resources_per_worker or cfg.resources_per_worker,
-        eval_interval=settings.eval_interval or cfg.eval_interval,
+        eval_every=settings.eval_interval or cfg.eval_interval,
         storage_path=trials_storage)
 
 
 def trial_config(base: TrainConfig, sampled: dict) -> TrainConfig:
-    return base.with_overrides(**{k: tuning.TUNABLE[k](v) for k, v in sampled.items()})
-
-
-def sweep_name(cfg: TrainConfig, settings: TuneSettings, data_hash: str) -> str:
-    """`<exp>-tune-<8 hex>` over what the sweep finds: config, tune settings, data and code."""
-    from pipeline.train import EXECUTION_FIELDS, code_hash
-
-    learned = {k: v for k, v in cfg.to_flat_dict().items() if k not in EXECUTION_FIELDS}
-    tune = {k: v for k, v in vars(settings).items() if k not in EXECUTION_SETTINGS}
-    code = code_hash() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    blob = json.dumps({"config": learned, "tune": tune, "data": data_hash, "code": code}, sort_keys=True,
-                      default=str)
-    return f"{cfg.name}-tune-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return base.with_schedule(**{k: tuning.TUNABLE[k](v) for k, v in sampled.items()})
 
 
 def trial_dirname(trial) -> str:
@@ -146,7 +53,8 @@ def run_trial(config: dict, setup: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from components.tracking import open_run
-    from pipeline.train import NonFiniteLossError, build_trainer, loop_config, run_exists
+    from components.training.loop import RunInfo
+    from components.training.trainer import NonFiniteLossError, build_trainer, log_interval, run_exists
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(setup["base"], config)
@@ -156,9 +64,9 @@ def run_trial(config: dict, setup: dict) -> None:
         tags["mlflow.parentRunId"] = setup["parent_run_id"]   # what makes the MLflow UI nest it
     tracker = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=name,
                        resume=run_exists(cfg.storage_path, name), params=cfg.to_flat_dict(), tags=tags)
-    config = loop_config(cfg, mlflow_run_id=tracker.run_id, data_hash=setup["data_hash"],
-                         data_uri=setup["data_uri"])
-    result = build_trainer(cfg, name, config, callbacks=[TuneReportCallback()]).fit()
+    run = RunInfo(mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg),
+                  manifest_sha256=setup["data_hash"], data_uri=setup["data_uri"])
+    result = build_trainer(cfg, name, run, callbacks=[TuneReportCallback()]).fit()
     # The loop ends cleanly on a NaN/inf loss (so Ray does not retry it): raising here makes Tune record
     # the trial as failed, not as stopped early, and keeps it out of the best trial.
     stopped = (result.return_value or {}).get("stopped")
@@ -182,32 +90,30 @@ def collect_trials(results, base: TrainConfig, settings: TuneSettings) -> list[d
         summary = tuning.summarize_trial(_trial_rows(result), cfg.max_iters, settings.metric, settings.mode,
                                          failed=result.error is not None)
         error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:300]
-        trials.append({"trial_id": Path(result.path).name, **{k: getattr(cfg, k) for k in columns}, **summary,
+        trials.append({"trial_id": Path(result.path).name, **{k: getattr(cfg.schedule, k) for k in columns}, **summary,
                        "error": error})
     return sorted(trials, key=lambda t: t["trial_id"])
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from components.training.checkpointing import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
-
-
 def write_trials_csv(path: Path, trials: list[dict]) -> None:
+    from components.atomic import atomic_write_text
+
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(trials[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(trials)
-    _atomic_text(path, out.getvalue())
+    atomic_write_text(path, out.getvalue())
 
 
 def write_best_params(path: Path, cfg: TrainConfig, settings: TuneSettings, best: dict, sweep: str) -> dict:
+    from components.atomic import atomic_write_text
+
     key = f"best_{settings.metric}"
     data = {"experiment": cfg.name, "profile": cfg.profile, "sweep": sweep, "metric": settings.metric,
             "mode": settings.mode, "trial_id": best["trial_id"], settings.metric: best[key],
             "iteration": best["best_iteration"],
             "params": {k: best[k] for k in tuning.TUNABLE if k in settings.space}}
-    _atomic_text(path, "# written by `dnlseg tune`; applied by `dnlseg train` when train.use_tuned is true\n"
+    atomic_write_text(path, "# written by `dnlseg tune`; applied by `dnlseg train` when train.use_tuned is true\n"
                  + yaml.safe_dump(data, sort_keys=False))
     return data
 
@@ -215,6 +121,8 @@ def write_best_params(path: Path, cfg: TrainConfig, settings: TuneSettings, best
 def plot_trials(path: Path, trials: list[dict], metric: str) -> None:
     """Best metric against learning rate (log) and against iterations run; stopped trials as crosses."""
     import matplotlib
+
+    from components.atomic import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -232,16 +140,11 @@ def plot_trials(path: Path, trials: list[dict], metric: str) -> None:
     axes[0].set_ylabel(f"best val {metric} (%)")
     axes[1].legend(loc="best", fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _finish_child_runs(cfg: TrainConfig, sweep: str, parent_run_id: str | None, trials: list[dict],
@@ -264,40 +167,42 @@ def _finish_child_runs(cfg: TrainConfig, sweep: str, parent_run_id: str | None, 
         child.set_status("FAILED" if t["status"] == "failed" else "FINISHED")
 
 
-def tune_experiment(params: dict, name: str | None = None, *, profile: str | None = None,
-                    out_root: Path | str = REPO_ROOT) -> dict:
+def tune_experiment(params: Params, name: str | None = None, *, profile: str | None = None,
+                    out_root: Path | str | None = None) -> dict:
     """Sweep experiment `name` (default: tune.experiment), restoring the sweep if it was interrupted;
-    write tune/<exp>/{best_params.yaml, trials.csv, trials.png} under out_root. Returns a summary."""
+    write tune/<exp>/{best_params.yaml, trials.csv, trials.png} under out_root (default: the repo)."""
+    from components.preflight import preflight
+    from components.ray_cluster import scoped_env
     from components.storage import endpoint_env
     from components.training.distributed import plan_batches
-    from pipeline.preflight import preflight
-    from pipeline.train import scoped_env
 
-    settings = resolve_tune(params)
+    settings = params.tune
     name = name or settings.experiment
     if not name:
         raise ConfigError("params.yaml: tune.experiment: missing (or name one on the command line)")
-    cfg = resolve_experiment(params, name, profile)
+    cfg = params.experiment(name, profile)
     probe = sweep_base(cfg, settings, cfg.storage_path)
     # Bad input fails here, in one line each, before Ray starts (as in the train stage).
     plan_batches(probe.batch_size, probe.num_workers, probe.micro_batch_size)
     with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
         preflight(cfg)
-        return _tune(cfg, settings, name, Path(out_root))
+        return _tune(cfg, settings, name, Path(out_root or params.root), params.root)
 
 
-def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path) -> dict:
+def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, repo: Path) -> dict:
     from ray import tune
 
+    from components.preflight import preflight_disk, preflight_ray, worker_bundle
+    from components.ray_cluster import connect_ray, shutdown_ray
     from components.storage import pyarrow_filesystem
     from components.tracking import flat_params, git_commit, open_run
     from components.training.data_sync import manifest_hash, publish_dataset
-    from pipeline.preflight import preflight_disk, preflight_ray, worker_bundle
-    from pipeline.train import connect_ray, shutdown_ray
+    from components.training.identity import code_hash, sweep_name
 
     storage = f"{cfg.storage_path.rstrip('/')}/tune"
     data_hash = manifest_hash(cfg.data_dir)
-    sweep = sweep_name(sweep_base(cfg, settings, storage), settings, data_hash)
+    sweep = sweep_name(sweep_base(cfg, settings, storage), settings.learned(), data_hash,
+                       code_hash(CODE_ROOT, code_deps("tune")))
     sweep_path = f"{storage}/{sweep}"
     base = sweep_base(cfg, settings, f"{sweep_path}/train_runs")
     max_iters = tuning.largest_value(settings.space, "max_iters", base.max_iters)
@@ -307,7 +212,7 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path) -
     fs, fs_path = pyarrow_filesystem(storage, cfg.storage_endpoint_url, cfg.storage_region)
     fs_kwargs = {"storage_filesystem": fs} if "://" in storage else {}
     tune_storage = fs_path if fs_kwargs else storage
-    out_dir = out_root / "tune" / name
+    out_dir = tune_dir(out_root, name)
 
     started_ray = connect_ray(cfg.ray_address)
     try:
@@ -324,7 +229,7 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path) -
         print(f"[tune driver] {name}: sweep {sweep} under {storage} ({'restoring' if restoring else 'new'}), "
               f"{settings.num_samples} samples, {concurrent} at a time (each {demand})", flush=True)
 
-        commit = git_commit(REPO_ROOT)
+        commit = git_commit(repo)
         tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"tune@{name}",
                 "dataset_manifest_sha256": data_hash, "experiment": name, "profile": cfg.profile,
                 "tune.sweep": sweep}

@@ -33,7 +33,7 @@ os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
     os.environ.pop(_name, None)
 
-from pipeline.train import free_port  # noqa: E402 (after the environment above; yaml and config only)
+from components.ray_cluster import free_port  # noqa: E402 (after the environment above)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -57,7 +57,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """data/prepared-like root holding cityscapes/{train,val}: 4 train / 2 val images of 64x128."""
-    from pipeline.prepare import generate_sample, prepare_dataset
+    from components.sample import generate_sample
+    from pipeline.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("tiny_data")
     generate_sample(root / "raw", seed=0, cityscapes={"train": 4, "val": 2, "height": 64, "width": 128},
@@ -77,19 +78,26 @@ def mlflow_db_template(tmp_path_factory) -> Path:
     return path
 
 
+def as_params(raw: dict, root: Path = REPO):
+    """A params.yaml dict (as the tests change it) resolved as the stages get it."""
+    from pipeline.config import parse
+
+    return parse(raw, root)
+
+
 @pytest.fixture
 def make_params(params_factory):
-    """params.yaml of the repo, with the sample profile shrunk to a few ~1 s steps and every output
-    (Ray storage, MLflow store) under `work`."""
+    """params.yaml of the repo as a dict (as_params() gives the stages' Params), with the sample profile
+    shrunk to a few ~1 s steps and every output (Ray storage, MLflow store) under `work`."""
     return params_factory
 
 
 @pytest.fixture(scope="session")
 def params_factory(tiny_data, mlflow_db_template):
     """make_params for session-scoped fixtures."""
-    from pipeline.config import load_params
+    from pipeline.config import read_raw
 
-    base = load_params()
+    base = read_raw(REPO / "params.yaml")
 
     def make(work: Path, data_root: Path | None = None, **profile) -> dict:
         work.mkdir(parents=True, exist_ok=True)
@@ -112,7 +120,7 @@ def params_factory(tiny_data, mlflow_db_template):
 @pytest.fixture(scope="session")
 def _shutdown_ray_at_end():
     yield
-    from pipeline.train import shutdown_ray
+    from components.ray_cluster import shutdown_ray
 
     shutdown_ray()
 
@@ -124,7 +132,7 @@ def ray_local(_shutdown_ray_at_end):
     placement-group cleaner needs it when other people's Ray clusters run on this machine too)."""
     import ray
 
-    from pipeline.train import start_local_ray
+    from components.ray_cluster import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, configure_logging=False)
@@ -235,11 +243,13 @@ class MlflowServer:
 DRIVER = """
 import json, sys
 import pipeline.train
-from pipeline.config import load_params
+from pipeline.config import load
 from pipeline.train import train_experiment
-pipeline.train.code_hash = lambda root=None: "pinned-by-the-test"
+from loop_hooks import FaultHooks
+pipeline.train.code_hash = lambda *args: "pinned-by-the-test"
 params_file, experiment, out_root, hooks, result_file = sys.argv[1:]
-out = train_experiment(load_params(params_file), experiment, out_root=out_root, test_hooks=json.loads(hooks))
+out = train_experiment(load(params_file, root="."), experiment, out_root=out_root,
+                       hooks=FaultHooks(**json.loads(hooks)))
 with open(result_file, "w") as f:
     json.dump(out, f, default=str)
 """
@@ -274,7 +284,7 @@ def s3_stage_run(tmp_path_factory, params_factory, mlflow_db_template, _shutdown
     import ray
     import yaml
 
-    from pipeline.train import start_local_ray
+    from components.ray_cluster import start_local_ray
 
     work = tmp_path_factory.mktemp("s3_stage")
     s3 = MotoS3().start()
@@ -292,7 +302,8 @@ def s3_stage_run(tmp_path_factory, params_factory, mlflow_db_template, _shutdown
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         if not ray.is_initialized():
             start_local_ray(num_cpus=2, configure_logging=False)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+               "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
                "AWS_SECRET_ACCESS_KEY": secret,
                "MLFLOW_TRACKING_URI": f"http://alice:{password}@127.0.0.1:{server.port}"}
 

@@ -16,10 +16,9 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import EXPERIMENT, REPO, VENV_BIN
+from conftest import EXPERIMENT, REPO, VENV_BIN, as_params
 
 from pipeline.cli import main
-from pipeline.config import REPO_ROOT
 
 SECRET = "hunter2-do-not-echo"
 EXP = ["experiments", EXPERIMENT]
@@ -29,7 +28,7 @@ CASES = {
                                f"experiments.{EXPERIMENT}.crop_size: [1025, 1024] (h, w) is larger than"),
     "negative_lr": (["train", "lr"], -0.01, "train.lr: expected a positive number, got -0.01"),
     "zero_lr": (["train", "lr"], 0, "train.lr: expected a positive number, got 0"),
-    "zero_iterations": (EXP + ["max_iters"], 0, f"experiments.{EXPERIMENT}.max_iters: expected a positive"),
+    "zero_iterations": (["schedules", "40k", "max_iters"], 0, "schedules.40k.max_iters: expected a positive"),
     "negative_iterations": (["profiles", "sample", "max_iters"], -4, "profiles.sample.max_iters: expected"),
     "unknown_dataset": (EXP + ["dataset"], "voc", f"experiments.{EXPERIMENT}.dataset: expected one of"),
     "batch_not_divisible": (["profiles", "sample", "batch_size"], 3, "batch_size: global batch 3 is not "
@@ -50,8 +49,6 @@ def _set(params: dict, path: list[str], value) -> dict:
     for key in path[:-1]:
         node = node.setdefault(key, {})
     node[path[-1]] = value
-    if path == EXP + ["max_iters"]:
-        params["profiles"]["sample"]["max_iters"] = 0      # so the experiment's own schedule counts
     return params
 
 
@@ -59,7 +56,7 @@ def _repo_outputs() -> dict:
     """The repo's own outputs of this experiment (a bad run must not touch them)."""
     state = {}
     for folder in ("models", "metrics", "plots"):
-        for path in sorted((REPO_ROOT / folder / EXPERIMENT).rglob("*")):
+        for path in sorted((REPO / folder / EXPERIMENT).rglob("*")):
             state[path] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
     return state
 
@@ -138,7 +135,7 @@ def test_prepared_image_corrupted_after_prepare_is_one_line_naming_it(ray_local,
     params = make_params(tmp_path / "work", data_root=data)     # max_failures 0: one attempt
 
     with pytest.raises(DataError) as error:
-        train_experiment(params, EXPERIMENT, out_root=tmp_path / "out")
+        train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out")
     message = str(error.value)
     assert "\n" not in message and any(message.startswith(f"{path}: unreadable image") for path in images)
     assert "rerun it, or `dvc pull`" in message

@@ -142,3 +142,33 @@ def test_backbone_loader_errors(tmp_path):
     torch.save({"stem.0.weight": torch.zeros(16, 3, 3, 3)}, path)
     with pytest.raises(CheckpointMismatchError, match=r"stem\.0\.weight \(16, 3, 3, 3\) vs backbone"):
         load_pretrained_backbone(ResNetV1c(depth=50), path)
+
+
+def test_backbone_loader_needs_every_weight_but_num_batches_tracked(tmp_path, imagenet_file):
+    _, sd = imagenet_file
+    path = tmp_path / "no_counters.pth"                # mmcv's ImageNet files may lack num_batches_tracked
+    torch.save({"state_dict": {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}}, path)
+    backbone = ResNetV1c(depth=50)
+    result = load_pretrained_backbone(backbone, path)
+    assert all(k.endswith("num_batches_tracked") for k in result.missing) and result.missing
+    torch.testing.assert_close(backbone.stem[4].running_var, sd["stem.4.running_var"])
+
+    path = tmp_path / "no_layer4.pth"                  # the old loader loaded this partially, silently
+    torch.save({"state_dict": {k: v for k, v in sd.items() if not k.startswith("layer4.")}}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"no_layer4.pth: \d+ of \d+ backbone weights missing from "
+                                                      r"the file: layer4\.0\.conv1\.weight, .*, \.\.\.$"):
+        load_pretrained_backbone(ResNetV1c(depth=50), path)
+
+
+def test_backbone_loader_refuses_weights_of_a_deeper_resnet(tmp_path, imagenet_file):
+    _, sd = imagenet_file
+    deeper = dict(sd)                                  # R-101's layer3 goes on to layer3.22
+    for b in range(6, 23):
+        deeper.update({k.replace("layer3.5.", f"layer3.{b}."): v for k, v in sd.items() if k.startswith("layer3.5.")})
+    path = tmp_path / "r101.pth"
+    torch.save({"state_dict": deeper}, path)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_pretrained_backbone(ResNetV1c(depth=50), path)
+    assert str(err.value).startswith(f"{path}: 255 backbone weights of the file have no place in the backbone "
+                                     "(layer3 has blocks 0..22 in the file, 0..5 in the backbone: ResNet-101 "
+                                     "weights for a ResNet-50 backbone): layer3.6.conv1.weight, ")

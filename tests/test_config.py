@@ -1,56 +1,84 @@
-"""params.yaml resolution and validation: every bad value names its key."""
+"""params.yaml resolution and validation: every bad value names its key, the whole file is checked
+whatever the profile, unknown keys are refused, and the registries agree with params.yaml and dvc.yaml."""
 
 import copy
 
 import pytest
+import yaml
+from conftest import REPO
 
-from pipeline.config import ConfigError, experiment_names, load_params, resolve_experiment
+from components.backbones import BACKBONES
+from components.data import dataset_names, get_dataset
+from pipeline.config import ConfigError, load, parse, read_raw
 
 R50 = "dnl_r50-d8_512x1024_40k_cityscapes"
 
 
 @pytest.fixture(scope="module")
-def params():
-    return load_params()
+def raw():
+    return read_raw(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def params(raw):
+    return parse(raw, REPO)
 
 
 def test_reference_profile_is_the_seed_settings(params):
-    cfg = resolve_experiment(params, "dnl_r50-d8_769x769_40k_cityscapes", profile="reference")
+    cfg = params.experiment("dnl_r50-d8_769x769_40k_cityscapes", profile="reference")
     assert (cfg.crop_size, cfg.scale, cfg.test_stride) == ((769, 769), (2049, 1025), (513, 513))
     assert cfg.align_corners and cfg.test_mode == "slide"
     assert (cfg.max_iters, cfg.batch_size, cfg.eval_interval) == (40000, 8, 4000)
-    assert (cfg.lr, cfg.momentum, cfg.weight_decay) == (0.01, 0.9, 5e-4)
-    assert (cfg.poly_power, cfg.min_lr) == (0.9, 1e-4)
-    assert (cfg.aux_weight, cfg.avg_non_ignore, cfg.warmup_iters) == (0.4, False, 0)
-    ade = resolve_experiment(params, "dnl_r101-d8_512x512_160k_ade20k", profile="reference")
+    s = cfg.schedule
+    assert (s.lr, s.momentum, s.weight_decay) == (0.01, 0.9, 5e-4)
+    assert (s.poly_power, s.min_lr) == (0.9, 1e-4)
+    assert (cfg.aux_weight, cfg.avg_non_ignore, s.warmup_iters) == (0.4, False, 0)
+    ade = params.experiment("dnl_r101-d8_512x512_160k_ade20k", profile="reference")
     assert (ade.num_classes, ade.depth, ade.batch_size, ade.max_iters) == (150, 101, 16, 160000)
     assert ade.scale == (2048, 512) and not ade.align_corners and ade.test_mode == "whole"
 
 
 def test_the_matrix_covers_the_results_table(params):
-    names = experiment_names(params)
+    names = list(params.experiments)
     assert len(names) == 12
     for name in names:
-        cfg = resolve_experiment(params, name, profile="reference")
+        cfg = params.experiment(name, profile="reference")
         # the name encodes backbone, crop, schedule and dataset exactly as the seed's config names do
         crop = f"{cfg.crop_size[0]}x{cfg.crop_size[1]}"
         assert name == f"dnl_r{cfg.depth}-d8_{crop}_{cfg.max_iters // 1000}k_{cfg.dataset}"
+        assert params.experiments[name].schedule == f"{cfg.max_iters // 1000}k"
 
 
-def test_sample_profile_scales_sizes_and_iterations(params):
-    cfg = resolve_experiment(params, R50, profile="sample")
-    s = params["profiles"]["sample"]["size_scale"]
+def test_sample_profile_scales_sizes_and_iterations(raw, params):
+    cfg = params.experiment(R50, profile="sample")
+    s = raw["profiles"]["sample"]["size_scale"]
     assert cfg.crop_size == (round(512 * s), round(1024 * s)) and cfg.scale == (round(2048 * s), round(1024 * s))
-    assert cfg.max_iters == params["profiles"]["sample"]["max_iters"]
+    assert cfg.max_iters == raw["profiles"]["sample"]["max_iters"]
 
 
-def _broken(params, path, value):
-    p = copy.deepcopy(params)
+def test_config_crosses_to_the_workers_as_it_is(params):
+    """The training config is one frozen dataclass: tuples stay tuples through a copy by reduction (the
+    protocol Ray's cloudpickle uses to send it)."""
+    cfg = params.experiment(R50)
+    again = copy.deepcopy(cfg)
+    assert again == cfg and isinstance(again.crop_size, tuple) and again.schedule.lr == 0.01
+    with pytest.raises(AttributeError):
+        cfg.name = "other"   # frozen
+
+
+def _broken(raw, path, value):
+    p = copy.deepcopy(raw)
     d = p
     for k in path[:-1]:
         d = d[k]
-    d[path[-1]] = value
+    if value is DELETE:
+        del d[path[-1]]
+    else:
+        d[path[-1]] = value
     return p
+
+
+DELETE = object()
 
 
 @pytest.mark.parametrize(
@@ -60,34 +88,142 @@ def _broken(params, path, value):
         (["experiments", R50, "dataset"], "voc", f"experiments.{R50}.dataset: expected one of ade20k"),
         (["experiments", R50, "crop_size"], [1025, 1024], f"experiments.{R50}.crop_size: [1025, 1024]"),
         (["experiments", R50, "crop_size"], [512], f"experiments.{R50}.crop_size: expected two positive"),
-        (["experiments", R50, "max_iters"], 0, f"experiments.{R50}.max_iters: expected a positive integer"),
+        (["experiments", R50, "schedule"], "20k", f"experiments.{R50}.schedule: expected one of 40k, 80k, 160k"),
+        (["schedules", "40k", "max_iters"], 0, "schedules.40k.max_iters: expected a positive integer"),
         (["train", "lr"], -0.01, "train.lr: expected a positive number, got -0.01"),
         (["train", "lr"], 0, "train.lr: expected a positive number"),
         (["profiles", "sample", "max_iters"], -5, "profiles.sample.max_iters: expected an integer >= 0"),
         (["profiles", "sample", "precision"], "fp16", "profiles.sample.precision: fp16 needs use_gpu"),
         (["profile"], "huge", "profile: expected one of reference, sample"),
         (["train", "attention"], "flash", "train.attention: expected one of fused, naive"),
+        (["train", "pretrained", "R-18"], "x.pth", "train.pretrained.R-18: not a registered backbone"),
+        (["data", "datasets", "voc"], {"source": "voc"}, "data.datasets.voc: not a registered dataset"),
+        (["data", "datasets", "cityscapes", "source"], DELETE, "data.datasets.cityscapes.source: missing"),
+        (["sample", "ade20k", "train"], 0, "sample.ade20k.train: expected a positive integer, got 0"),
+        (["tune", "experiment"], "nope", "tune.experiment: unknown experiment 'nope'"),
+        (["imported_checkpoints"], {"x": {"experiment": "nope", "path": "a.pth"}},
+         "imported_checkpoints.x.experiment: expected one of"),
     ],
 )
-def test_invalid_params_name_the_key(params, path, value, message):
-    bad = _broken(params, path, value)
-    if path[0] == "experiments" and path[-1] == "max_iters":
-        bad["profiles"]["sample"]["max_iters"] = 0  # so the experiment's own schedule is used
+def test_invalid_params_name_the_key(raw, path, value, message):
     with pytest.raises(ConfigError) as e:
-        resolve_experiment(bad, R50)
+        parse(_broken(raw, path, value), REPO)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (["train", "lr_typo"], 0.1, "train.lr_typo: unknown key (did you mean lr?)"),
+        (["train", "weight_decy"], 0.1, "train.weight_decy: unknown key (did you mean weight_decay?)"),
+        (["profiles", "reference", "num_worker"], 2, "profiles.reference.num_worker: unknown key (did you "
+                                                     "mean num_workers?)"),
+        (["experiments", R50, "max_iter"], 5, f"experiments.{R50}.max_iter: unknown key"),
+        (["evaluate", "profiles", "sample", "flips"], True, "evaluate.profiles.sample.flips: unknown key (did you "
+                                                            "mean flip?)"),
+        (["sample", "ade20k", "depth"], 3, "sample.ade20k.depth: unknown key"),
+        (["tune", "resources_per_trial", "driver_gpu"], 1, "tune.resources_per_trial.driver_gpu: unknown key "
+                                                           "(did you mean driver_cpu?)"),
+        (["trian"], {}, "trian: unknown key (did you mean train?)"),
+    ],
+)
+def test_unknown_keys_are_refused_with_the_closest_known_one(raw, path, value, message):
+    with pytest.raises(ConfigError) as e:
+        parse(_broken(raw, path, value), REPO)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [   # values the active profile (sample) overrides or never uses are still checked
+        (["experiments", R50, "batch_size"], "eight", f"experiments.{R50}.batch_size: expected a positive integer"),
+        (["evaluate", "ms_ratios"], [], "evaluate.ms_ratios: expected a list of positive numbers"),
+        (["profiles", "reference", "evals_per_run"], 0, "profiles.reference.evals_per_run: expected a positive"),
+        (["evaluate", "profiles", "sample", "fps_images"], 1, "evaluate.profiles.sample.fps_images: 1 must be "
+                                                              "larger than fps_warmup"),
+    ],
+)
+def test_every_value_is_checked_whatever_the_profile(raw, path, value, message):
+    assert raw["profile"] == "sample"
+    with pytest.raises(ConfigError) as e:
+        parse(_broken(raw, path, value), REPO)
+    assert message in str(e.value)
+
+
 def test_unknown_experiment_lists_the_known_ones(params):
     with pytest.raises(ConfigError, match="unknown experiment 'nope'.*dnl_r50"):
-        resolve_experiment(params, "nope")
+        params.experiment("nope")
 
 
 def test_unreadable_params_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("profile: [unclosed\n")
     with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
-        load_params(bad)
+        load(bad)
     with pytest.raises(ConfigError, match="not found"):
-        load_params(tmp_path / "missing.yaml")
+        load(tmp_path / "missing.yaml")
+
+
+def test_paths_resolve_against_the_repo_the_stage_runs_in(raw, tmp_path):
+    """Not against where the package is installed: a second clone, a worktree or DVC's temp workspace."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load(tmp_path / "params.yaml")
+    assert params.root == tmp_path.resolve()
+    assert params.prepared_dir == tmp_path.resolve() / "data" / "prepared"
+    assert params.sources["cityscapes"] == tmp_path.resolve() / "data" / "sample" / "cityscapes"
+    cfg = params.experiment(R50)
+    assert cfg.storage_path == str(tmp_path.resolve() / "runs")
+    assert cfg.data_dir == str(tmp_path.resolve() / "data" / "prepared" / "cityscapes")
+
+
+# --- the registries agree with params.yaml and dvc.yaml -------------------------------------------
+
+def test_declared_datasets_backbones_and_schedules_agree_with_params_and_dvc(raw, params):
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    # Every registered dataset has its source in params.yaml, hence a prepare@<name> stage (foreach).
+    assert set(raw["data"]["datasets"]) == set(dataset_names())
+    assert dvc["prepare"]["foreach"] == "${data.datasets}"
+    for name in dataset_names():
+        spec = get_dataset(name)
+        assert len(spec.classes) == len(spec.palette) == spec.num_classes
+        assert set(spec.splits) == {"train", "val"}
+        assert (REPO / "components" / "data" / "datasets" / f"{name}.py").is_file()   # prepare's dep
+    # The table's backbones and schedules are exactly the declared ones, each used.
+    assert {e.backbone for e in params.experiments.values()} == set(BACKBONES)
+    assert {e.schedule for e in params.experiments.values()} == set(params.schedules)
+    assert set(raw["train"]["pretrained"]) == set(BACKBONES)
+    # Train / evaluate stages are generated from the experiments; the imported ones likewise.
+    assert dvc["train"]["foreach"] == dvc["evaluate"]["foreach"] == "${experiments}"
+    assert "schedules" in dvc["train"]["do"]["params"] and "schedules" in dvc["tune"]["params"]
+
+
+@pytest.mark.parametrize("stage, modules", [
+    ("train", "pipeline.cli, pipeline.train, components.training.loop, components.training.trainer, "
+              "components.preflight, components.ray_cluster, components.tuning"),
+    ("tune", "pipeline.cli, pipeline.tune, components.training.loop, components.training.trainer, "
+             "components.preflight, components.ray_cluster, components.tuning"),
+    ("evaluate", "pipeline.cli, pipeline.evaluate, components.evaluation.loading, components.evaluation.segment, "
+                 "components.evaluation.speed, components.evaluation.visualize, components.evaluation.registry, "
+                 "components.data.dataset, components.data.transforms"),
+    ("report", "pipeline.cli, pipeline.report, components.evaluation.registry, components.evaluation.table"),
+])
+def test_code_deps_of_a_stage_exist_and_cover_what_it_imports(stage, modules):
+    """A stage's dvc.yaml code deps (which the run identity hashes for train and tune) must exist and
+    cover every module of this repo the stage imports, so that DVC reruns it when that code changes."""
+    import subprocess
+    import sys
+
+    from pipeline.config import CODE_ROOT, code_deps
+
+    deps = code_deps(stage) + ("pipeline/cli.py",)   # the CLI only dispatches (a dep of no stage)
+    assert all((CODE_ROOT / d).exists() for d in deps)
+    probe = (f"import sys, {modules}; "
+             "print('\\n'.join(sorted(m.__file__ for m in list(sys.modules.values()) "
+             "if getattr(m, '__file__', None))))")
+    files = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           cwd=REPO).stdout.split()
+    package_inits = {str(CODE_ROOT / "components" / "__init__.py"), str(CODE_ROOT / "pipeline" / "__init__.py")}
+    ours = {f for f in files if f.startswith(str(CODE_ROOT)) and "/.venv" not in f} - package_inits
+    uncovered = sorted(f for f in ours if not any(f.startswith(str(CODE_ROOT / d)) for d in deps))
+    assert not uncovered, f"stage {stage} imports code outside its dvc.yaml deps: {uncovered}"

@@ -1,5 +1,6 @@
 """`dvc repro` through the real stages (sample → prepare → train → evaluate) in a copy of the repo, on
-tiny sample data; then a second `dvc repro` must be a no-op."""
+tiny sample data; then a second `dvc repro` must be a no-op. And a third dataset added through the
+registry only (one module + its params.yaml entries) is prepared, trained and evaluated by `dvc repro`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
@@ -19,7 +23,8 @@ pytestmark = pytest.mark.integration
 
 
 def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True).stdout
     for name in filter(None, files.decode().split("\0")):
         src = REPO / name
         if src.is_file():
@@ -27,7 +32,7 @@ def _copy_repo(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def _shrink_params(path: Path, tmp: Path) -> None:
+def _shrink_params(path: Path, tmp: Path) -> dict:
     params = yaml.safe_load(path.read_text())
     params["sample"]["cityscapes"] = {"train": 2, "val": 1, "height": 128, "width": 256}
     params["sample"]["ade20k"] = {"train": 2, "val": 1, "height": 64, "width": 64}
@@ -36,6 +41,19 @@ def _shrink_params(path: Path, tmp: Path) -> None:
     params["train"]["storage_path"] = str(tmp / "runs")
     params["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def _repo_copy(tmp_path: Path) -> tuple[Path, dict]:
+    work = tmp_path / "repo"
+    _copy_repo(work)
+    _shrink_params(work / "params.yaml", tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # The copy's code, not the editable install's: the stages and the Ray workers import from here.
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(work),
+               NO_ALBUMENTATIONS_UPDATE="1")
+    return work, env
 
 
 def _dvc(args: list[str], cwd: Path, env: dict) -> str:
@@ -46,28 +64,111 @@ def _dvc(args: list[str], cwd: Path, env: dict) -> str:
 
 
 def test_dvc_repro_runs_the_stages_then_is_a_no_op(tmp_path):
-    work = tmp_path / "repo"
-    _copy_repo(work)
-    _shrink_params(work / "params.yaml", tmp_path)
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    # The copy's code, not the editable install's: the stages and the Ray workers import from here.
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(work),
-               NO_ALBUMENTATIONS_UPDATE="1")
+    work, env = _repo_copy(tmp_path)
 
     first = _dvc(["repro", f"evaluate@{EXP}"], work, env)
-    for stage in ("sample", "prepare_cityscapes", f"train@{EXP}", f"evaluate@{EXP}"):
+    for stage in ("sample", "prepare@cityscapes", f"train@{EXP}", f"evaluate@{EXP}"):
         assert f"Running stage '{stage}'" in first
-    assert "prepare_ade20k" not in first   # only what the target needs
+    assert "prepare@ade20k" not in first   # only what the target needs
     train = json.loads((work / "metrics" / EXP / "train.json").read_text())
     evaluation = json.loads((work / "metrics" / EXP / "eval.json").read_text())
     assert (work / "models" / EXP / "model.pt").stat().st_size > 100e6   # 50 M fp32 parameters
     assert train and evaluation
     lock = yaml.safe_load((work / "dvc.lock").read_text())
-    assert {"sample", "prepare_cityscapes", f"train@{EXP}", f"evaluate@{EXP}"} <= set(lock["stages"])
+    assert {"sample", "prepare@cityscapes", f"train@{EXP}", f"evaluate@{EXP}"} <= set(lock["stages"])
 
     second = _dvc(["repro", f"evaluate@{EXP}"], work, env)
     assert "Running stage" not in second
     assert "didn't change" in second or "up to date" in second.lower()
     status = _dvc(["status", f"evaluate@{EXP}"], work, env)
     assert "up to date" in status.lower()
+
+
+# --- a dataset added through the registry only ------------------------------------------------------
+
+TOY_MODULE = '''
+"""Toy: 3 classes; <source>/<split>/<stem>.png images beside <stem>_label.png train ids (255 = ignore)."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.data.datasets.spec import DatasetSpec
+from components.data.io import DirTree, Item, Source
+from components.data.validate import DataError, check_same_size, read_label_png
+
+
+def open_source(source: Path) -> Source:
+    if not Path(source).is_dir():
+        raise DataError(f"{source}: dataset source not found")
+    tree = DirTree(Path(source))
+    return Source(tree, tree)
+
+
+def list_split(src: Source, split: str) -> list[Item]:
+    images = [p for p in src.images.files(split) if p.endswith(".png") and not p.endswith("_label.png")]
+    if not images:
+        raise DataError(f"{src.images.where(split)}: split {split!r} is empty")
+    return [Item(p, p[:-4] + "_label.png", f"images/{Path(p).name}", f"labels/{Path(p).name}") for p in images]
+
+
+def make_label(src: Source, item: Item, image_size, out_path: Path, image_where: str) -> np.ndarray:
+    where = src.labels.where(item.label)
+    label = read_label_png(src.labels.read_bytes(item.label), where)
+    check_same_size(image_size, (label.shape[1], label.shape[0]), image_where, where)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(label).save(out_path)
+    return label
+
+
+DATASET = DatasetSpec(name="toy", title="Toy", classes=("background", "square", "disc"),
+                      palette=((0, 0, 0), (255, 0, 0), (0, 0, 255)), splits={"train": "train", "val": "val"},
+                      open_source=open_source, list_split=list_split, make_label=make_label)
+'''
+
+
+def _write_toy_data(root: Path, seed: int = 0) -> None:
+    """Squares (class 1) and discs (class 2) on a textured background (0), a thin ignored border."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", 4), ("val", 2)):
+        (root / split).mkdir(parents=True)
+        for i in range(count):
+            h, w = 64, 128
+            label = np.zeros((h, w), np.uint8)
+            y, x = np.mgrid[:h, :w]
+            cy, cx, r = rng.integers(16, 48), rng.integers(16, 56), rng.integers(8, 14)
+            label[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = 2
+            y0, x0 = rng.integers(8, 40), rng.integers(70, 100)
+            label[y0:y0 + 16, x0:x0 + 20] = 1
+            label[:2] = 255
+            colours = np.array([[90, 120, 60], [200, 40, 40], [40, 40, 200]], np.float64)
+            image = colours[np.minimum(label, 2)] + rng.normal(0, 12, (h, w, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / split / f"toy_{i}.png")
+            Image.fromarray(label).save(root / split / f"toy_{i}_label.png")
+
+
+def test_a_dataset_added_through_the_registry_is_prepared_trained_and_evaluated(tmp_path):
+    work, env = _repo_copy(tmp_path)
+    (work / "components" / "data" / "datasets" / "toy.py").write_text(textwrap.dedent(TOY_MODULE))
+    _write_toy_data(work / "data" / "toy")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["data"]["datasets"]["toy"] = {"source": "data/toy"}
+    name = "dnl_r50-d8_64x128_40k_toy"
+    params["experiments"][name] = {"dataset": "toy", "backbone": "R-50-D8", "crop_size": [512, 1024],
+                                   "scale": [1024, 512], "schedule": "40k", "batch_size": 8,
+                                   "align_corners": False, "test_mode": "whole"}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    out = _dvc(["repro", f"evaluate@{name}"], work, env)
+    for stage in ("prepare@toy", f"train@{name}", f"evaluate@{name}"):
+        assert f"Running stage '{stage}'" in out
+    assert "prepare@cityscapes" not in out and "Running stage 'sample'" not in out
+    stats = json.loads((work / "metrics" / "data" / "toy.json").read_text())
+    assert stats["num_classes"] == 3 and stats["splits"]["train"]["images"] == 4
+    assert list(stats["splits"]["train"]["class_pixels"]) == ["background", "square", "disc"]
+    evaluation = json.loads((work / "metrics" / name / "eval.json").read_text())
+    assert evaluation["dataset"] == "toy" and evaluation["images"] == 2
+    assert list(evaluation["single_scale"]["IoU"]) == ["background", "square", "disc"]
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    assert {"prepare@toy", f"train@{name}", f"evaluate@{name}"} <= set(lock["stages"])

@@ -18,23 +18,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, as_params
 from PIL import Image
 from torch import nn
 
-from components.data import CITYSCAPES_CLASSES
+from components.data import get_dataset
 from components.data.dataset import SegmentationDataset
 from components.data.transforms import build_test_transform
-from components.evaluation.confusion import ConfusionMatrix
 from components.evaluation.segment import InferenceSetting, evaluate_split, predict_scores
 from components.evaluation.speed import measure_fps
+from components.metrics import ConfusionMatrix
 from components.models import build_dnlnet
 from components.models.checkpoint import save_checkpoint
 from components.models.speedups import autocast, prepare_for_inference
-from pipeline.config import ConfigError, load_params
-from pipeline.evaluate import eval_settings, evaluate_experiment
+from pipeline.config import ConfigError, read_raw
+from pipeline.evaluate import evaluate_experiment
 
 EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
 NUM_CLASSES = 19
+CITYSCAPES_CLASSES = get_dataset("cityscapes").classes
 
 
 def tiny_params(work: Path, data_root: Path, db_template: Path) -> dict:
@@ -43,7 +45,7 @@ def tiny_params(work: Path, data_root: Path, db_template: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "mlflow.db").exists():
         shutil.copyfile(db_template, work / "mlflow.db")
-    params = copy.deepcopy(load_params())
+    params = read_raw(REPO / "params.yaml")
     params["profile"] = "sample"
     params["profiles"]["sample"].update({"size_scale": 0.03125, "use_gpu": False, "precision": "fp32"})
     params["data"]["prepared_dir"] = str(data_root)
@@ -82,7 +84,8 @@ def evaluated(tmp_path_factory, tiny_data, mlflow_db_template):
     model = random_model()
     save_checkpoint(work / "models" / EXP / "model.pt", model, {"experiment": EXP, "iteration": 4})
     run_id = fake_training_run(params["tracking"]["uri"], EXP, [0.5, 1.25, 0.75])
-    summary = evaluate_experiment(params, EXP, out_root=work, predictions_dir=work / "predictions")
+    summary = evaluate_experiment(as_params(params, work), EXP, out_root=work,
+                                  predictions_dir=work / "predictions")
     return {"work": work, "params": params, "summary": summary, "model": model, "run_id": run_id,
             "val": tiny_data / "cityscapes" / "val"}
 
@@ -217,7 +220,7 @@ def test_imported_checkpoint_gets_a_run_of_its_own(evaluated, tmp_path):
     save_checkpoint(released, random_model(seed=1), {"config": "released"})
     params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "path": str(released)}}
     params["evaluate"].update({"fps_images": 0, "overlays": 0, "ms_ratios": [1.0], "flip": False})
-    summary = evaluate_experiment(params, "released_r50", out_root=work)
+    summary = evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
     assert summary["imported"] is True and summary["speed"] is None and summary["train_memory"] is None
     assert summary["train"] == {"crop_size": [512, 1024], "max_iters": 40000, "batch_size": 8}
     # ms_ratios [1.0] without flip is the single-scale pass itself.
@@ -231,7 +234,7 @@ def test_imported_checkpoint_gets_a_run_of_its_own(evaluated, tmp_path):
     assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt",
                                                                                  "model/config.json"}
     # Evaluating again logs into the same run (found by its deterministic name), not a new one.
-    again = evaluate_experiment(params, "released_r50", out_root=work)
+    again = evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
     assert again["mlflow"]["run_id"] == run.info.run_id
 
 
@@ -325,36 +328,44 @@ def test_confusion_matrix_by_hand():
     assert np.allclose(cm.normalized()[1], [1 / 3, 2 / 3, 0])
 
 
+def eval_settings(evaluate: dict | None = None, profile: str | None = None, drop=(), **top):
+    """The EvalSettings of the repo's params.yaml with its `evaluate` section updated by `evaluate`
+    (its keys in `drop` removed first, to fall back on the defaults), and top-level keys set from `top`."""
+    raw = read_raw(REPO / "params.yaml")
+    raw.update(top)
+    raw["evaluate"] = {k: v for k, v in raw["evaluate"].items() if k not in drop} | (evaluate or {})
+    return as_params(raw).eval_settings(profile)
+
+
 def test_eval_settings_profile_override_and_errors():
-    params = {"profile": "sample", "evaluate": {"fps_images": 200, "fps_warmup": 5,
-                                                "profiles": {"sample": {"fps_images": 6, "fps_warmup": 1}}}}
-    s = eval_settings(params)
+    evaluate = {"fps_images": 200, "fps_warmup": 5, "profiles": {"sample": {"fps_images": 6, "fps_warmup": 1}}}
+    s = eval_settings(evaluate, profile="sample")
     assert (s.fps_images, s.fps_warmup, s.flip) == (6, 1, True)
-    assert s.ms_ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # spec section 2, the default
-    assert eval_settings(params, "reference").fps_images == 200
+    assert s.ms_ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # spec section 2, params.yaml's evaluate.ms_ratios
+    assert eval_settings(evaluate, "reference").fps_images == 200
     with pytest.raises(ConfigError, match=r"evaluate\.ms_ratios: expected a list of positive numbers"):
-        eval_settings({"evaluate": {"ms_ratios": "0.5"}})
+        eval_settings({"ms_ratios": "0.5"})
     with pytest.raises(ConfigError, match=r"evaluate\.profiles\.sample\.fps_images: 3 must be larger"):
-        eval_settings({"profile": "sample", "evaluate": {"profiles": {"sample": {"fps_images": 3}}}})
-    with pytest.raises(ConfigError, match=r"evaluate\.ratios: unknown setting"):
-        eval_settings({"evaluate": {"ratios": [1.0]}})
+        eval_settings({"profiles": {"sample": {"fps_images": 3}}}, profile="sample")
+    with pytest.raises(ConfigError, match=r"evaluate\.ratios: unknown key \(did you mean ms_ratios\?\)"):
+        eval_settings({"ratios": [1.0]})
 
 
 def test_eval_precision_defaults_to_the_fastest_that_agrees():
-    s = eval_settings({})
+    s = eval_settings(drop=("precision", "fold_bn"))   # not set: the defaults
     assert (s.precision, s.fold_bn) == ("auto", True)
     assert (s.precision_on("cpu"), s.precision_on("cuda:0")) == ("bf16", "fp16")
-    assert eval_settings({"evaluate": {"precision": "fp32"}}).precision_on("cuda") == "fp32"
+    assert eval_settings({"precision": "fp32"}).precision_on("cuda") == "fp32"
     with pytest.raises(ConfigError, match=r"evaluate\.precision: expected one of auto, fp32, bf16, fp16"):
-        eval_settings({"evaluate": {"precision": "half"}})
+        eval_settings({"precision": "half"})
     with pytest.raises(ConfigError, match=r"evaluate\.precision: fp16 needs a GPU"):
-        eval_settings({"evaluate": {"precision": "fp16", "device": "cpu"}})
+        eval_settings({"precision": "fp16", "device": "cpu"})
     with pytest.raises(ConfigError, match=r"evaluate\.fold_bn: expected true or false"):
-        eval_settings({"evaluate": {"fold_bn": "yes"}})
+        eval_settings({"fold_bn": "yes"})
 
 
 def test_unknown_name_and_missing_checkpoint(evaluated, tmp_path):
     with pytest.raises(ConfigError, match="no experiment or imported_checkpoints entry named 'nope'"):
-        evaluate_experiment(evaluated["params"], "nope", out_root=tmp_path)
+        evaluate_experiment(as_params(evaluated["params"], tmp_path), "nope", out_root=tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"models/{EXP}/model\.pt: checkpoint not found"):
-        evaluate_experiment(evaluated["params"], EXP, out_root=tmp_path)
+        evaluate_experiment(as_params(evaluated["params"], tmp_path), EXP, out_root=tmp_path)

@@ -26,7 +26,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import EXPERIMENT, REPO, MlflowServer
+from conftest import EXPERIMENT, REPO, MlflowServer, as_params
+from loop_hooks import FaultHooks
 
 
 def _wait_for(path: Path, timeout: float) -> bool:
@@ -68,7 +69,7 @@ def test_mlflow_server_down_mid_run_training_goes_on(ray_local, make_params, mlf
 
         killer = threading.Thread(target=kill_server_while_rank0_holds, daemon=True)
         killer.start()
-        out = train_experiment(params, EXPERIMENT, out_root=tmp_path / "out", test_hooks={"hold": hold})
+        out = train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out", hooks=FaultHooks(hold=hold))
         killer.join()
     finally:
         server.stop()
@@ -96,14 +97,15 @@ def test_nan_loss_stops_cleanly_is_not_retried_and_keeps_the_last_good_checkpoin
     no DVC output was written; the MLflow run is FAILED with the reason as a tag."""
     from components.models import build_dnlnet
     from components.models.checkpoint import load_mmseg_checkpoint
-    from pipeline.train import NonFiniteLossError, train_experiment
+    from components.training.trainer import NonFiniteLossError
+    from pipeline.train import train_experiment
 
     params = make_params(tmp_path)
     params["train"]["max_failures"] = 2
     attempts = tmp_path / "attempts"
     with pytest.raises(NonFiniteLossError) as error:
-        train_experiment(params, EXPERIMENT, out_root=tmp_path / "out",
-                         test_hooks={"nan_at": 3, "attempts_file": str(attempts)})
+        train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out",
+                         hooks=FaultHooks(nan_at=3, attempts_file=str(attempts)))
     message = str(error.value)
     assert "\n" not in message and "loss is [nan" in message and "at iteration 3" in message
     assert "the last good checkpoint (2) is kept in" in message and "lower train.lr" in message
@@ -156,16 +158,16 @@ WRITER = textwrap.dedent("""
 
     os.fdopen = lambda *a, **k: Stalling(real_fdopen(*a, **k))
     if how == "atomic_write_bytes":    # metrics/<exp>/train.json, plots/<exp>/train.csv, train_state.pt
-        from components.training.checkpointing import atomic_write_bytes
+        from components.atomic import atomic_write_bytes
         atomic_write_bytes(dest, b"NEW" * 100000)
     elif how == "copy_atomic":         # models/<exp>/model.pt, streamed out of the (local or s3) checkpoint
         import pyarrow.fs
-        from pipeline.train import _copy_atomic
+        from components.training.trainer import copy_from_checkpoint
         source = dest.parent / "checkpoint"
         source.mkdir()
         (source / "model.pt").write_bytes(b"NEW" * 100000)
         checkpoint = SimpleNamespace(filesystem=pyarrow.fs.LocalFileSystem(), path=str(source))
-        _copy_atomic(checkpoint, "model.pt", dest)
+        copy_from_checkpoint(checkpoint, "model.pt", dest)
     elif how == "save_checkpoint":     # a checkpoint's model.pt
         import torch
         from components.models.checkpoint import save_checkpoint
@@ -199,12 +201,12 @@ def test_failed_copy_keeps_the_previous_output_and_cleans_up(tmp_path):
     no temp file remains."""
     import pyarrow.fs
 
-    from pipeline.train import _copy_atomic
+    from components.training.trainer import copy_from_checkpoint
 
     dest = tmp_path / "models" / "exp" / "model.pt"
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"OLD")
     checkpoint = SimpleNamespace(filesystem=pyarrow.fs.LocalFileSystem(), path=str(tmp_path / "gone"))
     with pytest.raises(FileNotFoundError):
-        _copy_atomic(checkpoint, "model.pt", dest)
+        copy_from_checkpoint(checkpoint, "model.pt", dest)
     assert dest.read_bytes() == b"OLD" and [p.name for p in dest.parent.iterdir()] == ["model.pt"]

@@ -14,9 +14,9 @@ from test_training import HAND_LABEL, HAND_PRED, PredictsChannelZero, assert_han
 from torch import nn
 
 from components.models import build_dnlnet
+from components.ray_cluster import free_port
 from components.training.evaluate import evaluate
 from components.training.step import sgd, train_step
-from pipeline.train import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda:0")

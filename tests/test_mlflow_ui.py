@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from components.ray_cluster import free_port
 from pipeline.report import compare_url
-from pipeline.train import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +66,8 @@ def fill_store(tracking_uri: str) -> dict[str, str]:
     logs (eval_metrics / mark_training_experiment). Returns {experiment name: run_id}."""
     from mlflow.tracking import MlflowClient
 
-    from components.tracking import RunLogger, open_run
-    from pipeline.evaluate import eval_metrics, mark_training_experiment
+    from components.tracking import RunLogger, mark_training_experiment, open_run
+    from pipeline.evaluate import eval_metrics
 
     run_ids = {}
     for name, miou in RUNS.items():

@@ -3,25 +3,26 @@ file, a run (`runs:/`) or a registered model (`models:/<name>@champion`)."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, as_params
 from PIL import Image
 
-from components.data import CITYSCAPES_PALETTE
+from components.data import get_dataset
 from components.data.transforms import build_test_transform
-from components.evaluation.registry import ensure_model_artifacts, register_champion
+from components.evaluation.registry import ModelSpec, ensure_model_artifacts, register_champion
 from components.models import build_dnlnet
 from components.models.checkpoint import save_checkpoint
 from components.models.speedups import autocast, prepare_for_inference
-from pipeline.config import load_params, resolve_experiment
+from pipeline.config import load, read_raw
 from pipeline.predict import predict
 
 EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
+CITYSCAPES_PALETTE = get_dataset("cityscapes").palette
 SIZES = {"a": (48, 100), "b": (64, 128), "single": (37, 53)}   # (h, w): odd sizes too
 
 
@@ -31,10 +32,11 @@ def setup(tmp_path_factory, mlflow_db_template):
     one alone; the sample profile scaled down so the test scale is (128, 64)."""
     root = tmp_path_factory.mktemp("predict")
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")
-    params = copy.deepcopy(load_params())
-    params["profile"] = "sample"
-    params["profiles"]["sample"]["size_scale"] = 0.0625
-    params["tracking"] = {"uri": f"sqlite:///{root / 'mlflow.db'}"}
+    raw = read_raw(REPO / "params.yaml")
+    raw["profile"] = "sample"
+    raw["profiles"]["sample"]["size_scale"] = 0.0625
+    raw["tracking"] = {"uri": f"sqlite:///{root / 'mlflow.db'}"}
+    params = as_params(raw, root)
     torch.manual_seed(0)
     model = build_dnlnet(depth=50, num_classes=19).eval()
     checkpoint = root / "ckpt" / "model.pt"
@@ -92,19 +94,17 @@ def test_registered_model_and_run_give_the_same_labels(setup, from_checkpoint):
     from mlflow.tracking import MlflowClient
 
     params = setup["params"]
-    client = MlflowClient(tracking_uri=params["tracking"]["uri"])
+    client = MlflowClient(tracking_uri=params.tracking_uri)
     experiment_id = client.create_experiment("cityscapes")
     run_id = client.create_run(experiment_id, run_name="trained").info.run_id
-    from components.evaluation.registry import model_config
-
-    ensure_model_artifacts(client, run_id, setup["checkpoint"], model_config(resolve_experiment(params, EXP)))
+    ensure_model_artifacts(client, run_id, setup["checkpoint"], ModelSpec.of(params.experiment(EXP)))
     register_champion(client, "dnlnet-cityscapes", run_id)
 
     from components.evaluation.registry import fetch_model
 
-    by_version = fetch_model("models:/dnlnet-cityscapes/1", params["tracking"]["uri"])
+    by_version = fetch_model("models:/dnlnet-cityscapes/1", params.tracking_uri)
     assert by_version.checkpoint.read_bytes() == setup["checkpoint"].read_bytes()
-    assert by_version.config["experiment"] == EXP and by_version.config["scale"] == [128, 64]
+    assert by_version.spec.experiment == EXP and by_version.spec.scale == (128, 64)   # config.json
     _, reference = from_checkpoint
     for ref in ("models:/dnlnet-cityscapes@champion", f"runs:/{run_id}"):
         out = setup["root"] / ref.replace(":/", "_").replace("/", "_").replace("@", "_")
@@ -133,16 +133,17 @@ def test_bad_inputs_and_references(setup, tmp_path):
 def test_settings_inferred_from_the_weights_when_nothing_names_an_experiment(tmp_path):
     """A released checkpoint without config.json or a known experiment in its meta: depth from the
     number of layer3 blocks (23 -> R-101), classes from conv_seg (150 -> ADE20K)."""
-    from pipeline.predict import model_settings
+    from components.backbones import get_backbone
+    from pipeline.predict import model_spec
 
     state_dict = {f"backbone.layer3.{i}.conv1.weight": torch.zeros(1) for i in range(23)}
     state_dict["decode_head.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
     path = tmp_path / "released.pth"
     torch.save({"state_dict": state_dict, "meta": {"config": "mmseg"}}, path)
-    settings = model_settings(load_params(), None, path)
-    assert (settings["dataset"], settings["depth"], settings["num_classes"]) == ("ade20k", 101, 150)
-    assert settings["experiment"] == "dnl_r101-d8_512x512_80k_ade20k"   # the first R-101 ADE20K experiment
+    spec = model_spec(load(REPO / "params.yaml"), None, path)
+    assert (spec.dataset, get_backbone(spec.backbone).depth, spec.num_classes) == ("ade20k", 101, 150)
+    assert spec.experiment == "dnl_r101-d8_512x512_80k_ade20k"   # the first R-101 ADE20K experiment
     state_dict.pop("backbone.layer3.22.conv1.weight")
     torch.save(state_dict, path)
     with pytest.raises(ValueError, match="layer3 has 22 blocks; expected 6"):
-        model_settings(load_params(), None, path)
+        model_spec(load(REPO / "params.yaml"), None, path)

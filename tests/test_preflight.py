@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import EXPERIMENT, free_port
+from conftest import EXPERIMENT, as_params
 
-from pipeline.preflight import (
+from components.preflight import (
     GB,
     PreflightError,
     check_data,
@@ -22,6 +22,7 @@ from pipeline.preflight import (
     weight_bytes,
     worker_bundle,
 )
+from components.ray_cluster import free_port
 
 
 def _one_line(problems: list[str]) -> str:
@@ -147,9 +148,7 @@ def test_a_worker_must_fit_on_one_node():
 
 @pytest.mark.integration
 def test_ray_check_against_the_live_cluster(ray_local, make_params, tmp_path, monkeypatch):
-    from pipeline.config import resolve_experiment
-
-    cfg = resolve_experiment(make_params(tmp_path), EXPERIMENT)     # 2 workers x 1 CPU on 2 CPUs
+    cfg = as_params(make_params(tmp_path)).experiment(EXPERIMENT)     # 2 workers x 1 CPU on 2 CPUs
     preflight_ray(cfg)
     too_big = cfg.with_overrides(num_workers=3)
     with pytest.raises(PreflightError, match=r"needs \{CPU: 3\}.*has \{CPU: 2\}"):
@@ -206,9 +205,7 @@ def test_disk_needs_of_a_run_by_hand(make_params, tmp_path, free_space):
     """R-50, 19 classes: weights W = 200.3 MB, checkpoint C = W + momentum = 400.4 MB (weight_bytes).
     A new run: staging C + 3 checkpoints 3C + models/ 2W + MLflow's copy W = 2.2 GB. A resumed run whose
     two checkpoints (2C) are already in its folder needs one more: C + C + 2W + W = 1.4 GB."""
-    from pipeline.config import resolve_experiment
-
-    cfg = resolve_experiment(make_params(tmp_path), EXPERIMENT)
+    cfg = as_params(make_params(tmp_path)).experiment(EXPERIMENT)
     run_dir = tmp_path / "runs" / "exp-1234"
     free_space(2.3)
     preflight_disk(cfg, str(run_dir), out_root=tmp_path)
@@ -231,9 +228,7 @@ def test_disk_needs_of_a_run_by_hand(make_params, tmp_path, free_space):
 
 def test_disk_needs_of_a_sweep_by_hand(make_params, tmp_path, free_space):
     """5 trials, 2 at a time (C = 400.4 MB): staging 2C + checkpoints (2 x 5 + 2) C = 14C = 5.6 GB."""
-    from pipeline.config import resolve_experiment
-
-    cfg = resolve_experiment(make_params(tmp_path), EXPERIMENT)
+    cfg = as_params(make_params(tmp_path)).experiment(EXPERIMENT)
     free_space(5.7)
     preflight_disk(cfg, str(tmp_path / "sweep"), runs=5, concurrent=2)
     free_space(5.5)
@@ -245,15 +240,13 @@ def test_disk_needs_of_a_sweep_by_hand(make_params, tmp_path, free_space):
 # --- the stage -------------------------------------------------------------------------------------
 
 def test_all_failures_reported_together_one_line_each(make_params, tmp_path):
-    from pipeline.config import resolve_experiment
-
     params = make_params(tmp_path)
     params["data"]["prepared_dir"] = str(tmp_path / "not-prepared")
     params["tracking"] = {"uri": f"http://127.0.0.1:{free_port()}"}
     (tmp_path / "a-file").write_text("x")
     params["train"]["storage_path"] = str(tmp_path / "a-file" / "runs")
     with pytest.raises(PreflightError) as error:
-        preflight(resolve_experiment(params, EXPERIMENT))
+        preflight(as_params(params).experiment(EXPERIMENT))
     lines = str(error.value).splitlines()
     kinds = [line.split(":")[1].strip() for line in lines]
     assert kinds == ["data", "data", "tracking", "storage (train.storage_path)"]
@@ -261,13 +254,14 @@ def test_all_failures_reported_together_one_line_each(make_params, tmp_path):
 
 def test_the_train_stage_fails_before_starting_ray(make_params, tmp_path, monkeypatch, capsys):
     """`dnlseg train` with unprepared data: exit 2, one line, Ray never started, nothing written."""
-    import pipeline.train
+    import components.ray_cluster
     from pipeline.cli import main
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started before the preflight passed")
 
-    monkeypatch.setattr(pipeline.train, "connect_ray", no_ray)
+    # the stage takes connect_ray from components.ray_cluster when it gets there
+    monkeypatch.setattr(components.ray_cluster, "connect_ray", no_ray)
     params = make_params(tmp_path)
     params["data"]["prepared_dir"] = str(tmp_path / "not-prepared")
     import yaml
@@ -285,13 +279,14 @@ def test_the_train_stage_checks_the_disk_before_starting_ray(make_params, tmp_pa
                                                              free_space):
     import yaml
 
-    import pipeline.train
+    import components.ray_cluster
     from pipeline.cli import main
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started before the disk check passed")
 
-    monkeypatch.setattr(pipeline.train, "connect_ray", no_ray)
+    # the stage takes connect_ray from components.ray_cluster when it gets there
+    monkeypatch.setattr(components.ray_cluster, "connect_ray", no_ray)
     free_space(1.0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params(tmp_path)))
     assert main(["--params", str(tmp_path / "params.yaml"), "train", EXPERIMENT]) == 2

@@ -17,11 +17,13 @@ import pytest
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
-from components.data.ade20k import reduce_zero_label
-from components.data.cityscapes import label_ids_to_train_ids
-from components.data.classes import ADE20K_CLASSES, CITYSCAPES_CLASSES
+from components.data.datasets.ade20k import CLASSES as ADE20K_CLASSES
+from components.data.datasets.ade20k import reduce_zero_label
+from components.data.datasets.cityscapes import CLASSES as CITYSCAPES_CLASSES
+from components.data.datasets.cityscapes import label_ids_to_train_ids
 from components.data.validate import DataError
-from pipeline.prepare import generate_sample, prepare_dataset
+from components.sample import generate_sample
+from pipeline.prepare import prepare_dataset
 
 CS = {"train": 3, "val": 2, "height": 64, "width": 128}
 ADE = {"train": 3, "val": 2, "height": 64, "width": 64}
@@ -352,7 +354,7 @@ def test_failed_rerun_keeps_the_previous_output_and_a_fixed_rerun_works(raw, tmp
 
 
 def test_unknown_dataset_and_missing_source(tmp_path):
-    with pytest.raises(ValueError, match="dataset: expected one of cityscapes, ade20k, got 'voc'"):
+    with pytest.raises(ValueError, match="dataset: expected one of ade20k, cityscapes, got 'voc'"):
         _prepare("voc", tmp_path, tmp_path)
     with pytest.raises(DataError, match="nowhere: dataset source not found"):
         _prepare("cityscapes", tmp_path / "nowhere", tmp_path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import as_params
+from loop_hooks import FaultHooks
 
 EXPERIMENT = "dnl_r50-d8_512x1024_40k_cityscapes"   # the sample profile in make_params shrinks it
 pytestmark = pytest.mark.integration
@@ -16,9 +18,9 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    import pipeline.train
+    from components.ray_cluster import shutdown_ray
 
-    pipeline.train.shutdown_ray()   # the session's shared local Ray, if a test started it: one ray.init per process
+    shutdown_ray()   # the session's shared local Ray, if a test started it: one ray.init per process
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -39,8 +41,8 @@ def test_two_workers_on_two_nodes_train_one_run(two_nodes, make_params, tmp_path
     assert len(node_ids) == 2
 
     params = make_params(tmp_path, max_iters=2, evals_per_run=1)
-    out = train_experiment(params, EXPERIMENT, out_root=tmp_path / "out",
-                           test_hooks={"dump_dir": str(tmp_path / "facts")})
+    out = train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out",
+                           hooks=FaultHooks(dump_dir=str(tmp_path / "facts")))
 
     facts = [json.loads((tmp_path / "facts" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert {f["node_id"] for f in facts} == node_ids              # one rank on each node

@@ -11,6 +11,8 @@ import json
 
 import pytest
 import torch
+from conftest import REPO, as_params
+from loop_hooks import FaultHooks
 
 EXPERIMENT = "dnl_r50-d8_512x1024_40k_cityscapes"   # the sample profile in make_params shrinks it
 pytestmark = pytest.mark.integration
@@ -42,8 +44,8 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
 
     out_root = tmp_path / "out"
     params = make_params(tmp_path, max_iters=6, evals_per_run=2)
-    out = train_experiment(params, EXPERIMENT, out_root=out_root,
-                           test_hooks={"fixed_batch": True, "dump_dir": str(tmp_path / "facts")})
+    out = train_experiment(as_params(params), EXPERIMENT, out_root=out_root,
+                           hooks=FaultHooks(fixed_batch=True, dump_dir=str(tmp_path / "facts")))
 
     facts = [json.loads((tmp_path / "facts" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert facts[0]["params_sha256"] == facts[1]["params_sha256"]
@@ -90,17 +92,17 @@ def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path, mon
     from pipeline.train import train_experiment
 
     # Pinned: someone editing the shared checkout between the two runs would make the rerun a fresh run.
-    monkeypatch.setattr(pipeline.train, "code_hash", lambda root=None: "pinned-by-the-test")
+    monkeypatch.setattr(pipeline.train, "code_hash", lambda *args: "pinned-by-the-test")
 
     params = make_params(tmp_path)   # 4 iterations, checkpoints at 2 and 4
     stop = {"fault": {"rank": 0, "iteration": 2, "how": "raise", "marker": str(tmp_path / "stopped")}}
     with pytest.raises(TrainingFailedError):
-        train_experiment(params, EXPERIMENT, out_root=tmp_path / "out", test_hooks=stop)
+        train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out", hooks=FaultHooks(**stop))
     client, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["FAILED"]
     assert loss_steps(client, runs[0].info.run_id) == [1, 2]
 
-    out = train_experiment(params, EXPERIMENT, out_root=tmp_path / "out")
+    out = train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out")
     assert out["start_iteration"] == 2
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -120,7 +122,7 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(ray_local, make_params, 
     # Once Ray has committed the report at 2: the rank dying before the controller's next poll would
     # take that report with it, and the run would rightly restart from 0.
     kill = {"fault": {"rank": 1, "iteration": 3, "how": "exit", "marker": str(marker), "committed_reports": 1}}
-    out = train_experiment(params, EXPERIMENT, out_root=tmp_path / "out", test_hooks=kill)
+    out = train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out", hooks=FaultHooks(**kill))
 
     assert marker.exists()                  # the worker did die
     assert out["start_iteration"] == 2      # the last attempt started from the checkpoint, not from 0
@@ -157,19 +159,20 @@ def test_learning_check_beats_chance(ray_local, make_params, tmp_path_factory):
     run gets far above chance. Measured: chance (the most frequent train class everywhere) 2.07% mIoU,
     uniform random 1.45%; this run 23.1 / 37.4 / 39.5% at iterations 100 / 200 / 300 (13 min on 2
     shared cores)."""
-    from pipeline.config import load_params
-    from pipeline.prepare import generate_sample, prepare_dataset
+    from components.sample import generate_sample
+    from pipeline.config import read_raw
+    from pipeline.prepare import prepare_dataset
     from pipeline.train import train_experiment
 
     work = tmp_path_factory.mktemp("learning")
-    sample = load_params()["sample"]
+    sample = read_raw(REPO / "params.yaml")["sample"]
     generate_sample(work / "raw", seed=sample["seed"], cityscapes=sample["cityscapes"],
                     ade20k=sample["ade20k"])
     prepare_dataset("cityscapes", work / "raw" / "cityscapes", work / "prepared" / "cityscapes",
                     work / "stats.json", workers=1)
     params = make_params(work, data_root=work / "prepared", size_scale=0.125, max_iters=300, batch_size=4,
                          num_workers=1, resources_per_worker={"CPU": 2}, evals_per_run=3)
-    out = train_experiment(params, EXPERIMENT, out_root=work / "out")
+    out = train_experiment(as_params(params), EXPERIMENT, out_root=work / "out")
     print(f"learning check: best mIoU {out['best']['mIoU']:.2f} at {out['best']['iteration']}, "
           f"final {out['final']['mIoU']:.2f}, {out['img_s']} img/s")
     assert out["best"]["mIoU"] > 15.0
@@ -184,7 +187,7 @@ def test_with_ray_runs_the_command_on_one_cluster_then_stops_it():
     import subprocess
     import sys
 
-    from conftest import REPO
+
 
     driver = ("import os, ray; ray.init(); "
               "print('joined', os.environ['RAY_ADDRESS'], ray.get_runtime_context().gcs_address, "

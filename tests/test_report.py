@@ -3,7 +3,6 @@ links to the MLflow runs, the HTML page, and the champion alias per dataset in t
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
@@ -11,9 +10,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import REPO, as_params
 
 from components.evaluation.table import COLUMNS, SEED_TABLE, parse_markdown_tables, parse_seed_table
-from pipeline.config import load_params
+from pipeline.config import read_raw
 from pipeline.report import compare_url, write_report
 
 # The seed's published numbers, typed in from shared/reference/seed-dnlnet-results.md:
@@ -97,7 +97,7 @@ def report_setup(tmp_path, mlflow_db_template):
     from mlflow.tracking import MlflowClient
 
     shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")
-    params = copy.deepcopy(load_params())
+    params = read_raw(REPO / "params.yaml")
     params["profile"] = "sample"
     params["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     params["report"] = {"mlflow_ui": "http://ui.example:5000", "register": True,
@@ -109,7 +109,7 @@ def report_setup(tmp_path, mlflow_db_template):
     write_eval(tmp_path, CITY_A, "cityscapes", 70.0, 71.5, 1.234, 3.456, runs[CITY_A])
     write_eval(tmp_path, CITY_B, "cityscapes", 72.5, 74.0, 0.5, None, runs[CITY_B], crop=(48, 48))
     write_eval(tmp_path, ADE, "ade20k", 30.25, 31.0, None, 2.0, runs[ADE])
-    return {"root": tmp_path, "params": params, "runs": runs, "client": client}
+    return {"root": tmp_path, "params": as_params(params, tmp_path), "runs": runs, "client": client}
 
 
 def tables_by_heading(text: str) -> dict[str, list]:
@@ -207,10 +207,10 @@ def test_best_run_per_dataset_is_the_champion(report_setup):
 
 
 def test_report_without_registry_or_evaluations(tmp_path):
-    params = copy.deepcopy(load_params())
+    params = read_raw(REPO / "params.yaml")
     params["report"] = {"register": False}
     params["tracking"] = {"uri": f"sqlite:///{tmp_path / 'never.db'}"}
-    md = write_report(params, out_root=tmp_path)
+    md = write_report(as_params(params, tmp_path), out_root=tmp_path)
     ours = [t for t in parse_markdown_tables(md.read_text()) if t.header[:8] == COLUMNS]
     assert all(r["mIoU"] == "-" for t in ours for r in t.records())
     assert not (tmp_path / "never.db").exists()

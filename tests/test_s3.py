@@ -16,9 +16,10 @@ import threading
 import time
 
 import pytest
-from conftest import VENV_BIN, free_port
+from conftest import REPO, VENV_BIN, as_params
 
 from components import storage
+from components.ray_cluster import free_port
 from components.storage import StorageError
 
 pytestmark = pytest.mark.integration
@@ -146,9 +147,17 @@ def test_mlflow_client_artifacts_land_in_the_bucket(moto_s3, mlflow_db_template,
     assert client.download_artifacts(run.info.run_id, "curves/train.csv", str(tmp_path))
 
 
-def test_endpoint_and_region_from_params_else_the_environment(monkeypatch):
-    from pipeline.config import storage_settings
+def storage_settings(params: dict) -> dict[str, str]:
+    """The repo's params.yaml with `params` laid over it (no `storage:` section unless `params` has one),
+    parsed: the endpoint and region the stages use."""
+    from pipeline.config import read_raw
 
+    raw = {k: v for k, v in read_raw(REPO / "params.yaml").items() if k != "storage"} | params
+    parsed = as_params(raw)
+    return {"endpoint_url": parsed.storage_endpoint_url, "region": parsed.storage_region}
+
+
+def test_endpoint_and_region_from_params_else_the_environment(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     assert storage_settings({}) == {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1"}

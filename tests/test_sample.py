@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
+from conftest import REPO, as_params
 from PIL import Image
 
-from pipeline.prepare import generate_sample
+from components.sample import generate_sample
+from pipeline.config import ConfigError, read_raw
 
 CS = {"train": 4, "val": 2, "height": 64, "width": 128}
 ADE = {"train": 3, "val": 2, "height": 64, "width": 64}
@@ -151,8 +153,14 @@ def test_rerun_replaces_the_output_and_leaves_no_temp_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ade20k", "cityscapes"]
 
 
-def test_bad_sample_spec_names_the_key(tmp_path):
-    with pytest.raises(ValueError, match=r"sample\.cityscapes\.train"):
-        generate_sample(tmp_path, 0, cityscapes={"train": 0, "val": 1}, ade20k=ADE)
-    with pytest.raises(ValueError, match=r"sample\.ade20k: unknown keys \['depth'\]"):
-        generate_sample(tmp_path, 0, cityscapes=CS, ade20k={**ADE, "depth": 3})
+def test_bad_sample_spec_names_the_key():
+    # The sample specs are validated with the rest of params.yaml (pipeline.config), before any stage runs.
+    raw = read_raw(REPO / "params.yaml")
+    raw["sample"]["cityscapes"] = {"train": 0, "val": 1}
+    raw["sample"]["ade20k"] = dict(ADE)
+    with pytest.raises(ConfigError, match=r"sample\.cityscapes\.train: expected a positive integer, got 0"):
+        as_params(raw)
+    raw["sample"]["cityscapes"] = dict(CS)
+    raw["sample"]["ade20k"] = {**ADE, "depth": 3}
+    with pytest.raises(ConfigError, match=r"sample\.ade20k\.depth: unknown key"):
+        as_params(raw)

@@ -132,7 +132,7 @@ def test_the_stage_starts_ray_with_its_dashboard_on_loopback(monkeypatch):
 
     import ray
 
-    import pipeline.train
+    import components.ray_cluster
 
     calls = []
 
@@ -145,17 +145,17 @@ def test_the_stage_starts_ray_with_its_dashboard_on_loopback(monkeypatch):
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     try:
-        assert pipeline.train.connect_ray("") is True
+        assert components.ray_cluster.connect_ray("") is True
         started = calls[-1]
         assert started["address"] == "local"   # a new cluster, never the machine's latest one
         assert started["dashboard_host"] == "127.0.0.1"
         # Ray Train's placement-group cleaner must find this cluster's state API, not another one's.
         api = f"http://127.0.0.1:{started['dashboard_port']}"
         assert started["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] == api
-        assert pipeline.train.connect_ray("ray://head:10001") is True        # joining: the cluster's own
+        assert components.ray_cluster.connect_ray("ray://head:10001") is True        # joining: the cluster's own
         assert calls[-1] == {"address": "ray://head:10001"}
     finally:
-        pipeline.train.shutdown_ray()   # restores RAY_ADDRESS / RAY_API_SERVER_ADDRESS
+        components.ray_cluster.shutdown_ray()   # restores RAY_ADDRESS / RAY_API_SERVER_ADDRESS
 
 
 @pytest.mark.integration
@@ -204,7 +204,7 @@ def test_servers_in_code_deploy_and_docs_bind_loopback_unless_justified():
     assert unjustified == []
     # The scan does see the real ones: the stage's Ray options, deploy's servers, the tests' servers.
     files_seen = {x.split(":")[0] for x in seen}
-    assert {"pipeline/train.py", "deploy/cluster.yaml", "tests/conftest.py"} <= files_seen
+    assert {"components/ray_cluster.py", "deploy/cluster.yaml", "tests/conftest.py"} <= files_seen
 
 
 # --- secrets ---------------------------------------------------------------------------------------

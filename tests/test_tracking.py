@@ -99,7 +99,7 @@ def test_fail_fast_settings_hold_for_the_call_only(monkeypatch):
     seen = {}
     logger = RunLogger("http://127.0.0.1:1", run_id="0" * 32, fail_fast=True)
     keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    logger._safe("probe", lambda: seen.update({k: os.environ.get(k) for k in keys}))
+    logger.safely("probe", lambda: seen.update({k: os.environ.get(k) for k in keys}))
     assert seen == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 

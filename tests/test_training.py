@@ -247,31 +247,33 @@ def test_progress_row_averages_the_window_and_line_shows_eta():
 # --- run names -------------------------------------------------------------------------------------
 
 def test_run_name_changes_with_what_is_learned_not_where_it_runs():
-    from pipeline.config import load_params, resolve_experiment
-    from pipeline.train import run_name
+    from components.training.identity import run_name
+    from pipeline.config import load
 
-    cfg = resolve_experiment(load_params(), "dnl_r50-d8_512x1024_40k_cityscapes")
+    cfg = load().experiment("dnl_r50-d8_512x1024_40k_cityscapes")
     data, code = "a" * 64, "c" * 64
     name = run_name(cfg, data, code)
     assert name.startswith("dnl_r50-d8_512x1024_40k_cityscapes-") and name == run_name(cfg, data, code)
     assert run_name(cfg.with_overrides(num_workers=8, storage_path="s3://b/x", loader_workers=4),
                     data, code) == name
-    assert run_name(cfg.with_overrides(lr=0.02), data, code) != name
-    assert run_name(cfg.with_overrides(max_iters=cfg.max_iters + 1), data, code) != name
+    assert run_name(cfg.with_schedule(lr=0.02), data, code) != name
+    assert run_name(cfg.with_schedule(max_iters=cfg.max_iters + 1), data, code) != name
     assert run_name(cfg, "b" * 64, code) != name     # other data: a fresh run
     assert run_name(cfg, data, "d" * 64) != name     # other code: a fresh run
 
 
 def test_code_hash_follows_the_python_files_only(tmp_path):
-    from pipeline.train import code_hash
+    from components.training.identity import code_hash
+    from pipeline.config import code_deps
 
-    for path in ("components/models/a.py", "pipeline/train.py", "pipeline/config.py"):
+    deps = code_deps("train")   # the train stage's code deps in dvc.yaml
+    for path in ("components/models/a.py", "pipeline/train.py", "pipeline/config/__init__.py"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("x = 1\n")
-    before = code_hash(tmp_path)
+    before = code_hash(tmp_path, deps)
     (tmp_path / "components/models/__pycache__").mkdir()
     (tmp_path / "components/models/__pycache__/a.cpython-311.pyc").write_bytes(b"\0")
     (tmp_path / "pipeline/cli.py").write_text("y = 2\n")       # not a dependency of the train stage
-    assert code_hash(tmp_path) == before
+    assert code_hash(tmp_path, deps) == before
     (tmp_path / "components/models/a.py").write_text("x = 2\n")
-    assert code_hash(tmp_path) != before
+    assert code_hash(tmp_path, deps) != before

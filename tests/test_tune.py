@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, as_params
 
 from components import tuning
 
 EXPERIMENT = "dnl_r50-d8_512x1024_40k_cityscapes"
-REPO = Path(__file__).resolve().parent.parent
 # In 2-8 iterations from random init a model can learn the class prior (predict the most frequent class
 # everywhere: aAcc = its pixel share, 24% on this data) or not. mIoU cannot tell the two apart yet
 # (measured at 2: 1.85 for the prior, 2.00 for the untrained model), so the sweeps rank trials by aAcc.
@@ -86,17 +86,18 @@ def test_trial_summary_and_best_trial():
 
 
 def test_apply_tuned_overrides_the_schedule(tmp_path):
-    from pipeline.config import load_params, resolve_experiment
+    from pipeline.config import load
 
-    cfg = resolve_experiment(load_params(), EXPERIMENT, "sample")
-    cfg = cfg.with_overrides(max_iters=16, eval_interval=8)   # 2 evaluations per run
+    cfg = load().experiment(EXPERIMENT, "sample")
+    cfg = cfg.with_schedule(max_iters=16).with_overrides(evals_per_run=2)   # an evaluation every 8
+    assert cfg.eval_interval == 8
     path = tmp_path / "best_params.yaml"
     path.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "sample",
                                     "params": {"lr": 0.02, "max_iters": 8, "warmup_iters": 2}}))
     tuned = tuning.apply_tuned(cfg, path)
-    assert (tuned.lr, tuned.max_iters, tuned.warmup_iters) == (0.02, 8, 2)
+    assert (tuned.schedule.lr, tuned.max_iters, tuned.schedule.warmup_iters) == (0.02, 8, 2)
     assert tuned.eval_interval == 4                         # still 2 evaluations per run
-    assert tuned.weight_decay == cfg.weight_decay and tuned.crop_size == cfg.crop_size
+    assert tuned.schedule.weight_decay == cfg.schedule.weight_decay and tuned.crop_size == cfg.crop_size
     path.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "reference",
                                     "params": {"lr": 0.02}}))
     with pytest.raises(ValueError, match=r"best_params.yaml: tuned for profile 'reference', but training "
@@ -112,7 +113,7 @@ def test_apply_tuned_overrides_the_schedule(tmp_path):
 def test_train_stage_uses_tuned_params_only_when_asked(make_params, tmp_path, monkeypatch):
     """train.use_tuned: the tuned experiment trains with tune/<exp>/best_params.yaml (a missing file is
     one line saying how to make it); other experiments and use_tuned: false keep params.yaml's schedule."""
-    import pipeline.preflight
+    import components.preflight
     import pipeline.train
 
     seen = []
@@ -121,14 +122,13 @@ def test_train_stage_uses_tuned_params_only_when_asked(make_params, tmp_path, mo
         seen.append(cfg)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.preflight, "preflight", stop_at_preflight)
-    monkeypatch.setattr(pipeline.train, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(components.preflight, "preflight", stop_at_preflight)
     params = make_params(tmp_path / "work")
     params["train"]["use_tuned"] = True
     params["tune"]["experiment"] = EXPERIMENT
     with pytest.raises(FileNotFoundError, match=r"best_params.yaml: tuned parameters not found: run `dvc "
                                                 r"repro tune`.* or set train.use_tuned: false$"):
-        pipeline.train.train_experiment(params, EXPERIMENT)
+        pipeline.train.train_experiment(as_params(params, tmp_path), EXPERIMENT)
     assert seen == []
     best = tmp_path / "tune" / EXPERIMENT / "best_params.yaml"
     best.parent.mkdir(parents=True)
@@ -136,23 +136,22 @@ def test_train_stage_uses_tuned_params_only_when_asked(make_params, tmp_path, mo
     for use_tuned, expected_lr in ((True, 0.0375), (False, params["train"]["lr"])):
         params["train"]["use_tuned"] = use_tuned
         with pytest.raises(KeyboardInterrupt):
-            pipeline.train.train_experiment(params, EXPERIMENT)
-        assert seen[-1].lr == expected_lr
+            pipeline.train.train_experiment(as_params(params, tmp_path), EXPERIMENT)
+        assert seen[-1].schedule.lr == expected_lr
     other = next(name for name in params["experiments"] if name != EXPERIMENT)
     params["train"]["use_tuned"] = True
     with pytest.raises(KeyboardInterrupt):
-        pipeline.train.train_experiment(params, other)   # not the tuned experiment: no file needed
-    assert seen[-1].name == other and seen[-1].lr == params["train"]["lr"]
+        pipeline.train.train_experiment(as_params(params, tmp_path), other)   # not the tuned one: no file needed
+    assert seen[-1].name == other and seen[-1].schedule.lr == params["train"]["lr"]
 
 
 def test_repo_params_tune_section_resolves_and_bad_values_name_the_key():
     import copy
 
-    from pipeline.config import ConfigError, load_params
-    from pipeline.tune import resolve_tune
+    from pipeline.config import ConfigError, parse, read_raw
 
-    params = load_params()
-    settings = resolve_tune(params)
+    params = read_raw(REPO / "params.yaml")
+    settings = parse(params, REPO).tune
     assert settings.experiment in params["experiments"]
     assert settings.metric == "mIoU" and settings.mode == "max" and settings.num_samples >= 1
     for where, value, message in (
@@ -168,7 +167,7 @@ def test_repo_params_tune_section_resolves_and_bad_values_name_the_key():
         if where[0] == "resources_per_trial":
             section["driver_cpu"] = 0
         with pytest.raises(ConfigError, match=message):
-            resolve_tune(bad)
+            parse(bad, REPO)
 
 
 def test_sweep_name_follows_what_is_searched_not_where_it_runs():
@@ -176,19 +175,23 @@ def test_sweep_name_follows_what_is_searched_not_where_it_runs():
     (or data) starts a fresh sweep."""
     import dataclasses
 
-    from pipeline.config import load_params, resolve_experiment
-    from pipeline.tune import resolve_tune, sweep_name
+    from components.training.identity import sweep_name as named
+    from pipeline.config import load
 
-    params = load_params()
-    cfg, settings = resolve_experiment(params, EXPERIMENT, "sample"), resolve_tune(params)
+    def sweep_name(cfg, settings, data):
+        return named(cfg, settings.learned(), data, "code-1")
+
+    params = load()
+    cfg, settings = params.experiment(EXPERIMENT, "sample"), params.tune
     name = sweep_name(cfg, settings, "data-1")
     assert name.startswith(f"{EXPERIMENT}-tune-")
     moved = dataclasses.replace(settings, num_workers=4, max_concurrent_trials=2, driver={"CPU": 1})
     assert sweep_name(cfg.with_overrides(storage_path="s3://bucket/runs"), moved, "data-1") == name
     assert sweep_name(cfg, dataclasses.replace(settings, seed=1), "data-1") != name
     assert sweep_name(cfg, dataclasses.replace(settings, space={"lr": 0.02}), "data-1") != name
-    assert sweep_name(cfg.with_overrides(momentum=0.8), settings, "data-1") != name
+    assert sweep_name(cfg.with_schedule(momentum=0.8), settings, "data-1") != name
     assert sweep_name(cfg, settings, "data-2") != name
+    assert named(cfg, settings.learned(), "data-1", "code-2") != name   # other code: a fresh sweep
 
 
 # --- real sweeps -----------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def test_sweep_asha_stops_the_dead_trial_and_mlflow_nests_trials(ray_local, make
     # its workers every 0.5 s here, 2 s by default), so the dead trial needs a tail longer than that to
     # show the stop. Measured: stopped at 12 with 2 s polls, at 8 with 0.5 s.
     params = sweep_params(make_params, tmp_path, [GOOD_LR, DEAD_LR, 0.01], max_iters=16, evals=2)
-    out = tune_experiment(params, EXPERIMENT, out_root=out_root)
+    out = tune_experiment(as_params(params), EXPERIMENT, out_root=out_root)
     print(f"sweep took {time.perf_counter() - tic:.0f} s")
     assert not out["restored"]
 
@@ -290,8 +293,8 @@ def test_killed_sweep_resumes_keeping_finished_trials(ray_local, make_params, tm
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     out_root = tmp_path / "out"
-    code = ("import sys, yaml; from pipeline.tune import tune_experiment; "
-            "tune_experiment(yaml.safe_load(open(sys.argv[1])), sys.argv[2], out_root=sys.argv[3])")
+    code = ("import sys; from pipeline.config import load; from pipeline.tune import tune_experiment; "
+            "tune_experiment(load(sys.argv[1], root='.'), sys.argv[2], out_root=sys.argv[3])")
     log = open(tmp_path / "first_run.log", "w")
     first = subprocess.Popen([sys.executable, "-c", code, str(params_file), EXPERIMENT, str(out_root)],
                              cwd=REPO, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}, stdout=log,
@@ -311,7 +314,7 @@ def test_killed_sweep_resumes_keeping_finished_trials(ray_local, make_params, tm
     assert len(finished) == 1, (tmp_path / "first_run.log").read_text()[-3000:]
     assert not (out_root / "tune" / EXPERIMENT / "best_params.yaml").exists()   # it did not get that far
 
-    out = tune_experiment(params, EXPERIMENT, out_root=out_root)
+    out = tune_experiment(as_params(params), EXPERIMENT, out_root=out_root)
     assert out["restored"]
     rows = read_csv(out_root / "tune" / EXPERIMENT / "trials.csv")
     assert len(rows) == 2 and finished[0] in {r["trial_id"] for r in rows}

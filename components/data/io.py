@@ -18,19 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from components.atomic import DIR_MODE
 from components.data.validate import DataError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# what open() / mkdir() would give; tempfile's mkstemp / mkdtemp make private 0600 / 0700 entries
-FILE_MODE = 0o666 & ~_umask()
-DIR_MODE = 0o777 & ~_umask()
-
 
 MANIFEST_COLUMNS = ("image", "label", "height", "width", "sha256")  # of <split>/manifest.csv
 
@@ -133,20 +122,6 @@ def link_or_copy(src: Path, dest: Path) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600 files
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_temp_dir(parent: Path, prefix: str) -> Path:

@@ -2,7 +2,7 @@
 
 Modules (import what you need; importing this package stays light, no torch / mlflow / matplotlib):
   segment     one image -> label map at its original size (single scale or ms+flip), the val loop
-  confusion   confusion matrix counts
+  loading     a checkpoint as a network ready for inference (evaluate and predict)
   speed       fps as the seed measures it, the device and dtype it was measured on
   visualize   palette colouring, overlays, image | ground truth | prediction panels, charts (Agg)
   registry    the model as MLflow artifacts (state_dict + build config), registry aliases, model refs

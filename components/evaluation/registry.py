@@ -11,50 +11,70 @@ Model references understood by `fetch_model`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from components.backbones import BACKBONES, get_backbone
+from components.data.datasets import get_dataset
 
 MODEL_DIR = "model"                 # artifact folder of the model in a run
 CHECKPOINT_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 CHAMPION = "champion"
 
-# What config.json holds: enough to rebuild the network and test it as it was evaluated.
-CONFIG_KEYS = ("experiment", "dataset", "num_classes", "depth", "align_corners", "attention", "scale",
-               "test_mode", "test_crop", "test_stride")
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild a stored network and test it as it was evaluated: what config.json holds."""
+
+    experiment: str
+    dataset: str
+    backbone: str
+    align_corners: bool
+    attention: str
+    scale: tuple[int, int]          # (w, h)
+    test_mode: str
+    test_crop: tuple[int, int]
+    test_stride: tuple[int, int]
+
+    @classmethod
+    def of(cls, cfg) -> ModelSpec:
+        """The spec of a resolved experiment (components.experiment.TrainConfig)."""
+        return cls(experiment=cfg.name, **{f: getattr(cfg, f) for f in _FIELDS if f != "experiment"})
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelSpec:
+        values = {f: data[f] for f in _FIELDS if f in data}
+        if "backbone" not in values and "depth" in data:   # config.json written before the backbone registry
+            values["backbone"] = next(b.name for b in BACKBONES.values() if b.depth == data["depth"])
+        missing = [f for f in _FIELDS if f not in values]
+        if missing:
+            raise ValueError(f"{CONFIG_FILE}: missing {', '.join(missing)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def to_json(self) -> dict:
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return values | {"num_classes": self.num_classes, "depth": get_backbone(self.backbone).depth}
+
+    @property
+    def num_classes(self) -> int:
+        return get_dataset(self.dataset).num_classes
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
 
 
 @dataclass
 class FetchedModel:
     checkpoint: Path            # a local model.pt
-    config: dict | None         # config.json when the source has one
+    spec: ModelSpec | None      # its config.json, when the source has one
     source: str                 # what it was resolved from, for messages and tags
-
-
-def model_config(cfg) -> dict:
-    """config.json of a resolved experiment (pipeline.config.TrainConfig or anything with those fields)."""
-    values = {"experiment": cfg.name, **{k: getattr(cfg, k) for k in CONFIG_KEYS if k != "experiment"}}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-
-
-def infer_build_args(state_dict: dict[str, torch.Tensor]) -> dict:
-    """depth and num_classes from the weights themselves (layer3 has 23 blocks in R-101, 6 in R-50)."""
-    if "decode_head.conv_seg.weight" not in state_dict:
-        raise ValueError("not a DNLNet state dict: 'decode_head.conv_seg.weight' is missing")
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
-    depth = {6: 50, 23: 101}.get(len(blocks))
-    if depth is None:
-        raise ValueError(f"backbone.layer3 has {len(blocks)} blocks; expected 6 (R-50) or 23 (R-101)")
-    return {"depth": depth, "num_classes": int(state_dict["decode_head.conv_seg.weight"].shape[0])}
 
 
 # --- logging and registering ------------------------------------------------------------------------
 
-def ensure_model_artifacts(client, run_id: str, checkpoint: Path, config: dict) -> str:
+def ensure_model_artifacts(client, run_id: str, checkpoint: Path, spec: ModelSpec) -> str:
     """Make sure the run has model/model.pt (the training stage logs it; imported checkpoints do not
     have it yet) and write model/config.json. Returns the artifact URI of the model folder."""
     present = {Path(f.path).name for f in client.list_artifacts(run_id, MODEL_DIR)}
@@ -70,7 +90,7 @@ def ensure_model_artifacts(client, run_id: str, checkpoint: Path, config: dict) 
                 client.log_artifact(run_id, str(target), MODEL_DIR)
         else:
             client.log_artifact(run_id, str(checkpoint), MODEL_DIR)
-    client.log_text(run_id, json.dumps(config, indent=2) + "\n", f"{MODEL_DIR}/{CONFIG_FILE}")
+    client.log_text(run_id, json.dumps(spec.to_json(), indent=2) + "\n", f"{MODEL_DIR}/{CONFIG_FILE}")
     return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
 
 
@@ -109,8 +129,8 @@ def _from_folder(folder: Path, source: str) -> FetchedModel:
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{source}: no {CHECKPOINT_FILE} in the model artifacts ({folder})")
     config_path = folder / CONFIG_FILE
-    config = json.loads(config_path.read_text()) if config_path.is_file() else None
-    return FetchedModel(checkpoint, config, source)
+    spec = ModelSpec.from_json(json.loads(config_path.read_text())) if config_path.is_file() else None
+    return FetchedModel(checkpoint, spec, source)
 
 
 def fetch_model(ref: str, tracking_uri: str) -> FetchedModel:
@@ -150,4 +170,5 @@ def fetch_model(ref: str, tracking_uri: str) -> FetchedModel:
         raise FileNotFoundError(f"model reference {ref!r}: expected models:/<name>@<alias>, runs:/<run_id> "
                                 f"or an existing checkpoint file")
     config_path = path.with_name(CONFIG_FILE)
-    return FetchedModel(path, json.loads(config_path.read_text()) if config_path.is_file() else None, ref)
+    spec = ModelSpec.from_json(json.loads(config_path.read_text())) if config_path.is_file() else None
+    return FetchedModel(path, spec, ref)

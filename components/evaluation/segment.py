@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from components.evaluation.confusion import ConfusionMatrix
-from components.metrics import IoUAccumulator
+from components.metrics import ConfusionMatrix, IoUAccumulator
 from components.models.inference import predict_logits
 from components.models.speedups import autocast
 

@@ -1,18 +1,18 @@
 """Pictures people look at: label maps in the dataset palette, overlays, image | ground truth | prediction
 panels, the per-class IoU bar chart and the confusion matrix. matplotlib runs headless (Agg).
-Every file is written to a temp file in the same folder, then os.replace'd.
+Every file is written atomically (components.atomic: a temp file in the same folder, then os.replace'd).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from components.atomic import atomic_path
 
 IGNORE_COLOR = (0, 0, 0)
 
@@ -41,27 +41,11 @@ def overlay(image: np.ndarray, label: np.ndarray, palette: Sequence[tuple[int, i
     return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
 
 
-def _atomic_target(path: Path) -> tuple[Path, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    return path, tmp
-
-
-def _replace(tmp: str, path: Path) -> None:
-    os.chmod(tmp, 0o644)   # mkstemp makes 0600; outputs are meant to be shared
-    os.replace(tmp, path)
-
-
 def save_image(path: Path | str, array: np.ndarray) -> Path:
     """RGB uint8 array -> PNG (or JPEG by suffix), atomically."""
-    path, tmp = _atomic_target(Path(path))
-    try:
+    path = Path(path)
+    with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-        _replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -71,26 +55,19 @@ def save_label_png(path: Path | str, label: np.ndarray, palette: Sequence[tuple[
     label = np.ascontiguousarray(label, dtype=np.uint8)
     image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
     image.putpalette(palette_array(palette).reshape(-1).tolist())
-    path, tmp = _atomic_target(Path(path))
-    try:
+    path = Path(path)
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        _replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
 def _save_figure(fig, path: Path | str, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
-    path, tmp = _atomic_target(Path(path))
+    path = Path(path)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        _replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -7,12 +7,15 @@ written in the same layout so mmseg can load them back.
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from components.atomic import atomic_open
+from components.backbones import STAGE_BLOCKS
 
 _SHOW = 5  # keys listed per category in error messages
 
@@ -27,7 +30,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, wrappers) else model
 
 
-def _read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, meta) of an mmseg checkpoint or a bare state dict; clear errors naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -62,7 +65,7 @@ def load_mmseg_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     first few of each with the counts, and the file.
     """
     model = _unwrap(model)
-    state_dict, meta = _read_state_dict(path)
+    state_dict, meta = read_checkpoint(path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -88,18 +91,60 @@ class BackboneLoadResult:
     unexpected: list[str] = field(default_factory=list)  # file keys the backbone lacks (fc.* dropped)
 
 
+def _blocks(keys) -> dict[str, int]:
+    """Blocks per ResNet stage named in `keys`: {"layer3": 23, ...}."""
+    last: dict[str, int] = {}
+    for k in keys:
+        m = re.match(r"(layer\d+)\.(\d+)\.", k)
+        if m:
+            last[m[1]] = max(last.get(m[1], -1), int(m[2]))
+    return {layer: n + 1 for layer, n in sorted(last.items())}
+
+
+def _depth_hint(file_keys, backbone_keys) -> str:
+    """' (layer3 has blocks 0..5 in the file, 0..22 in the backbone: ResNet-50 weights for a ResNet-101
+    backbone)' when the stages' block counts differ, else ''."""
+    in_file, in_model = _blocks(file_keys), _blocks(backbone_keys)
+    differ = [f"{layer} has blocks 0..{in_file.get(layer, 0) - 1} in the file, 0..{n - 1} in the backbone"
+              for layer, n in in_model.items() if in_file.get(layer, 0) not in (0, n)]
+    if not differ:
+        return ""
+    depth = {blocks: d for d, blocks in STAGE_BLOCKS.items()}
+    stages = [f"layer{i}" for i in range(1, 5)]
+    file_depth = depth.get(tuple(in_file.get(s, 0) for s in stages))
+    model_depth = depth.get(tuple(in_model.get(s, 0) for s in stages))
+    which = (f": ResNet-{file_depth} weights for a ResNet-{model_depth} backbone"
+             if file_depth and model_depth else "")
+    return f" ({'; '.join(differ)}{which})"
+
+
 def load_pretrained_backbone(backbone: nn.Module, path: str | os.PathLike) -> BackboneLoadResult:
-    """Non-strict load of ImageNet weights (`resnet50_v1c`: `stem.*`, `layer*.*`, `fc.*`) or of the
-    `backbone.*` part of a full segmentation checkpoint. `fc.*` is ignored; a shape mismatch on a
-    shared key or a file with no matching key at all is an error."""
+    """Load ImageNet weights (`resnet50_v1c`: `stem.*`, `layer*.*`, `fc.*`) or the `backbone.*` part of a
+    full segmentation checkpoint into the backbone.
+
+    Strict about the backbone: every parameter and buffer except BN's `num_batches_tracked` must come
+    from the file, with the same shape, and no `stem.*` / `layer*.*` key of the file may be left over
+    (weights of a deeper ResNet). `fc.*` (the ImageNet classifier) is ignored; other extra keys are
+    reported in the result. A torchvision-layout (ResNet-V1b: `conv1.weight`, `bn1.*`) file is named
+    as such. Each failure is one CheckpointMismatchError line naming the file.
+    """
     backbone = _unwrap(backbone)
-    state_dict, _ = _read_state_dict(path)
+    state_dict, _ = read_checkpoint(path)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items()
                       if k.startswith("backbone.")}
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     expected = backbone.state_dict()
+    required = [k for k in expected if not k.endswith("num_batches_tracked")]
+    missing = [k for k in required if k not in state_dict]
     loaded = [k for k in state_dict if k in expected]
+    count = f"{len(missing)} of {len(required)} backbone weights missing from the file"
+    if missing and "conv1.weight" in state_dict and "stem.0.weight" not in state_dict:
+        raise CheckpointMismatchError(
+            f"{path}: ResNet-V1b weights (torchvision layout: a 7x7 conv1.weight "
+            f"{tuple(state_dict['conv1.weight'].shape)}, bn1.*), not the ResNet-V1c deep stem (stem.*: three "
+            f"3x3 convs) that mmseg's DNLNet table was trained with (open-mmlab://resnet50_v1c, "
+            f"open-mmlab://resnet101_v1c); {count}: {_first(missing)}")
     mismatched = [f"{k} {tuple(state_dict[k].shape)} vs backbone {tuple(expected[k].shape)}"
                   for k in loaded if state_dict[k].shape != expected[k].shape]
     if mismatched:
@@ -108,13 +153,20 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | os.PathLike) -> Ba
     if not loaded:
         raise CheckpointMismatchError(f"{path}: no key matches the backbone (expected e.g. 'stem.0.weight' "
                                       f"or 'backbone.stem.0.weight'; file has {_first(list(state_dict))})")
+    if missing:
+        raise CheckpointMismatchError(f"{path}: {count}{_depth_hint(state_dict, expected)}: {_first(missing)}")
+    unexpected = [k for k in state_dict if k not in expected]
+    leftover = [k for k in unexpected if k.startswith(("stem.", "layer")) and not k.endswith("num_batches_tracked")]
+    if leftover:
+        raise CheckpointMismatchError(f"{path}: {len(leftover)} backbone weights of the file have no place in "
+                                      f"the backbone{_depth_hint(state_dict, expected)}: {_first(leftover)}")
     backbone.load_state_dict({k: state_dict[k] for k in loaded}, strict=False)
     return BackboneLoadResult(loaded=loaded, missing=[k for k in expected if k not in state_dict],
-                              unexpected=[k for k in state_dict if k not in expected])
+                              unexpected=unexpected)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict | None = None, **extra) -> None:
-    """Write {"state_dict", "meta", **extra} atomically (temp file in the same folder + os.replace).
+    """Write {"state_dict", "meta", **extra} atomically (components.atomic: temp file + os.replace).
 
     Tensors go to CPU so the file loads anywhere; keep `meta` / `extra` to plain types and tensors so
     it also loads with weights_only=True.
@@ -122,18 +174,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict | None
     clash = {"state_dict", "meta"} & set(extra)
     if clash:
         raise ValueError(f"save_checkpoint: extra entries may not be named {sorted(clash)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     checkpoint = {"state_dict": state_dict, "meta": dict(meta or {}), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        torch.save(checkpoint, f)

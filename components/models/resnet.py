@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from components.backbones import STAGE_BLOCKS
 from components.models.conv_module import NormLayer
-
-STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 class Bottleneck(nn.Module):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from components.data.io import write_bytes_atomic as atomic_write_bytes  # noqa: F401 (used by the stages too)
+from components.atomic import atomic_write_bytes
 from components.models.checkpoint import load_mmseg_checkpoint, save_checkpoint
 
 MODEL_FILE = "model.pt"

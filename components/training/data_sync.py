@@ -65,7 +65,7 @@ def local_dataset(data_dir: Path | str, data_uri: str | None, digest: str | None
     """Worker: `data_dir` if this node has it (same manifests), else a cached copy of `data_uri`."""
     import pyarrow.fs
 
-    from components.training.checkpointing import atomic_write_bytes
+    from components.atomic import atomic_write_bytes
 
     data_dir = Path(data_dir)
     if digest is None:   # nothing to check against (the loop run outside the train stage)

@@ -1,18 +1,15 @@
 """The per-worker training loop Ray Train runs on every DDP rank (torchvision's references/segmentation
 train.py, iteration-based, with the Ray parts in plain sight: get_checkpoint, prepare_model, report).
 
-`config` is TrainConfig.to_flat_dict() plus EXTRA_DEFAULTS' keys, which the driver fills in
-(the MLflow run, class names, log interval, where to fetch the data, test hooks).
+TorchTrainer hands it {"cfg": TrainConfig, "run": RunInfo, "hooks": LoopHooks or None}.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import ray.train
 import ray.train.torch
@@ -22,9 +19,9 @@ from torch.utils.data import Subset
 
 from components.data.dataset import SegmentationDataset, build_loader
 from components.data.transforms import build_test_transform, build_train_transform
+from components.experiment import TrainConfig
 from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
-from components.schedules import poly_lr
 from components.tracking import RunLogger, with_env_credentials
 from components.training.checkpointing import (
     load_train_checkpoint,
@@ -44,13 +41,38 @@ from components.training.evaluate import evaluate
 from components.training.progress import Progress, peak_memory_gb
 from components.training.step import sgd, train_step
 
-# What the driver adds to TrainConfig's fields (see pipeline/train.py); the defaults run the loop bare.
-EXTRA_DEFAULTS = {"micro_batch_size": 0, "log_interval": 1, "class_names": None, "mlflow_run_id": None,
-                  "data_uri": None, "manifest_sha256": None, "test_hooks": {}}
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the driver adds to the config: where the run logs and where its data comes from."""
+
+    mlflow_run_id: str | None = None
+    log_interval: int = 1
+    manifest_sha256: str | None = None    # of the prepared data: a node lacking it fetches this version
+    data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
+
+
+class LoopHooks:
+    """A seam for the tests' fault injection (tests/loop_hooks.py): here every hook does nothing."""
+
+    def on_start(self, rank: int, start: int) -> None:
+        """The worker group (re)starts at iteration `start`."""
+
+    def batches(self, batches, it: int):
+        """The batch stream iteration `it` draws from."""
+        return batches
+
+    def after_iteration(self, rank: int, it: int) -> None:
+        """Iteration `it` and its checkpoint are done."""
+
+    def on_end(self, rank: int, model: nn.Module) -> None:
+        """Training finished."""
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    c = SimpleNamespace(**{**EXTRA_DEFAULTS, **config})
+    c: TrainConfig = config["cfg"]
+    run: RunInfo = config.get("run") or RunInfo()
+    hooks: LoopHooks = config.get("hooks") or LoopHooks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_step, accum = plan_batches(c.batch_size, world, c.micro_batch_size)
@@ -76,7 +98,9 @@ def train_loop_per_worker(config: dict) -> dict:
     # To the device, and DDP (gloo on CPU, NCCL on GPU) when world > 1. The training call goes through
     # ddp_model(img, label) -> model.forward_train: DDP syncs gradients only for calls through its forward.
     ddp_model = ray.train.torch.prepare_model(model)
-    optimizer = sgd(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    schedule = c.schedule
+    optimizer = sgd(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                    weight_decay=schedule.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=c.precision == "fp16")
     if checkpoint:
         optimizer.load_state_dict(state.pop("optimizer"))
@@ -87,25 +111,21 @@ def train_loop_per_worker(config: dict) -> dict:
     # augmentation seed moves with the iteration so a resumed run does not replay iteration 0's crops.
     aug_seed = augmentation_seed(c.seed, rank, start)
     seed_everything(aug_seed)
-    data_dir = local_dataset(c.data_dir, c.data_uri, c.manifest_sha256)   # downloads it on a node lacking it
+    data_dir = local_dataset(c.data_dir, run.data_uri, run.manifest_sha256)   # downloads it on a node lacking it
     train_set = SegmentationDataset(data_dir / "train", build_train_transform(
-        scale=tuple(c.scale), crop_size=tuple(c.crop_size), cat_max_ratio=c.cat_max_ratio))
+        scale=c.scale, crop_size=c.crop_size, cat_max_ratio=c.cat_max_ratio))
     sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=c.seed,
                                          start=start * accum * per_step)
     batches = iter(build_loader(train_set, per_step, c.loader_workers, seed=aug_seed, sampler=sampler))
-    if c.test_hooks.get("fixed_batch"):
-        batches = itertools.repeat(next(batches))   # overfit one batch: the loss must go down
-    val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=tuple(c.scale)),
+    val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=c.scale),
                                   max_images=c.val_max_images)
     val_loader = build_loader(Subset(val_set, shard(len(val_set), rank, world)), 1, c.loader_workers,
                               shuffle=False, drop_last=False)
 
     progress = Progress(c.max_iters, c.batch_size, c.name)
-    tracker = RunLogger(with_env_credentials(c.tracking_uri), c.mlflow_run_id if rank == 0 else None,
+    tracker = RunLogger(with_env_credentials(c.tracking_uri), run.mlflow_run_id if rank == 0 else None,
                         who=f"{c.name} rank 0", fail_fast=True)
-    if rank == 0 and c.test_hooks.get("attempts_file"):
-        with open(c.test_hooks["attempts_file"], "a") as f:   # one line per (re)start of the worker group
-            f.write(f"{start}\n")
+    hooks.on_start(rank, start)
     if rank == 0:
         progress.say(f"[{c.name}] {'resuming at' if start else 'starting at'} iteration "
                      f"{start}/{c.max_iters}: {world} workers x {per_step} images x {accum} accumulation "
@@ -113,13 +133,12 @@ def train_loop_per_worker(config: dict) -> dict:
     model.train()
     for it in range(start + 1, c.max_iters + 1):   # `it` is the iteration being run, counted from 1
         tic = time.perf_counter()
-        lr = poly_lr(it - 1, c.max_iters, c.lr, c.poly_power, c.min_lr, c.warmup_iters, c.warmup_ratio)
+        lr = schedule.lr_at(it - 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_batches = poisoned(batches) if c.test_hooks.get("nan_at") == it else batches
         try:
-            losses = train_step(ddp_model, optimizer, scaler, step_batches, accum, device, c.precision,
-                                c.channels_last, it)
+            losses = train_step(ddp_model, optimizer, scaler, hooks.batches(batches, it), accum, device,
+                                c.precision, c.channels_last, it)
         except FloatingPointError as e:
             # Not a transient failure: raised, Ray would restart the workers from the last checkpoint
             # and meet the same NaN again (max_failures times, forever with -1). Every rank sees the
@@ -133,7 +152,7 @@ def train_loop_per_worker(config: dict) -> dict:
         state["train_time_s"] += seconds
         progress.add(losses, seconds)
         is_eval = it % c.eval_interval == 0 or it == c.max_iters
-        if rank == 0 and (it % c.log_interval == 0 or is_eval):
+        if rank == 0 and (it % run.log_interval == 0 or is_eval):
             row, memory = progress.row(it, lr), peak_memory_gb(device)
             state["curve"].append(row)
             progress.say(progress.line(row, memory))
@@ -157,34 +176,32 @@ def train_loop_per_worker(config: dict) -> dict:
                     save_checkpoint_folder(folder, c, model, optimizer, scaler, state, summary)
                     ckpt = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(summary, checkpoint=ckpt)
-        run_test_hooks(c, it, rank)
+        hooks.after_iteration(rank, it)
 
-    if c.test_hooks.get("dump_dir"):
-        dump_worker_facts(c.test_hooks["dump_dir"], rank, model)
+    hooks.on_end(rank, model)
     steps = sorted(progress.step_seconds)
     return {"start_iteration": start, "iteration": c.max_iters, "train_time_s": state["train_time_s"],
             "median_step_s": steps[len(steps) // 2] if steps else None, "mlflow_failures": tracker.failures}
 
 
-def log_evaluation(c, state: dict, summary: dict, result: dict, tracker: RunLogger,
+def log_evaluation(c: TrainConfig, state: dict, summary: dict, result: dict, tracker: RunLogger,
                    progress: Progress) -> None:
     """Rank 0: mIoU into the curve row, best so far, MLflow (with per-class IoU), one console line."""
     state["curve"][-1]["mIoU"] = summary["mIoU"]
     # >=: on a tie the later checkpoint is the best, as Ray's CheckpointConfig ranks them (so it keeps it).
     if state["best"] is None or summary["mIoU"] >= state["best"]["mIoU"]:
         state["best"] = dict(summary)
-    names = c.class_names or [str(i) for i in range(c.num_classes)]
-    per_class = {f"IoU.{name}": 100 * iou for name, iou in zip(names, result["IoU"], strict=True)}
+    per_class = {f"IoU.{name}": 100 * iou for name, iou in zip(c.class_names, result["IoU"], strict=True)}
     tracker.log_metrics(without(summary, "iteration") | per_class, step=summary["iteration"])
     progress.say(f"[{c.name}] eval at iter {summary['iteration']}: mIoU {summary['mIoU']:.2f}  "
                  f"mAcc {summary['mAcc']:.2f}  aAcc {summary['aAcc']:.2f}  (best {state['best']['mIoU']:.2f} "
                  f"at {state['best']['iteration']})")
 
 
-def save_checkpoint_folder(folder, c, model, optimizer, scaler, state: dict, summary: dict) -> None:
+def save_checkpoint_folder(folder, c: TrainConfig, model, optimizer, scaler, state: dict, summary: dict) -> None:
     """model.pt + train_state.pt + the small files the driver reads without loading tensors."""
     meta = {"experiment": c.name, "iteration": state["iteration"], "mIoU": summary["mIoU"],
-            "CLASSES": list(c.class_names or [])}
+            "CLASSES": list(c.class_names)}
     save_train_checkpoint(folder, model, optimizer, scaler, state, meta)
     write_curve_csv(Path(folder) / "curve.csv", state["curve"])
     (Path(folder) / "summary.json").write_text(json.dumps(
@@ -193,62 +210,3 @@ def save_checkpoint_folder(folder, c, model, optimizer, scaler, state: dict, sum
 
 def without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
-
-
-def poisoned(batches):
-    """Test hook `nan_at`: this step's images become NaN, as a diverged run's activations would."""
-    for img, label in batches:
-        yield torch.full_like(img, float("nan")), label
-
-
-def run_test_hooks(c, it: int, rank: int) -> None:
-    """Fault injection for the tests, after iteration `it` (and its checkpoint) is done:
-    `hold`: rank r writes a marker file at iteration k, then waits until the `release` file exists (the
-    test kills a server or the driver meanwhile); `fault`: rank r stops once at iteration k, by raising or
-    by its process exiting (a marker file makes it once), after Ray has committed `committed_reports`
-    reports if given."""
-    hold = c.test_hooks.get("hold")
-    if hold and it == hold["iteration"] and rank == hold["rank"] and not os.path.exists(hold["marker"]):
-        Path(hold["marker"]).touch()
-        deadline = time.monotonic() + hold.get("timeout_s", 300)
-        while not os.path.exists(hold.get("release", "")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    fault = c.test_hooks.get("fault")
-    if not fault or it != fault["iteration"] or rank != fault["rank"] or os.path.exists(fault["marker"]):
-        return
-    Path(fault["marker"]).touch()
-    wait_until_committed(fault.get("committed_reports", 0))
-    if fault.get("how") == "exit":
-        os._exit(1)   # a worker process dying, as a crashed or preempted node would
-    raise RuntimeError(f"test hook: rank {rank} stops after iteration {it}")
-
-
-def wait_until_committed(reports: int, timeout_s: float = 120) -> None:
-    """Ray commits a report (and its checkpoint) when its controller has collected it from every rank,
-    at the next poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a rank that dies before then takes
-    its queued report with it and the run restarts from the checkpoint before. The controller's
-    snapshot in storage counts the committed reports."""
-    storage = ray.train.get_context().get_storage()
-    deadline = time.monotonic() + timeout_s
-    while reports and time.monotonic() < deadline:
-        try:
-            with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
-                if json.loads(f.read())["current_report_index"] >= reports:
-                    return
-        except (OSError, ValueError, KeyError):   # not written yet, or caught mid-write
-            pass
-        time.sleep(0.2)
-
-
-def dump_worker_facts(folder: str, rank: int, model: nn.Module) -> None:
-    """For the tests: a digest of this rank's parameters and the node it ran on. (BN running stats are
-    left out: each rank updates them from its own batch; DDP re-broadcasts rank 0's at the next forward.)"""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.named_parameters()):
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    facts = {"rank": rank, "params_sha256": digest.hexdigest(),
-             "node_id": ray.get_runtime_context().get_node_id()}
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(facts))

@@ -19,12 +19,23 @@ from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
-from components.data.classes import CITYSCAPES_CLASSES, IGNORE_INDEX
+from components.data.classes import IGNORE_INDEX
+from components.data.datasets.spec import DatasetSpec
 from components.data.io import DirTree, Item, Source, open_zip
 from components.data.validate import DataError, check_same_size, read_label_png
 
+# The 19 evaluated classes of `cityscapesscripts.helpers.labels` (train ids 0..18), official colours.
+CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+    "bicycle",
+)
+PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
 NAME = "cityscapes"
-CLASSES = CITYSCAPES_CLASSES
 SPLITS = {"train": "train", "val": "val"}  # prepared split -> official folder (test has no labels)
 IMAGE_SUFFIX = "_leftImg8bit.png"
 POLYGONS_SUFFIX = "_gtFine_polygons.json"
@@ -144,3 +155,7 @@ def label_ids_to_train_ids(ids: np.ndarray, where: str = "labelIds") -> np.ndarr
     if unknown.size:
         raise DataError(f"{where}: values {', '.join(map(str, unknown[:8]))} are not Cityscapes label ids")
     return _LUT[ids]
+
+
+DATASET = DatasetSpec(name=NAME, title="Cityscapes", classes=CLASSES, palette=PALETTE, splits=SPLITS,
+                      open_source=open_source, list_split=list_split, make_label=make_label)

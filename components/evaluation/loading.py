@@ -1,0 +1,20 @@
+"""A trained network ready for inference: built, its checkpoint loaded strictly, fp32, eval mode, on the
+device, channels-last, BN folded. Used by the evaluate stage and `dnlseg predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_model(checkpoint: Path, *, depth: int, num_classes: int, align_corners: bool, attention: str, device,
+               channels_last: bool = True, fold_bn: bool = False):
+    """(model, the checkpoint's meta). A missing file is one line saying how to get it."""
+    from components.models import build_dnlnet
+    from components.models.checkpoint import load_mmseg_checkpoint
+    from components.models.speedups import prepare_for_inference
+
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found (run the train stage, or fix the path)")
+    model = build_dnlnet(depth=depth, num_classes=num_classes, align_corners=align_corners, attention=attention)
+    meta = load_mmseg_checkpoint(model, checkpoint)
+    return prepare_for_inference(model.to(device), channels_last=channels_last, fold_bn=fold_bn), meta

@@ -1,0 +1,48 @@
+"""Run identity: a run's name is its experiment plus a hash of what changes its result, so rerunning
+the same stage resumes its Ray run from storage and a changed setting, dataset or code starts afresh."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from components.experiment import TrainConfig
+
+# Fields that say where and how fast a run executes, not what it learns: changing them resumes the run.
+EXECUTION_FIELDS = frozenset({"ray_address", "tracking_uri", "storage_path", "data_dir", "loader_workers",
+                              "max_failures", "num_workers", "use_gpu", "resources_per_worker",
+                              "micro_batch_size", "storage_endpoint_url", "storage_region"})
+
+
+def code_hash(root: Path | str, deps: tuple[str, ...] | list[str]) -> str:
+    """sha256 over the .py files of `deps` (files or folders under `root`; paths and contents)."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    files = []
+    for entry in deps:
+        path = root / entry
+        files += [path] if path.is_file() else sorted(path.rglob("*.py"))
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def learned_settings(cfg: TrainConfig) -> dict:
+    """The config minus EXECUTION_FIELDS."""
+    return {k: v for k, v in cfg.to_flat_dict().items() if k not in EXECUTION_FIELDS}
+
+
+def _digest(blob: dict) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_name(cfg: TrainConfig, data_hash: str, code: str) -> str:
+    """`<exp>-<8 hex>` over what the run learns: its settings, the data, the code."""
+    return f"{cfg.name}-{_digest({'config': learned_settings(cfg), 'data': data_hash, 'code': code})}"
+
+
+def sweep_name(cfg: TrainConfig, tune_settings: dict, data_hash: str, code: str) -> str:
+    """`<exp>-tune-<8 hex>` over what a sweep finds: the base config, the sweep's settings, data, code."""
+    blob = {"config": learned_settings(cfg), "tune": tune_settings, "data": data_hash, "code": code}
+    return f"{cfg.name}-tune-{_digest(blob)}"

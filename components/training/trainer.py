@@ -1,0 +1,76 @@
+"""The TorchTrainer of one training run, and reading what it left in storage. Used by the train stage
+(one run) and the tune stage (one run per trial)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from components.atomic import atomic_open
+from components.experiment import TrainConfig
+from components.training.loop import LoopHooks, RunInfo
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN/inf loss; the message says where and which checkpoint is kept."""
+
+
+def log_interval(cfg: TrainConfig) -> int:
+    """mmseg logs every 50 iterations; short runs log every iteration so their curves have points."""
+    return max(1, min(50, cfg.eval_interval // 10))
+
+
+def build_trainer(cfg: TrainConfig, ray_name: str, run: RunInfo, *, hooks: LoopHooks | None = None,
+                  callbacks: list | None = None):
+    """TorchTrainer over the per-worker loop: DDP workers, checkpoints kept (best by mIoU + latest),
+    worker-group restarts from the latest checkpoint on failure. The loop gets the config itself
+    (credentials never travel in it: Ray shows it in its state API, so workers get the tracking URI
+    without them and use their own environment's). An s3:// storage_path on a custom endpoint gets an
+    explicit filesystem (Ray's controller may not share the driver's environment) and the workers get
+    the endpoint variables; credentials stay in each node's own environment."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from components.storage import endpoint_env, pyarrow_filesystem
+    from components.tracking import redact
+    from components.training.loop import train_loop_per_worker
+
+    storage, env = {"storage_path": cfg.storage_path}, {}
+    if cfg.storage_path.startswith("s3://") or cfg.storage_endpoint_url:
+        env = endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)
+    if cfg.storage_path.startswith("s3://"):
+        fs, path = pyarrow_filesystem(cfg.storage_path, cfg.storage_endpoint_url, cfg.storage_region)
+        storage = {"storage_path": path, "storage_filesystem": fs}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.with_overrides(tracking_uri=redact(cfg.tracking_uri)), "run": run,
+                           "hooks": hooks},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=cfg.resources_per_worker or None),
+        run_config=ray.train.RunConfig(
+            name=ray_name, **storage, callbacks=callbacks or None,
+            worker_runtime_env={"env_vars": env} if env else None,
+            # num_to_keep=1 by mIoU keeps the best; Ray always keeps the latest too (for resume).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="mIoU",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+
+
+def run_exists(storage_path: str, name: str) -> bool:
+    """Whether Ray run `name` has anything in storage (S3 through storage.exists, with retries)."""
+    from components.storage import exists
+
+    return exists(f"{storage_path.rstrip('/')}/{name}" + ("/" if "://" in storage_path else ""))
+
+
+def read_checkpoint_text(checkpoint, filename: str) -> str:
+    """A small file of a reported checkpoint (local or s3://), read without downloading the rest."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{filename}") as f:
+        return f.read().decode()
+
+
+def copy_from_checkpoint(checkpoint, filename: str, dest: Path) -> None:
+    """Stream a file out of a checkpoint (local or s3://) into `dest`, atomically."""
+    with atomic_open(dest) as out, checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{filename}") as src:
+        shutil.copyfileobj(src, out, length=16 << 20)
