@@ -1,5 +1,5 @@
-"""The backbones of the results table, declared once: name (as the table writes it), ResNet depth,
-and the ImageNet weights mmseg's configs start from (`pretrained='open-mmlab://resnet50_v1c'`).
+"""The backbones of the results table, declared once: name (as the table writes it) and ResNet depth.
+Their ImageNet weights are a setting, params.yaml's `train.pretrained.<name>`.
 
 Every one is a ResNetV1c-D8 (deep stem, dilations 1, 1, 2, 4, contract_dilation), built by
 `components.models.build_dnlnet(depth=...)`. Adding one is an entry here plus its tests. (Outside
@@ -19,12 +19,11 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 class Backbone:
     name: str        # e.g. "R-50-D8", the table's Backbone column
     depth: int       # ResNet depth: STAGE_BLOCKS[depth] blocks per stage
-    imagenet: str    # the ImageNet weights of mmseg's configs (mmcv's model-zoo name)
 
 
 BACKBONES = {b.name: b for b in (
-    Backbone("R-50-D8", 50, "open-mmlab://resnet50_v1c"),
-    Backbone("R-101-D8", 101, "open-mmlab://resnet101_v1c"),
+    Backbone("R-50-D8", 50),
+    Backbone("R-101-D8", 101),
 )}
 
 

@@ -44,7 +44,8 @@ class TrainConfig:
     loader_workers: int = 0
     val_max_images: int = 0
     eval_every: int = 0                 # iterations between evaluations; 0 = max_iters // evals_per_run
-    pretrained: str = ""
+    pretrained: str = "none"            # the backbone's ImageNet weights (a path, URL or open-mmlab://…) or none
+    pretrained_sha256: str = ""         # of that file, once the driver fetched it (part of the run identity)
     data_dir: str = ""                  # absolute: <prepared_dir>/<dataset>
     storage_path: str = ""              # absolute local path or s3://…
     max_failures: int = 0

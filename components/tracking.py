@@ -79,7 +79,7 @@ def git_commit(repo: Path | str) -> str:
         return "unknown"
 
 
-def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """For a local sqlite store, keep artifacts next to the database (not in whatever the cwd is)."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
@@ -188,7 +188,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, ta
         client = MlflowClient(tracking_uri=tracking_uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=_artifact_location(tracking_uri, experiment))
+            experiment, artifact_location=artifact_location(tracking_uri, experiment))
         previous = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
         if resume and previous:
@@ -228,3 +228,28 @@ def mark_training_experiment(client, dataset: str) -> str:
     if "mlflow.experimentKind" not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
     return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str | None, node_id: str | None = None, interval_s: float = 10.0):
+    """While the block runs, this node's CPU, memory, disk, network and (where nvidia-ml-py sees NVIDIA
+    GPUs) each GPU's utilisation and memory go into the run every `interval_s` as `system/...` metrics
+    (`system/<node_id>/...` on a multi-node run), so an idle GPU shows in the MLflow UI. A monitor
+    that cannot start costs a warning, never the run."""
+    monitor = None
+    if run_id:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # resume_logging: a restarted worker group continues the steps instead of overwriting them.
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                           node_id=node_id, tracking_uri=tracking_uri)
+            monitor.start()
+        except Exception as e:  # noqa: BLE001 - monitoring is optional
+            warn(f"[{run_id}] warning: MLflow system metrics unavailable ({_first_line(e)})")
+            monitor = None
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.finish()

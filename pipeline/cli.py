@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from components.backbones import BACKBONES
 from components.data.datasets import dataset_names
 from pipeline.config import ConfigError, Params, load
 
@@ -35,6 +36,12 @@ def _prepare(args, params: Params) -> None:
                           f"(has: {', '.join(params.sources)})")
     prepare_dataset(args.dataset, params.sources[args.dataset], params.prepared_dir / args.dataset,
                     params.root / "metrics" / "data" / f"{args.dataset}.json", workers=params.prepare_workers)
+
+
+def _weights(args, params: Params) -> None:
+    from pipeline.weights import fetch_weights
+
+    fetch_weights(params, args.backbone)
 
 
 def _train(args, params: Params) -> None:
@@ -94,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="prepare a dataset (labels, manifests, stats) from its official files")
     p.add_argument("dataset", choices=dataset_names())
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("weights", help="fetch and check a backbone's pretrained weights (train.pretrained)")
+    p.add_argument("backbone", choices=list(BACKBONES))
+    p.set_defaults(func=_weights)
 
     p = sub.add_parser("train", help="train one experiment of params.yaml on Ray")
     p.add_argument("experiment")

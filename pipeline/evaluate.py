@@ -89,15 +89,20 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
     from components.evaluation.segment import InferenceSetting, evaluate_split, ms_flip_setting
     from components.evaluation.speed import describe_device, measure_fps
     from components.evaluation.visualize import save_label_png
+    from components.models.speedups import use_precision
+    from components.weights import fetch
 
     out_root = Path(out_root or params.root)
-    cfg, checkpoint, imported = params.evaluation_target(name, out_root)
+    cfg, source, imported = params.evaluation_target(name, out_root)
+    # A released checkpoint: fetched once into the download cache, its sha256 checked against its name.
+    checkpoint = fetch(source, root=params.root, cache_dir=params.cache_dir) if imported else Path(source)
     settings = params.eval_settings(cfg.profile)
     device = _device(settings.device)
     model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
                              align_corners=cfg.align_corners, attention=cfg.attention, device=device,
                              channels_last=cfg.channels_last, fold_bn=settings.fold_bn)
     precision = settings.precision_on(device)
+    use_precision(precision)
     names, colours = cfg.class_names, get_dataset(cfg.dataset).palette
     dataset = SegmentationDataset(Path(cfg.data_dir) / "val", build_test_transform(scale=cfg.scale),
                                   max_images=settings.max_images)
@@ -124,7 +129,7 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
                  "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.test_mode,
                  "scale": list(cfg.scale)}
 
-    tracker, experiment_id = _open_tracking(cfg, name, imported, checkpoint)
+    tracker, experiment_id = _open_tracking(cfg, name, imported, source)
     client, run_id = (tracker.client, tracker.run_id) if tracker else (None, None)
     memory = None
     if not imported:
@@ -137,7 +142,7 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
         "experiment": name,
         "dataset": cfg.dataset,
         "profile": cfg.profile,
-        "checkpoint": _display_path(checkpoint, out_root),
+        "checkpoint": source if imported else _display_path(checkpoint, out_root),
         "imported": imported,
         "backbone": cfg.backbone,
         "train": _trained_as(params, name, cfg, imported),
@@ -223,7 +228,7 @@ def _write_pictures(folder: Path, dataset, results: dict, names, colours, title:
     return paths
 
 
-def _open_tracking(cfg: TrainConfig, name: str, imported: bool, checkpoint: Path):
+def _open_tracking(cfg: TrainConfig, name: str, imported: bool, source: str):
     """The MLflow run to log into: the experiment's training run; for imported checkpoints (or when no
     training run is found) a run of the evaluation's own, found again by its deterministic name on the
     next evaluation."""
@@ -247,7 +252,7 @@ def _open_tracking(cfg: TrainConfig, name: str, imported: bool, checkpoint: Path
                 warn(f"[evaluate] {name}: no training run found in MLflow experiment {cfg.dataset!r}; "
                      f"logging into an evaluation run")
             tags = {"experiment": name, "dvc_stage": f"evaluate@{name}", "profile": cfg.profile,
-                    "imported_checkpoint": str(checkpoint) if imported else ""}
+                    "imported_checkpoint": source if imported else ""}
             logger = open_run(cfg.tracking_uri, cfg.dataset, run_name=f"{name}-eval", resume=True, tags=tags,
                               params=cfg.to_flat_dict())
             if logger.run_id is None:

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from components.console import warn
 from components.data import get_dataset
-from pipeline.config import Params, eval_metrics_file
+from pipeline.config import Params, eval_metrics_file, train_metrics_file
 
 NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page
 COMPARED = ("mIoU", "mIoU(ms+flip)", "Mem (GB)", "Inf time (fps)")   # published vs ours, with the difference
@@ -120,7 +120,9 @@ def register_champions(params: Params, evaluations: dict[str, dict]) -> dict[str
 
 # --- the page ---------------------------------------------------------------------------------------
 
-def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict[str, dict]) -> str:
+def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict[str, dict],
+                   out_root: Path | None = None) -> str:
+    """The page; `out_root` (default: the repo) holds metrics/<name>/{eval,train}.json."""
     from components.evaluation.table import (
         ALIGN,
         COLUMNS,
@@ -131,6 +133,7 @@ def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict
     )
 
     published = parse_seed_table()
+    out_root = Path(out_root or params.root)
     base = ui_base(params)
     profile = params.profile
     lines = ["# DNLNet results", ""]
@@ -151,29 +154,35 @@ def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict
             continue
         lines += [f"## {title}", ""]
         seed_of = {r.config: r for r in rows}
-        ours_rows, compare_rows, run_links, measured = [], [], [], []
+        ours_rows, run_links, measured, cells = [], [], [], {}
         for name in names:
             config = params.imported[name].experiment if name in params.imported else name
             seed = seed_of.get(config)
             ev = evaluations.get(name)
-            backbone = experiments[config].backbone
-            ours = our_cells(ev, seed["Method"] if seed else "dnl", backbone)
+            cells[name] = ours = our_cells(ev, seed["Method"] if seed else "dnl", experiments[config].backbone)
             run = (ev or {}).get("mlflow") or {}
             link = "-"
             if run.get("run_id"):
                 link = f"[run]({run_url(base, run['experiment_id'], run['run_id'])})"
                 run_links.append((run["experiment_id"], run["run_id"]))
             ours_rows.append([ours[c] for c in COLUMNS] + [name, link])
-            pub = seed.cells if seed else dict.fromkeys(COLUMNS, "-")
-            compare_rows.append([name] + [cell for column in COMPARED for cell in (
-                pub[column], ours[column], difference(number(ours[column]), number(pub[column])))])
             if ev:
-                measured.append(_measured_line(name, ev))
+                measured.append(_measured_line(name, ev, _train_record(out_root, name)))
+        # Per row of the table: published, the released checkpoint evaluated here, our own run.
+        compare_rows = []
+        for config in (n for n in names if n not in params.imported):
+            released = [n for n, e in params.imported.items() if e.experiment == config]
+            pub = seed_of[config].cells if config in seed_of else dict.fromkeys(COLUMNS, "-")
+            rel = cells[released[0]] if released else dict.fromkeys(COLUMNS, "-")
+            ours = cells[config]
+            compare_rows.append([config] + [cell for column in COMPARED for cell in (
+                pub[column], rel[column], ours[column], difference(number(ours[column]), number(pub[column])))])
         lines += ["### This pipeline", ""]
         lines += [format_markdown_table(list(COLUMNS) + ["experiment", "MLflow"], ours_rows, ALIGN), ""]
-        lines += ["### Published vs this pipeline (difference = ours − published)", ""]
+        lines += ["### Published, the released checkpoint evaluated here, and our run (diff = ours − published)",
+                  ""]
         header = ["experiment"] + [f"{col} {which}" for col in COMPARED
-                                   for which in ("published", "ours", "diff")]
+                                   for which in ("published", "released", "ours", "diff")]
         lines += [format_markdown_table(header, compare_rows, {h: "right" for h in header[1:]}), ""]
         if run_links:
             runs = f"{len(run_links)} run{'s' if len(run_links) != 1 else ''}"
@@ -188,8 +197,21 @@ def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _measured_line(name: str, ev: dict) -> str:
-    parts = [f"eval {ev['device']}, {ev['dtype']}, {ev['images']} val images, {ev['test']['mode']} at scale "
+def _train_record(out_root: Path, name: str) -> dict | None:
+    path = train_metrics_file(out_root, name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _measured_line(name: str, ev: dict, trained: dict | None) -> str:
+    parts = []
+    if ev.get("imported"):
+        parts.append(f"released checkpoint {ev['checkpoint']}")
+    elif trained:   # the table's model is the final one; the best validation figure is only shown
+        parts.append(f"final model (iteration {trained['final']['iteration']}, {trained.get('precision', '?')}, "
+                     f"init {trained.get('pretrained', '?')}); best val mIoU during training "
+                     f"{trained['best_val']['mIoU']:.2f} at iteration {trained['best_val']['iteration']} "
+                     f"(not the table's figure)")
+    parts += [f"eval {ev['device']}, {ev['dtype']}, {ev['images']} val images, {ev['test']['mode']} at scale "
              f"{ev['test']['scale']}, ms+flip ratios {ev['ms_flip']['ratios']} flip {ev['ms_flip']['flip']}"]
     if ev.get("speed"):
         s = ev["speed"]
@@ -263,7 +285,7 @@ def write_report(params: Params, *, out_root: Path | str | None = None) -> Path:
     out_root = Path(out_root or params.root)
     evaluations = load_evaluations(params, out_root)
     champions = register_champions(params, evaluations) if params.report.register else {}
-    text = build_markdown(params, evaluations, champions)
+    text = build_markdown(params, evaluations, champions, out_root)
     md = out_root / "reports" / "results.md"
     atomic_write_text(md, text)
     atomic_write_text(md.with_suffix(".html"), markdown_to_html(text))

@@ -34,22 +34,26 @@ def train_experiment(params: Params, name: str, *, profile: str | None = None, o
     from components.ray_cluster import scoped_env
     from components.storage import endpoint_env
     from components.training.distributed import plan_batches
+    from components.training.trainer import fetch_pretrained
     from components.tuning import apply_tuned
 
     cfg = params.experiment(name, profile)
     if params.train.use_tuned and name == params.tune.experiment:
         # The schedule the tune stage found; a missing file fails in one line saying how to get it.
         cfg = apply_tuned(cfg, tune_dir(params.root, name) / "best_params.yaml")
-    # Bad input fails here, in one line each, before Ray starts: the batch split, then the preflight
-    # (prepared data, tracking server, storage writable).
+    # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
+    # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
     plan_batches(cfg.batch_size, cfg.num_workers, cfg.micro_batch_size)
+    cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
     with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
         preflight(cfg)
-        return _train(cfg, name, Path(out_root or params.root), hooks, params.root)
+        return _train(cfg, name, Path(out_root or params.root), hooks, params.root, weights)
 
 
 def write_outputs(result, cfg: TrainConfig, out_root: Path) -> dict:
-    """models/, metrics/ and plots/ of the experiment, from the run's latest and best checkpoints."""
+    """models/, metrics/ and plots/ of the experiment from the run's last checkpoint: the final model is
+    the table's model (as mmseg's, the last iteration), never the best of the validation checkpoints,
+    which would pick on the split the table reports; the best validation figure is kept, labelled."""
     from components.atomic import atomic_write_text
     from components.training.trainer import copy_from_checkpoint, read_checkpoint_text
 
@@ -57,22 +61,20 @@ def write_outputs(result, cfg: TrainConfig, out_root: Path) -> dict:
     if latest is None:
         raise RuntimeError(f"{cfg.name}: training reported no checkpoint (max_iters {cfg.max_iters})")
     summary = json.loads(read_checkpoint_text(latest, "summary.json"))
+    if summary["iteration"] != cfg.max_iters:
+        raise RuntimeError(f"{cfg.name}: the last checkpoint is at iteration {summary['iteration']}, not "
+                           f"{cfg.max_iters}, under {result.path}")
     best = summary["best"]
-    # The best checkpoint: the one the loop marked best (CheckpointConfig keeps it next to the latest).
-    kept = {metrics.get("iteration"): ckpt for ckpt, metrics in (result.best_checkpoints or [])}
-    if best["iteration"] not in kept:
-        raise RuntimeError(f"{cfg.name}: the best checkpoint (iteration {best['iteration']}) is not among "
-                           f"the kept ones {sorted(kept)} under {result.path}")
-    best_ckpt = kept[best["iteration"]]
 
     model_path, metrics_path = model_file(out_root, cfg.name), train_metrics_file(out_root, cfg.name)
     curve_path = plots_dir(out_root, cfg.name) / "train.csv"
-    copy_from_checkpoint(best_ckpt, "model.pt", model_path)
+    copy_from_checkpoint(latest, "model.pt", model_path)
     atomic_write_text(curve_path, read_checkpoint_text(latest, "curve.csv"))
     images = cfg.max_iters * cfg.batch_size
     metrics = {
-        "final": {k: summary[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},
-        "best": {k: best[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},
+        "final": {k: summary[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},   # models/<exp>/model.pt
+        "best_val": {k: best[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},   # for reference only
+        "precision": cfg.precision, "pretrained": cfg.pretrained,
         "train_time_s": round(summary["train_time_s"], 1),
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
@@ -80,14 +82,15 @@ def write_outputs(result, cfg: TrainConfig, out_root: Path) -> dict:
     return {"model": model_path, "metrics": metrics_path, "curve": curve_path, **metrics}
 
 
-def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path) -> dict:
+def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path, weights: Path | None) -> dict:
     from components.preflight import preflight_disk, preflight_ray
     from components.ray_cluster import connect_ray, shutdown_ray
     from components.tracking import flat_params, git_commit, open_run
     from components.training.data_sync import manifest_hash, publish_dataset
     from components.training.identity import run_name
     from components.training.loop import RunInfo
-    from components.training.trainer import build_trainer, log_interval, run_exists
+    from components.training.trainer import build_trainer, describe_init, log_interval, run_exists
+    from components.weights import publish
 
     data_hash, code = manifest_hash(cfg.data_dir), code_hash(CODE_ROOT, code_deps("train"))
     ray_name = run_name(cfg, data_hash, code)
@@ -97,8 +100,8 @@ def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path) -> di
         preflight_ray(cfg)
         resuming = run_exists(cfg.storage_path, ray_name)
         print(f"[train driver] {name}: Ray run {ray_name} under {cfg.storage_path} "
-              f"({'resuming' if resuming else 'new'}), {cfg.num_workers} workers, profile {cfg.profile}",
-              flush=True)
+              f"({'resuming' if resuming else 'new'}), {cfg.num_workers} workers, profile {cfg.profile}, "
+              f"{cfg.precision}, {describe_init(cfg)}", flush=True)
         flat = cfg.to_flat_dict()
         commit = git_commit(repo)
         tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"train@{name}",
@@ -110,7 +113,9 @@ def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path) -> di
         tic = time.perf_counter()
         try:
             run = RunInfo(mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
-                          data_uri=publish_dataset(cfg.data_dir, cfg.storage_path, data_hash))
+                          data_uri=publish_dataset(cfg.data_dir, cfg.storage_path, data_hash),
+                          pretrained_path=str(weights) if weights else None,
+                          pretrained_uri=publish(weights, cfg.storage_path, cfg.pretrained_sha256) if weights else None)
             result = build_trainer(cfg, ray_name, run, hooks=hooks).fit()
             worker = result.return_value or {}
             tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
@@ -126,15 +131,18 @@ def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path) -> di
             if bad_data is not None:       # one line naming the file, not Ray's multi-page report
                 raise bad_data from None
             raise
-        tracker.log_metrics({f"best_{k}": v for k, v in outputs["best"].items() if k != "iteration"},
+        # The table's figure is the final model's; the best validation figure is labelled as such.
+        tracker.log_metrics({f"best_val_{k}": v for k, v in outputs["best_val"].items() if k != "iteration"}
+                            | {f"final_{k}": v for k, v in outputs["final"].items() if k != "iteration"},
                             step=outputs["final"]["iteration"])
+        tracker.set_tags({"best_val_iteration": outputs["best_val"]["iteration"]})
         for path, folder in ((outputs["model"], "model"), (outputs["curve"], "curves"),
                              (outputs["metrics"], "metrics")):
             tracker.log_artifact(path, folder)
         tracker.set_status("FINISHED")
-        print(f"[train driver] {name}: done in {time.perf_counter() - tic:.0f} s; best mIoU "
-              f"{outputs['best']['mIoU']:.2f} at iteration {outputs['best']['iteration']}, final "
-              f"{outputs['final']['mIoU']:.2f}; wrote {outputs['model']}", flush=True)
+        print(f"[train driver] {name}: done in {time.perf_counter() - tic:.0f} s; final mIoU "
+              f"{outputs['final']['mIoU']:.2f} (the model written; best on val {outputs['best_val']['mIoU']:.2f} "
+              f"at iteration {outputs['best_val']['iteration']}); wrote {outputs['model']}", flush=True)
         worker_failures = worker.get("mlflow_failures") or 0
         if worker_failures or tracker.failures:
             print(f"[train driver] {name}: MLflow tracking failed during the run ({worker_failures} failed "

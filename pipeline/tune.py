@@ -14,6 +14,7 @@ changed params, data or code start a fresh sweep. MLflow: one parent run per swe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import time
@@ -53,7 +54,6 @@ def run_trial(config: dict, setup: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from components.tracking import open_run
-    from components.training.loop import RunInfo
     from components.training.trainer import NonFiniteLossError, build_trainer, log_interval, run_exists
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -64,8 +64,7 @@ def run_trial(config: dict, setup: dict) -> None:
         tags["mlflow.parentRunId"] = setup["parent_run_id"]   # what makes the MLflow UI nest it
     tracker = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=name,
                        resume=run_exists(cfg.storage_path, name), params=cfg.to_flat_dict(), tags=tags)
-    run = RunInfo(mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg),
-                  manifest_sha256=setup["data_hash"], data_uri=setup["data_uri"])
+    run = dataclasses.replace(setup["run"], mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg))
     result = build_trainer(cfg, name, run, callbacks=[TuneReportCallback()]).fit()
     # The loop ends cleanly on a NaN/inf loss (so Ray does not retry it): raising here makes Tune record
     # the trial as failed, not as stopped early, and keeps it out of the best trial.
@@ -175,6 +174,7 @@ def tune_experiment(params: Params, name: str | None = None, *, profile: str | N
     from components.ray_cluster import scoped_env
     from components.storage import endpoint_env
     from components.training.distributed import plan_batches
+    from components.training.trainer import fetch_pretrained
 
     settings = params.tune
     name = name or settings.experiment
@@ -184,12 +184,14 @@ def tune_experiment(params: Params, name: str | None = None, *, profile: str | N
     probe = sweep_base(cfg, settings, cfg.storage_path)
     # Bad input fails here, in one line each, before Ray starts (as in the train stage).
     plan_batches(probe.batch_size, probe.num_workers, probe.micro_batch_size)
+    cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
     with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
         preflight(cfg)
-        return _tune(cfg, settings, name, Path(out_root or params.root), params.root)
+        return _tune(cfg, settings, name, Path(out_root or params.root), params.root, weights)
 
 
-def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, repo: Path) -> dict:
+def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, repo: Path,
+          weights: Path | None) -> dict:
     from ray import tune
 
     from components.preflight import preflight_disk, preflight_ray, worker_bundle
@@ -198,6 +200,9 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, r
     from components.tracking import flat_params, git_commit, open_run
     from components.training.data_sync import manifest_hash, publish_dataset
     from components.training.identity import code_hash, sweep_name
+    from components.training.loop import RunInfo
+    from components.training.trainer import describe_init
+    from components.weights import publish
 
     storage = f"{cfg.storage_path.rstrip('/')}/tune"
     data_hash = manifest_hash(cfg.data_dir)
@@ -227,7 +232,8 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, r
         preflight_disk(base, sweep_path, runs=n_trials, concurrent=concurrent)
         restoring = tune.Tuner.can_restore(f"{tune_storage}/{sweep}", **fs_kwargs)
         print(f"[tune driver] {name}: sweep {sweep} under {storage} ({'restoring' if restoring else 'new'}), "
-              f"{settings.num_samples} samples, {concurrent} at a time (each {demand})", flush=True)
+              f"{settings.num_samples} samples, {concurrent} at a time (each {demand}), {describe_init(cfg)}",
+              flush=True)
 
         commit = git_commit(repo)
         tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"tune@{name}",
@@ -245,9 +251,11 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, r
                           params={k: v for k, v in sweep_params.items() if k not in settings.space},
                           tags=tags)
         parent.log_text(yaml.safe_dump(flat_params(sweep_params), sort_keys=False), "config.yaml")
-        setup = {"base": base, "sweep": sweep, "parent_run_id": parent.run_id, "tags": tags,
-                 "data_hash": data_hash,
-                 "data_uri": publish_dataset(cfg.data_dir, cfg.storage_path, data_hash)}
+        # What every trial's workers get besides their own MLflow run: the data and the pretrained weights.
+        run = RunInfo(manifest_sha256=data_hash, data_uri=publish_dataset(cfg.data_dir, cfg.storage_path, data_hash),
+                      pretrained_path=str(weights) if weights else None,
+                      pretrained_uri=publish(weights, cfg.storage_path, cfg.pretrained_sha256) if weights else None)
+        setup = {"base": base, "sweep": sweep, "parent_run_id": parent.run_id, "tags": tags, "run": run}
         # The trial driver's own bundle is small: Ray Train places the workers in their own placement group.
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), settings.driver)
         tic = time.perf_counter()

@@ -14,7 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # that much later. The tests' runs are a few seconds long, so poll 4x as often (a poll that misses its
 # 0.5 s is only a missed health check; a worker is declared dead after 10 min of them).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# MLflow's system metrics every second (10 s by default): the tests' runs last seconds.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 # Tests only ever talk to moto on loopback: fake credentials, set before Ray starts so its workers
 # inherit them too, and never a developer's real ones.
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -140,6 +144,98 @@ def ray_local(_shutdown_ray_at_end):
 
 
 # --- servers on loopback ---------------------------------------------------------------------------
+
+class FileServer:
+    """A threaded http.server on 127.0.0.1 (port 0) serving registered files, counting requests.
+
+    `add(name, path, send=n)` announces the full Content-Length but sends only n bytes before closing
+    the connection (a cut download); unknown names get a 404.
+    """
+
+    def __init__(self):
+        self.files: dict[str, tuple[Path, int | None]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                server.requests.append(self.path)
+                entry = server.files.get(self.path)
+                if entry is None:
+                    self.send_error(404)
+                    return
+                path, send = entry
+                size = path.stat().st_size
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                remaining = size if send is None else send
+                with open(path, "rb") as f:
+                    while remaining > 0 and (chunk := f.read(min(1 << 20, remaining))):
+                        self.wfile.write(chunk)
+                        remaining -= len(chunk)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, name: str, path: Path, send: int | None = None) -> str:
+        self.files[f"/{name}"] = (path, send)
+        return f"{self.base}/{name}"
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def server():
+    s = FileServer()
+    yield s
+    s.stop()
+
+
+
+@pytest.fixture
+def file_server():
+    server = FileServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def imagenet_v1c50(tmp_path_factory):
+    """mmcv's resnet50_v1c layout: {'state_dict': ResNetV1c-50 state dict + fc.*}, named with its hash
+    (`resnet50_v1c-<8 hex>.pth`); values unlike a fresh model's init, so a skipped key shows. Returns
+    (path, state_dict)."""
+    import hashlib
+
+    import torch
+
+    from components.models.resnet import ResNetV1c
+
+    gen = torch.Generator().manual_seed(0)
+    sd = ResNetV1c(depth=50).state_dict()
+    for k, v in sd.items():
+        if v.is_floating_point():
+            v.copy_(torch.rand(v.shape, generator=gen) + 0.5 if k.endswith("running_var")
+                    else torch.randn(v.shape, generator=gen) * 0.1)
+    sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, 2048, generator=gen), torch.zeros(1000)
+    folder = tmp_path_factory.mktemp("zoo")
+    torch.save({"state_dict": sd}, folder / "tmp.pth")
+    digest = hashlib.sha256((folder / "tmp.pth").read_bytes()).hexdigest()
+    path = folder / f"resnet50_v1c-{digest[:8]}.pth"
+    (folder / "tmp.pth").rename(path)
+    return path, sd
+
+
 
 class MotoS3:
     """moto's S3 server (a real HTTP endpoint) on 127.0.0.1; stop() and start() again keep the port and,

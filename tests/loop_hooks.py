@@ -11,6 +11,7 @@
                                     rank r stops once after iteration k (the marker makes it once), by
                                     raising or by its process exiting, after Ray committed that many reports
     dump_dir=path                   each rank writes a digest of its parameters and its node at the end
+    weights_file=path               (with dump_dir) and how far its backbone parameters are from this file's
 Ray workers unpickle it by value (this module is not importable there).
 """
 
@@ -35,9 +36,10 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 class FaultHooks(LoopHooks):
     def __init__(self, fixed_batch: bool = False, nan_at: int | None = None, attempts_file: str | None = None,
-                 hold: dict | None = None, fault: dict | None = None, dump_dir: str | None = None):
+                 hold: dict | None = None, fault: dict | None = None, dump_dir: str | None = None,
+                 weights_file: str | None = None):
         self.fixed_batch, self.nan_at, self.attempts_file = fixed_batch, nan_at, attempts_file
-        self.hold, self.fault, self.dump_dir = hold, fault, dump_dir
+        self.hold, self.fault, self.dump_dir, self.weights_file = hold, fault, dump_dir, weights_file
         self._fixed = None
 
     def on_start(self, rank: int, start: int) -> None:
@@ -70,7 +72,7 @@ class FaultHooks(LoopHooks):
 
     def on_end(self, rank: int, model) -> None:
         if self.dump_dir:
-            dump_worker_facts(self.dump_dir, rank, model)
+            dump_worker_facts(self.dump_dir, rank, model, self.weights_file)
 
 
 def poisoned(batches):
@@ -97,12 +99,18 @@ def wait_until_committed(reports: int, timeout_s: float = 120) -> None:
         time.sleep(0.2)
 
 
-def dump_worker_facts(folder: str, rank: int, model) -> None:
-    """A digest of this rank's parameters and the node it ran on. (BN running stats are left out: each
-    rank updates them from its own batch; DDP re-broadcasts rank 0's at the next forward.)"""
+def dump_worker_facts(folder: str, rank: int, model, weights_file: str | None = None) -> None:
+    """A digest of this rank's parameters and the node it ran on (BN running stats are left out: each
+    rank updates them from its own batch; DDP re-broadcasts rank 0's at the next forward); with
+    `weights_file`, the largest difference of a backbone parameter from that file's."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.named_parameters()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     facts = {"rank": rank, "params_sha256": digest.hexdigest(), "node_id": ray.get_runtime_context().get_node_id()}
+    if weights_file:
+        loaded = torch.load(weights_file, map_location="cpu", weights_only=True)["state_dict"]
+        facts["backbone_max_abs_diff"] = max(
+            (tensor.detach().float().cpu() - loaded[name].float()).abs().max().item()
+            for name, tensor in model.backbone.named_parameters())
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(facts))

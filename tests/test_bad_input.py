@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -140,3 +141,65 @@ def test_prepared_image_corrupted_after_prepare_is_one_line_naming_it(ray_local,
     assert "\n" not in message and any(message.startswith(f"{path}: unreadable image") for path in images)
     assert "rerun it, or `dvc pull`" in message
     assert not (tmp_path / "out").exists()
+
+
+# --- pretrained weights: every failure before Ray starts, one line, the cache clean -----------------
+
+def _weights_case(case: str, tmp_path, file_server, imagenet_v1c50) -> tuple[str, str, str]:
+    """(experiment, train.pretrained value, expected text) of one bad-weights case."""
+    import torch
+
+    path, state_dict = imagenet_v1c50
+    served = tmp_path / "served"
+    served.mkdir()
+
+    def hashed(stem: str, payload: dict) -> Path:
+        torch.save(payload, served / "tmp.pth")
+        digest = hashlib.sha256((served / "tmp.pth").read_bytes()).hexdigest()
+        return (served / "tmp.pth").rename(served / f"{stem}-{digest[:8]}.pth")
+
+    r101 = EXPERIMENT.replace("r50", "r101")
+    if case == "unreachable":
+        from components.ray_cluster import free_port
+
+        return EXPERIMENT, f"http://127.0.0.1:{free_port()}/{path.name}", "unreachable (ConnectionRefusedError"
+    if case == "checksum":
+        return EXPERIMENT, file_server.add("resnet50_v1c-deadbeef.pth", path), "does not start with deadbeef"
+    if case == "truncated":
+        return EXPERIMENT, file_server.add(path.name, path, send=1000), "truncated (got 1000 of"
+    if case == "partial":   # the deep stem's first conv missing
+        partial = hashed("resnet50_v1c", {"state_dict": {k: v for k, v in state_dict.items()
+                                                         if not k.startswith("stem.0.")}})
+        return EXPERIMENT, file_server.add(partial.name, partial), "backbone weights missing from the file: stem.0"
+    if case == "torchvision":
+        v1b = hashed("resnet50", {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64)})
+        return EXPERIMENT, file_server.add(v1b.name, v1b), "ResNet-V1b"
+    assert case == "r50_for_r101"
+    return r101, file_server.add(f"resnet101_v1c-{path.name.split('-')[1]}", path), "layer3"
+
+
+@pytest.mark.parametrize("case", ["unreachable", "checksum", "truncated", "partial", "torchvision",
+                                  "r50_for_r101"])
+def test_bad_pretrained_weights_exit_2_before_ray_with_a_clean_cache(case, make_params, tmp_path, capsys,
+                                                                      no_training, file_server,
+                                                                      imagenet_v1c50, monkeypatch):
+    import components.ray_cluster
+
+    monkeypatch.setattr(components.ray_cluster, "connect_ray",
+                        lambda *a: pytest.fail("Ray started before the weights were checked"))
+    experiment, spec, expected = _weights_case(case, tmp_path, file_server, imagenet_v1c50)
+    params = make_params(tmp_path / "work", pretrained="imagenet")
+    params["train"]["pretrained"][params["experiments"][experiment]["backbone"]] = spec
+    params["downloads"] = {"cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    assert main(["--params", str(tmp_path / "params.yaml"), "train", experiment]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()   # a download's progress bar, then the one error line
+    errors = [line for line in lines if "error" in line]
+    assert errors == lines[-1:] and errors[0].startswith("dnlseg train: error: ") and expected in errors[0], lines
+    from components.weights import expected_sha256_prefix, sha256_file
+
+    cached = list((tmp_path / "cache").iterdir()) if (tmp_path / "cache").exists() else []
+    # Nothing partial: only complete files whose sha256 matches their name (the layout cases' files are).
+    assert all(sha256_file(p).startswith(expected_sha256_prefix(p.name)) for p in cached), cached
+    assert case in ("partial", "torchvision", "r50_for_r101") or not cached

@@ -53,7 +53,11 @@ def test_sample_profile_scales_sizes_and_iterations(raw, params):
     cfg = params.experiment(R50, profile="sample")
     s = raw["profiles"]["sample"]["size_scale"]
     assert cfg.crop_size == (round(512 * s), round(1024 * s)) and cfg.scale == (round(2048 * s), round(1024 * s))
-    assert cfg.max_iters == raw["profiles"]["sample"]["max_iters"]
+    scale = raw["profiles"]["sample"]["schedule_scale"]
+    assert raw["profiles"]["sample"]["max_iters"] == 0 and cfg.max_iters == round(40000 * scale) == 8
+    # Every row stays a distinct run: the 40k / 80k / 160k rows keep their proportions.
+    iters = {params.experiments[n].schedule: params.experiment(n, "sample").max_iters for n in params.experiments}
+    assert iters == {"40k": 8, "80k": 16, "160k": 32}
 
 
 def test_config_crosses_to_the_workers_as_it_is(params):
@@ -101,7 +105,7 @@ DELETE = object()
         (["data", "datasets", "cityscapes", "source"], DELETE, "data.datasets.cityscapes.source: missing"),
         (["sample", "ade20k", "train"], 0, "sample.ade20k.train: expected a positive integer, got 0"),
         (["tune", "experiment"], "nope", "tune.experiment: unknown experiment 'nope'"),
-        (["imported_checkpoints"], {"x": {"experiment": "nope", "path": "a.pth"}},
+        (["imported_checkpoints"], {"x": {"experiment": "nope", "source": "a.pth"}},
          "imported_checkpoints.x.experiment: expected one of"),
     ],
 )

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +64,36 @@ def _dvc(args: list[str], cwd: Path, env: dict) -> str:
     return done.stdout + done.stderr
 
 
-def test_dvc_repro_runs_the_stages_then_is_a_no_op(tmp_path):
+def _released_checkpoint(folder: Path) -> Path:
+    """An mmseg v0.5 release as the seed's download links serve it (DNLNet R-50-D8, 19 classes, random
+    weights): {'meta': {CLASSES, PALETTE, config text, mmcv_version, ...}, 'state_dict', 'optimizer'},
+    named `<config>_<date>-<first 8 hex of its sha256>.pth`."""
+    import hashlib
+
+    import torch
+
+    from components.data import get_dataset
+    from components.models import build_dnlnet
+
+    spec = get_dataset("cityscapes")
+    torch.manual_seed(1)
+    model = build_dnlnet(depth=50, num_classes=19)
+    meta = {"CLASSES": spec.classes, "PALETTE": [list(c) for c in spec.palette], "mmcv_version": "1.1.1",
+            "config": "norm_cfg = dict(type='SyncBN', requires_grad=True)\nmodel = dict(type='EncoderDecoder')\n",
+            "epoch": 1, "iter": 40000, "time": "Fri Sep  4 23:36:29 2020"}
+    optimizer = {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                 "param_groups": [{"lr": 1e-4, "momentum": 0.9, "weight_decay": 5e-4, "params": [0]}]}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": meta, "state_dict": model.state_dict(), "optimizer": optimizer}, folder / "tmp.pth")
+    digest = hashlib.sha256((folder / "tmp.pth").read_bytes()).hexdigest()
+    return (folder / "tmp.pth").rename(folder / f"{EXP}_20200904_233629-{digest[:8]}.pth")
+
+
+def test_dvc_repro_runs_the_stages_then_is_a_no_op(tmp_path, file_server):
     work, env = _repo_copy(tmp_path)
 
     first = _dvc(["repro", f"evaluate@{EXP}"], work, env)
-    for stage in ("sample", "prepare@cityscapes", f"train@{EXP}", f"evaluate@{EXP}"):
+    for stage in ("sample", "prepare@cityscapes", "weights@R-50-D8", f"train@{EXP}", f"evaluate@{EXP}"):
         assert f"Running stage '{stage}'" in first
     assert "prepare@ade20k" not in first   # only what the target needs
     train = json.loads((work / "metrics" / EXP / "train.json").read_text())
@@ -82,6 +108,31 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(tmp_path):
     assert "didn't change" in second or "up to date" in second.lower()
     status = _dvc(["status", f"evaluate@{EXP}"], work, env)
     assert "up to date" in status.lower()
+
+    # A released checkpoint by its URL: fetched once (sha256 checked), evaluated, in the report's three columns.
+    released = _released_checkpoint(tmp_path / "served")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "source": file_server.add(released.name,
+                                                                                                    released)}}
+    params["downloads"] = {"cache_dir": str(tmp_path / "cache")}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _dvc(["repro", "evaluate_imported@released_r50"], work, env)
+    assert "Running stage 'evaluate_imported@released_r50'" in third and f"train@{EXP}'" not in third
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [released.name]
+    imported = json.loads((work / "metrics" / "released_r50" / "eval.json").read_text())
+    assert imported["imported"] and imported["checkpoint"].endswith(released.name)
+    _dvc(["repro", "--single-item", "report"], work, env)
+    from components.evaluation.table import parse_markdown_tables
+
+    compare = next(t for t in parse_markdown_tables((work / "reports" / "results.md").read_text())
+                   if "mIoU released" in t.header)
+    row = next(r for r in compare.records() if r["experiment"] == EXP)
+    assert row["mIoU published"] == "78.61"
+    assert row["mIoU released"] == f"{imported['single_scale']['mIoU']:.2f}"
+    assert row["mIoU ours"] == f"{evaluation['single_scale']['mIoU']:.2f}"
+    text = (work / "reports" / "results.md").read_text()
+    assert f"final model (iteration {train['final']['iteration']}" in text and "best val mIoU during training" in text
+    assert file_server.requests == [f"/{released.name}"]   # downloaded once
 
 
 # --- a dataset added through the registry only ------------------------------------------------------
@@ -172,3 +223,55 @@ def test_a_dataset_added_through_the_registry_is_prepared_trained_and_evaluated(
     assert list(evaluation["single_scale"]["IoU"]) == ["background", "square", "disc"]
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert {"prepare@toy", f"train@{name}", f"evaluate@{name}"} <= set(lock["stages"])
+
+
+# --- DVC's own ways of running experiments, from a clone that is not the installed one ---------------
+
+def _git(args: list[str], cwd: Path) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_dvc_experiments_temp_and_queue_run_in_their_own_workspace(tmp_path):
+    """In a clone whose `dnlseg` was installed from another clone (this repo), `dvc exp run --temp -S
+    train.lr=…` and two queued experiments run by `dvc queue start -j 2` each read their own params and
+    write their own metrics, listed by `dvc exp show`; the workspace is untouched."""
+    work, env = _repo_copy(tmp_path)
+    env.pop("PYTHONPATH")   # the installed package: the code of another clone, as a user's second clone
+    _dvc(["repro", f"train@{EXP}"], work, env)
+    _git(["add", "-A"], work)
+    _git(["commit", "-qm", "baseline"], work)
+    before = {p: p.read_bytes() for p in (work / "params.yaml", work / "dvc.lock",
+                                          work / "metrics" / EXP / "train.json")}
+
+    _dvc(["exp", "run", "--temp", "-n", "lr02", "-S", "train.lr=0.02", f"train@{EXP}"], work, env)
+    for name, lr in (("lr03", "0.03"), ("lr04", "0.04")):
+        _dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", f"train@{EXP}"], work, env)
+    _dvc(["queue", "start", "-j", "2"], work, env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:   # the queue's workers run in the background
+        status = _dvc(["queue", "status"], work, env)
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(5)
+    _dvc(["queue", "stop"], work, env)
+    assert "Failed" not in status, status
+
+    assert _exp_show(work, env) == {"lr02": 0.02, "lr03": 0.03, "lr04": 0.04}
+    assert all(p.read_bytes() == data for p, data in before.items())   # the workspace is as it was
+
+
+def _exp_show(work: Path, env: dict) -> dict:
+    """{experiment name: its train.lr} of the experiments that finished with their own train.json."""
+    done = subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+    found = {}
+    for commit in json.loads(done.stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+                metrics = (data.get("metrics") or {}).get(f"metrics/{EXP}/train.json", {}).get("data")
+                if rev.get("name") and metrics and metrics["final"]["iteration"] == 2:
+                    found[rev["name"]] = params["train"]["lr"]
+    return found

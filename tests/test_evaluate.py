@@ -31,7 +31,8 @@ from components.metrics import ConfusionMatrix
 from components.models import build_dnlnet
 from components.models.checkpoint import save_checkpoint
 from components.models.speedups import autocast, prepare_for_inference
-from pipeline.config import ConfigError, read_raw
+from components.tracking import artifact_location
+from pipeline.config import ConfigError, load, read_raw
 from pipeline.evaluate import evaluate_experiment
 
 EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
@@ -66,7 +67,8 @@ def fake_training_run(tracking_uri: str, name: str, memory_gb: list[float]) -> s
 
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name("cityscapes")
-    experiment_id = found.experiment_id if found else client.create_experiment("cityscapes")
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        "cityscapes", artifact_location=artifact_location(tracking_uri, "cityscapes"))   # not ./mlruns
     run = client.create_run(experiment_id, run_name=f"{name}-0123abcd",
                             tags={"experiment": name, "dvc_stage": f"train@{name}"})
     client.log_param(run.info.run_id, "use_gpu", "False")
@@ -165,13 +167,13 @@ def test_eval_json_records_settings_speed_and_memory(evaluated):
     speed = s["speed"]
     assert speed["fps"] > 0 and speed["images"] == 4 and speed["warmup"] == 1 and speed["batch_size"] == 1
     assert speed["device"].startswith("cpu") and speed["dtype"] == "bf16"
-    # No memory in train.json here: the largest memory_gb the training run logged, with what it measures.
+    # The largest memory_gb the training run logged, with what it measures.
     assert s["train_memory"]["peak_gb"] == 1.25
     assert s["train_memory"]["device"] == "cpu" and s["train_memory"]["dtype"] == "bf16"
     assert "RSS" in s["train_memory"]["measure"]
     sample = evaluated["params"]["profiles"]["sample"]
-    assert s["train"] == {"crop_size": [16, 32], "max_iters": sample["max_iters"],
-                          "batch_size": sample["batch_size"]}
+    iterations = round(40000 * sample["schedule_scale"])   # the 40k schedule scaled by the sample profile
+    assert s["train"] == {"crop_size": [16, 32], "max_iters": iterations, "batch_size": sample["batch_size"]}
 
 
 def test_pictures_and_dvc_plot_files(evaluated):
@@ -216,9 +218,20 @@ def test_logged_into_the_training_run(evaluated):
 def test_imported_checkpoint_gets_a_run_of_its_own(evaluated, tmp_path):
     work = evaluated["work"]
     params = copy.deepcopy(evaluated["params"])
-    released = tmp_path / "dnl_released_20200904-53d4ea93.pth"
-    save_checkpoint(released, random_model(seed=1), {"config": "released"})
-    params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "path": str(released)}}
+    import hashlib
+
+    from components.weights import WeightsError
+
+    saved = tmp_path / "released.pth"
+    save_checkpoint(saved, random_model(seed=1), {"config": "released"})
+    # A released file whose name does not carry the start of its sha256 is refused, in one line.
+    wrong = saved.rename(tmp_path / "dnl_released_20200904-53d4ea93.pth")
+    params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "source": str(wrong)}}
+    with pytest.raises(WeightsError, match=r"sha256 \w+\.\.\. does not start with 53d4ea93"):
+        evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
+    digest = hashlib.sha256(wrong.read_bytes()).hexdigest()
+    released = wrong.rename(tmp_path / f"dnl_released_20200904-{digest[:8]}.pth")
+    params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "source": str(released)}}
     params["evaluate"].update({"fps_images": 0, "overlays": 0, "ms_ratios": [1.0], "flip": False})
     summary = evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
     assert summary["imported"] is True and summary["speed"] is None and summary["train_memory"] is None
@@ -351,11 +364,15 @@ def test_eval_settings_profile_override_and_errors():
         eval_settings({"ratios": [1.0]})
 
 
-def test_eval_precision_defaults_to_the_fastest_that_agrees():
-    s = eval_settings(drop=("precision", "fold_bn"))   # not set: the defaults
-    assert (s.precision, s.fold_bn) == ("auto", True)
-    assert (s.precision_on("cpu"), s.precision_on("cuda:0")) == ("bf16", "fp16")
-    assert eval_settings({"precision": "fp32"}).precision_on("cuda") == "fp32"
+def test_eval_precision_defaults_to_the_seeds_fp32_and_auto_is_explicit():
+    s = eval_settings(drop=("precision", "fold_bn"), profile="reference")   # not set: the defaults
+    assert (s.precision, s.fold_bn) == ("fp32", True)
+    assert (s.precision_on("cpu"), s.precision_on("cuda:0")) == ("fp32", "fp32")
+    auto = eval_settings({"precision": "auto"}, profile="reference")   # the fastest that agrees, as a choice
+    assert (auto.precision_on("cpu"), auto.precision_on("cuda:0")) == ("bf16", "fp16")
+    repo = load()   # the reference profile evaluates in fp32 as the seed did; the sample one in auto
+    assert (repo.eval_settings("reference").precision, repo.eval_settings("sample").precision) == ("fp32", "auto")
+    assert eval_settings({"precision": "fp32"}, profile="reference").precision_on("cuda") == "fp32"
     with pytest.raises(ConfigError, match=r"evaluate\.precision: expected one of auto, fp32, bf16, fp16"):
         eval_settings({"precision": "half"})
     with pytest.raises(ConfigError, match=r"evaluate\.precision: fp16 needs a GPU"):

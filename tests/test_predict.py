@@ -18,6 +18,7 @@ from components.evaluation.registry import ModelSpec, ensure_model_artifacts, re
 from components.models import build_dnlnet
 from components.models.checkpoint import save_checkpoint
 from components.models.speedups import autocast, prepare_for_inference
+from components.tracking import artifact_location
 from pipeline.config import load, read_raw
 from pipeline.predict import predict
 
@@ -95,7 +96,8 @@ def test_registered_model_and_run_give_the_same_labels(setup, from_checkpoint):
 
     params = setup["params"]
     client = MlflowClient(tracking_uri=params.tracking_uri)
-    experiment_id = client.create_experiment("cityscapes")
+    experiment_id = client.create_experiment(
+        "cityscapes", artifact_location=artifact_location(params.tracking_uri, "cityscapes"))   # not ./mlruns
     run_id = client.create_run(experiment_id, run_name="trained").info.run_id
     ensure_model_artifacts(client, run_id, setup["checkpoint"], ModelSpec.of(params.experiment(EXP)))
     register_champion(client, "dnlnet-cityscapes", run_id)

@@ -49,3 +49,40 @@ def test_two_workers_on_two_nodes_train_one_run(two_nodes, make_params, tmp_path
     assert facts[0]["params_sha256"] == facts[1]["params_sha256"]  # DDP across nodes kept them in step
     assert out["final"]["iteration"] == 2
     assert (tmp_path / "out" / "models" / EXPERIMENT / "model.pt").stat().st_size > 0
+
+
+def test_workers_on_both_nodes_start_from_the_served_imagenet_weights(two_nodes, make_params, tmp_path,
+                                                                      file_server, imagenet_v1c50):
+    """train.pretrained is a URL on a loopback server: the driver fetches it once into the download cache
+    before Ray starts, and every worker, on either node, starts from it: after one step at a tiny learning
+    rate the backbone parameters equal the file's (up to that step) and are far from a random init. The
+    file's sha256 is in the run's params, so other weights would be another run."""
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    from components.models import build_dnlnet
+    from pipeline.train import train_experiment
+
+    path, state_dict = imagenet_v1c50
+    url = file_server.add(path.name, path)
+    params = make_params(tmp_path, max_iters=1, evals_per_run=1, pretrained="imagenet")
+    params["train"]["pretrained"]["R-50-D8"] = url
+    params["train"]["lr"] = 1e-6
+    params["downloads"] = {"cache_dir": str(tmp_path / "cache")}
+    out = train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out",
+                           hooks=FaultHooks(dump_dir=str(tmp_path / "facts"), weights_file=str(path)))
+
+    facts = [json.loads((tmp_path / "facts" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len({f["node_id"] for f in facts}) == 2
+    assert all(f["backbone_max_abs_diff"] < 1e-4 for f in facts), facts
+    random_init = build_dnlnet(depth=50, num_classes=19).backbone.state_dict()
+    far = max((random_init[k] - state_dict[k]).abs().max().item() for k in ("stem.0.weight", "layer4.2.conv3.weight"))
+    assert far > 0.1   # so a random init would have shown
+    assert file_server.requests == [f"/{path.name}"]                      # downloaded once
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]   # complete and verified only
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(out["mlflow_run_id"])
+    assert run.data.params["pretrained"] == url and run.data.params["pretrained_sha256"] == sha
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert nodes == {"node0", "node1"}   # each node's own system metrics, named by node

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,15 +60,21 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
     assert lrs[0] == pytest.approx(0.01) and lrs == sorted(lrs, reverse=True)   # poly, per iteration
 
     metrics = json.loads((out_root / "metrics" / EXPERIMENT / "train.json").read_text())
-    assert metrics["final"]["iteration"] == 6 and metrics["best"]["iteration"] in (3, 6)
-    assert metrics["best"]["mIoU"] >= metrics["final"]["mIoU"]
+    assert metrics["final"]["iteration"] == 6 and metrics["best_val"]["iteration"] in (3, 6)
+    assert metrics["best_val"]["mIoU"] >= metrics["final"]["mIoU"]
     assert 0 <= metrics["final"]["mIoU"] <= 100 and metrics["train_time_s"] > 0
+    assert (metrics["precision"], metrics["pretrained"]) == ("bf16", "none")
 
-    # model.pt: mmseg layout, loads strictly into a fresh model, and is the best checkpoint.
+    # model.pt: mmseg layout, loads strictly into a fresh model, and is the LAST iteration's weights (the
+    # table's model), equal to the latest checkpoint's, whichever validation checkpoint scored best.
     model_file = out_root / "models" / EXPERIMENT / "model.pt"
     meta = load_mmseg_checkpoint(build_dnlnet(depth=50, num_classes=19), model_file)
-    assert meta["iteration"] == metrics["best"]["iteration"]
+    assert meta["iteration"] == 6
     assert set(torch.load(model_file, weights_only=True)) == {"state_dict", "meta"}
+    snapshot = json.loads((Path(out["result_path"]) / "checkpoint_manager_snapshot.json").read_text())
+    latest = Path(out["result_path"]) / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    ours, last = (torch.load(f, weights_only=True)["state_dict"] for f in (model_file, latest / "model.pt"))
+    assert ours.keys() == last.keys() and all(torch.equal(ours[k], last[k]) for k in ours)
 
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
@@ -77,8 +84,13 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
     assert len(run.data.tags["dataset_manifest_sha256"]) == 64 and "git_commit" in run.data.tags
     assert run.data.params["crop_size"] == "32x64" and run.data.params["batch_size"] == "2"
     assert loss_steps(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]
-    expected = {"mIoU", "mAcc", "aAcc", "lr", "img_s", "memory_gb", "decode_loss", "aux_loss", "IoU.road"}
-    assert expected <= set(run.data.metrics)
+    expected = {"mIoU", "mAcc", "aAcc", "lr", "img_s", "memory_gb", "decode_loss", "aux_loss", "IoU.road",
+                "final_mIoU", "best_val_mIoU"}   # the best validation figure labelled as such
+    assert expected <= set(run.data.metrics) and "best_mIoU" not in run.data.metrics
+    assert run.data.metrics["final_mIoU"] == metrics["final"]["mIoU"]
+    # The node's system metrics went into the run while it trained (GPU ones where a GPU is).
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert run.data.params["pretrained"] == "none" and run.data.params["precision"] == "bf16"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "curves", "metrics"} <= artifacts
 
@@ -173,9 +185,9 @@ def test_learning_check_beats_chance(ray_local, make_params, tmp_path_factory):
     params = make_params(work, data_root=work / "prepared", size_scale=0.125, max_iters=300, batch_size=4,
                          num_workers=1, resources_per_worker={"CPU": 2}, evals_per_run=3)
     out = train_experiment(as_params(params), EXPERIMENT, out_root=work / "out")
-    print(f"learning check: best mIoU {out['best']['mIoU']:.2f} at {out['best']['iteration']}, "
+    print(f"learning check: best mIoU {out['best_val']['mIoU']:.2f} at {out['best_val']['iteration']}, "
           f"final {out['final']['mIoU']:.2f}, {out['img_s']} img/s")
-    assert out["best"]["mIoU"] > 15.0
+    assert out["best_val"]["mIoU"] > 15.0
 
 
 def test_with_ray_runs_the_command_on_one_cluster_then_stops_it():

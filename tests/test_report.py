@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, as_params
 
 from components.evaluation.table import COLUMNS, SEED_TABLE, parse_markdown_tables, parse_seed_table
+from components.tracking import artifact_location
 from pipeline.config import read_raw
 from pipeline.report import compare_url, write_report
 
@@ -63,7 +64,8 @@ ADE = "dnl_r50-d8_512x512_80k_ade20k"
 def fake_run(client, dataset: str, name: str, tmp: Path) -> tuple[str, str]:
     """An MLflow run holding a model folder, as the train + evaluate stages leave one."""
     found = client.get_experiment_by_name(dataset)
-    experiment_id = found.experiment_id if found else client.create_experiment(dataset)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        dataset, artifact_location=artifact_location(client.tracking_uri, dataset))   # not ./mlruns
     run = client.create_run(experiment_id, run_name=f"{name}-run", tags={"experiment": name})
     (tmp / "model.pt").write_bytes(b"weights of " + name.encode())
     client.log_artifact(run.info.run_id, str(tmp / "model.pt"), "model")

@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,63 +23,6 @@ from components.weights import (
     resolve_source,
     sha256_file,
 )
-
-
-class FileServer:
-    """A threaded http.server on 127.0.0.1 (port 0) serving registered files, counting requests.
-
-    `add(name, path, send=n)` announces the full Content-Length but sends only n bytes before closing
-    the connection (a cut download); unknown names get a 404.
-    """
-
-    def __init__(self):
-        self.files: dict[str, tuple[Path, int | None]] = {}
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                server.requests.append(self.path)
-                entry = server.files.get(self.path)
-                if entry is None:
-                    self.send_error(404)
-                    return
-                path, send = entry
-                size = path.stat().st_size
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(size))
-                self.end_headers()
-                remaining = size if send is None else send
-                with open(path, "rb") as f:
-                    while remaining > 0 and (chunk := f.read(min(1 << 20, remaining))):
-                        self.wfile.write(chunk)
-                        remaining -= len(chunk)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def add(self, name: str, path: Path, send: int | None = None) -> str:
-        self.files[f"/{name}"] = (path, send)
-        return f"{self.base}/{name}"
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
-
-
-@pytest.fixture
-def server():
-    s = FileServer()
-    yield s
-    s.stop()
 
 
 def _sha256(path: Path) -> str:
@@ -103,20 +44,9 @@ def blob(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def v1c50(tmp_path_factory):
-    """mmcv's resnet50_v1c layout: {'state_dict': ResNetV1c-50 state dict + fc.*}, named with its hash."""
-    gen = torch.Generator().manual_seed(0)
-    sd = ResNetV1c(depth=50).state_dict()
-    for k, v in sd.items():
-        if v.is_floating_point():  # different from a fresh model's init, so a skipped key shows
-            v.copy_(torch.rand(v.shape, generator=gen) + 0.5 if k.endswith("running_var")
-                    else torch.randn(v.shape, generator=gen) * 0.1)
-    sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, 2048, generator=gen), torch.zeros(1000)
-    folder = tmp_path_factory.mktemp("zoo")
-    torch.save({"state_dict": sd}, folder / "tmp.pth")
-    path = folder / f"resnet50_v1c-{_sha256(folder / 'tmp.pth')[:8]}.pth"
-    (folder / "tmp.pth").rename(path)
-    return path, sd
+def v1c50(imagenet_v1c50):
+    return imagenet_v1c50
+
 
 
 # --- resolve / names ---------------------------------------------------------------------------------
@@ -302,3 +232,29 @@ def test_resnet50_weights_into_resnet101_name_the_missing_layer3_blocks(v1c50):
     assert "layer3 has blocks 0..5 in the file, 0..22 in the backbone" in msg
     assert "ResNet-50 weights for a ResNet-101 backbone" in msg
     assert "missing from the file" in msg and ": layer3.6.conv1.weight, layer3.6.bn1.weight" in msg
+
+
+# --- to every node: through the run storage when a node lacks the driver's file ---------------------
+
+def test_weights_reach_a_node_without_the_file_through_s3_storage(moto_s3, tmp_path, blob, monkeypatch):
+    """The driver publishes its verified file to the run storage once per content; a worker on a node
+    that lacks the driver's path takes a copy from there into its own cache, checked by sha256; a copy
+    whose content changed in storage is refused."""
+    from components.weights import on_this_node, publish
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
+    bucket = moto_s3.bucket("weights")
+    sha = sha256_file(blob)
+    assert publish(blob, str(tmp_path / "runs"), sha) is None          # local storage: nodes read the path
+    uri = publish(blob, f"s3://{bucket}/runs", sha)
+    assert uri == f"s3://{bucket}/runs/_weights/{sha[:16]}-{blob.name}"
+    assert publish(blob, f"s3://{bucket}/runs", sha) == uri            # once per content
+    assert on_this_node(blob, uri, sha, cache_dir=tmp_path / "node") == blob   # this node has it
+    elsewhere = on_this_node(tmp_path / "not-here" / blob.name, uri, sha, cache_dir=tmp_path / "node")
+    assert elsewhere.parent == tmp_path / "node" and elsewhere.read_bytes() == blob.read_bytes()
+    with pytest.raises(WeightsError, match="not on this node and train.storage_path is local"):
+        on_this_node(tmp_path / "not-here" / blob.name, None, sha, cache_dir=tmp_path / "other")
+    moto_s3.client().put_object(Bucket=bucket, Key=uri.split(f"{bucket}/", 1)[1], Body=b"changed")
+    with pytest.raises(WeightsError, match="does not have sha256"):
+        on_this_node(tmp_path / "not-here" / blob.name, uri, sha, cache_dir=tmp_path / "fresh")
+    assert not list((tmp_path / "fresh").glob("*"))                    # nothing unverified left

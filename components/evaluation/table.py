@@ -34,6 +34,7 @@ class SeedRow:
     dataset: str                 # 'cityscapes' | 'ade20k'
     config: str                  # mmseg config name == our experiment name, from the download link
     cells: dict                  # column -> published string, for COLUMNS
+    model_url: str               # the released checkpoint
 
     def __getitem__(self, column: str) -> str:
         return self.cells[column]
@@ -77,10 +78,10 @@ def parse_seed_table(text: str | None = None) -> list[SeedRow]:
             continue
         dataset = table.heading.lower().replace(" ", "")
         for record in table.records():
-            found = re.search(r"/dnlnet/([^/]+)/", record.get("download", ""))
+            found = re.search(r"\[model\]\((\S+/dnlnet/([^/]+)/[^)]+\.pth)\)", record.get("download", ""))
             if not found:
-                raise ValueError(f"{SEED_TABLE.name}: row {record} has no download link naming its config")
-            rows.append(SeedRow(dataset, found.group(1), {c: record[c] for c in COLUMNS}))
+                raise ValueError(f"{SEED_TABLE.name}: row {record} has no model link naming its config")
+            rows.append(SeedRow(dataset, found.group(2), {c: record[c] for c in COLUMNS}, found.group(1)))
     if not rows:
         raise ValueError(f"{SEED_TABLE.name}: no table with the columns {' | '.join(COLUMNS)}")
     return rows

@@ -20,7 +20,7 @@ from components.backbones import STAGE_BLOCKS
 _SHOW = 5  # keys listed per category in error messages
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not match the model."""
 
 
@@ -178,3 +178,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict | None
     checkpoint = {"state_dict": state_dict, "meta": dict(meta or {}), **extra}
     with atomic_open(path) as f:
         torch.save(checkpoint, f)
+
+
+def check_pretrained_backbone(path: str | os.PathLike, depth: int) -> BackboneLoadResult:
+    """load_pretrained_backbone into a throwaway ResNetV1c-D8 of `depth`: the driver's check, before Ray
+    starts, that the file has every backbone tensor (else one CheckpointMismatchError line)."""
+    from components.models import build_dnlnet
+
+    return load_pretrained_backbone(build_dnlnet(depth=depth, num_classes=1).backbone, path)

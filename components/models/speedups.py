@@ -34,6 +34,12 @@ def autocast(device: torch.device | str, precision: str):
     return torch.autocast(device_type, dtype=dtype)
 
 
+def use_precision(precision: str) -> None:
+    """fp32 means fp32: TF32 off for cuDNN's convolutions (torch turns it on by default on Ampere and
+    newer) and for matmuls, as on the seed's V100s, which had no TF32. Other precisions leave TF32 on."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+
+
 def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fold_bn: bool = True) -> nn.Module:
     """`model` in eval mode with the inference speed-ups applied (a folded copy when fold_bn)."""
     model = fold_batchnorm(model) if fold_bn else model.eval()

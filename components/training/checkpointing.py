@@ -1,23 +1,32 @@
-"""A training checkpoint is a folder: `model.pt` (mmseg layout, the weights alone, what DVC ships)
-and `train_state.pt` (optimizer, scaler, iteration, curve so far: what a resumed run needs).
+"""A training checkpoint is a folder: `model.pt` (mmseg layout, the weights alone, what DVC ships),
+`train_state.pt` (optimizer, scaler, iteration, curve so far: what a resumed run needs), the small files
+the driver reads, and `checksums.json` (every file's sha256, written last).
+
+A damaged checkpoint (a partial upload, a bad disk: files truncated, bit-flipped or missing) never
+blocks a run: on resume it is named in one warning line and the run continues from the newest intact
+checkpoint of the run, or starts fresh, saying so, when there is none.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from components.atomic import atomic_write_bytes
 from components.models.checkpoint import load_mmseg_checkpoint, save_checkpoint
+from components.weights import sha256_file
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
+CHECKSUMS_FILE = "checksums.json"
 STAGING_PREFIX = "dnlseg-checkpoint-"
 CURVE_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "img_s", "mIoU")
 
@@ -33,10 +42,12 @@ def save_train_checkpoint(folder: Path | str, model: torch.nn.Module, optimizer,
 
 
 def load_train_checkpoint(folder: Path | str, model: torch.nn.Module) -> dict:
-    """Loads the weights into `model` (strict) and returns the train state (optimizer/scaler dicts inside)."""
+    """Loads the weights into `model` (strict) and returns the train state (optimizer/scaler dicts inside).
+    The state is read first: a file that does not load leaves `model` as it was."""
     folder = Path(folder)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     load_mmseg_checkpoint(model, folder / MODEL_FILE)
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    return state
 
 
 def staging_folder(tmp_root: str | None = None) -> tempfile.TemporaryDirectory:
@@ -75,3 +86,77 @@ def write_curve_csv(path: Path | str, rows: list[dict]) -> None:
     for row in rows:
         writer.writerow({k: _cell(row.get(k)) for k in CURVE_COLUMNS})
     atomic_write_bytes(path, text.getvalue().encode())
+
+
+# --- checksums, and resuming from the newest intact checkpoint --------------------------------------
+
+def write_checksums(folder: Path | str) -> None:
+    """checksums.json: the sha256 of every other file of the checkpoint (written last)."""
+    folder = Path(folder)
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    atomic_write_bytes(folder / CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
+
+
+def damage(folder: Path | str) -> str | None:
+    """What is wrong with a checkpoint folder, or None when every file matches checksums.json (a folder
+    without one, written before checksums existed, is judged by loading it)."""
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / CHECKSUMS_FILE).read_text())
+    except FileNotFoundError:
+        return None if (folder / MODEL_FILE).is_file() and (folder / STATE_FILE).is_file() else \
+            f"{MODEL_FILE} or {STATE_FILE} missing"
+    except (OSError, ValueError) as e:
+        return f"{CHECKSUMS_FILE} unreadable ({type(e).__name__})"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if sha256_file(path) != expected:
+            return f"{name} does not match its sha256 (truncated or corrupted, {path.stat().st_size} bytes)"
+    return None
+
+
+def _iteration(checkpoint) -> int:
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/summary.json") as f:
+            return int(json.loads(f.read())["iteration"])
+    except Exception:  # noqa: BLE001 - an unreadable summary: a damaged checkpoint, tried last
+        return -1
+
+
+def _others(checkpoint) -> list:
+    """The run's other checkpoints in storage (Ray keeps the latest and the best), newest first."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    others = [Checkpoint(info.path, filesystem=checkpoint.filesystem) for info in found
+              if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+              and info.path.rstrip("/") != checkpoint.path.rstrip("/")]
+    return sorted(others, key=_iteration, reverse=True)
+
+
+def resume_state(checkpoint, model: torch.nn.Module, warn: Callable[[str], None]) -> dict | None:
+    """The train state of the newest intact checkpoint of the run, `checkpoint` (the one Ray reports,
+    local or s3://) first; its weights loaded into `model`. None: no intact one, start fresh. Each
+    damaged checkpoint costs one `warn` line saying what is wrong and what happens instead."""
+    damaged = []
+    for candidate in [checkpoint, *_others(checkpoint)]:
+        with candidate.as_directory() as folder:
+            problem = damage(folder)
+            if problem is None:
+                try:
+                    state = load_train_checkpoint(folder, model)
+                except Exception as e:  # noqa: BLE001 - an unreadable file is a damaged checkpoint too
+                    problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        if problem is None:
+            for path, what in damaged:
+                warn(f"checkpoint {path} is damaged ({what}): resuming from {candidate.path} "
+                     f"(iteration {state['iteration']})")
+            return state
+        damaged.append((candidate.path, problem))
+    for path, what in damaged:
+        warn(f"checkpoint {path} is damaged ({what}): no intact checkpoint left, starting fresh")
+    return None

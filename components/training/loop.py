@@ -17,16 +17,19 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from components.console import warn
 from components.data.dataset import SegmentationDataset, build_loader
 from components.data.transforms import build_test_transform, build_train_transform
 from components.experiment import TrainConfig
 from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
-from components.tracking import RunLogger, with_env_credentials
+from components.models.speedups import use_precision
+from components.tracking import RunLogger, system_metrics, with_env_credentials
 from components.training.checkpointing import (
-    load_train_checkpoint,
+    resume_state,
     save_train_checkpoint,
     staging_folder,
+    write_checksums,
     write_curve_csv,
 )
 from components.training.data_sync import local_dataset
@@ -40,6 +43,7 @@ from components.training.distributed import (
 from components.training.evaluate import evaluate
 from components.training.progress import Progress, peak_memory_gb
 from components.training.step import sgd, train_step
+from components.weights import on_this_node
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class RunInfo:
     log_interval: int = 1
     manifest_sha256: str | None = None    # of the prepared data: a node lacking it fetches this version
     data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
+    pretrained_path: str | None = None    # the driver's verified copy of cfg.pretrained
+    pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
 
 
 class LoopHooks:
@@ -72,25 +78,35 @@ class LoopHooks:
 def train_loop_per_worker(config: dict) -> dict:
     c: TrainConfig = config["cfg"]
     run: RunInfo = config.get("run") or RunInfo()
-    hooks: LoopHooks = config.get("hooks") or LoopHooks()
     ctx = ray.train.get_context()
+    # One system-metrics monitor per node (its first local rank), named by node on multi-node runs.
+    monitored = ctx.get_local_rank() == 0 and run.mlflow_run_id
+    node = f"node{ctx.get_node_rank()}" if ctx.get_world_size() > ctx.get_local_world_size() else None
+    with system_metrics(with_env_credentials(c.tracking_uri), run.mlflow_run_id if monitored else None, node):
+        return train(c, run, config.get("hooks") or LoopHooks(), ctx)
+
+
+def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_step, accum = plan_batches(c.batch_size, world, c.micro_batch_size)
     torch.set_num_threads(max(1, int(c.resources_per_worker.get("CPU", 1))))
     torch.backends.cudnn.benchmark = True
+    use_precision(c.precision)
     device = ray.train.torch.get_device()
 
     # Model, then the state to resume from (Ray hands every rank the latest reported checkpoint).
     seed_everything(c.seed)
     model = build_dnlnet(depth=c.depth, num_classes=c.num_classes, align_corners=c.align_corners,
                          attention=c.attention, avg_non_ignore=c.avg_non_ignore, aux_weight=c.aux_weight)
-    state = {"iteration": 0, "train_time_s": 0.0, "best": None, "curve": []}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = load_train_checkpoint(folder, model)
-    elif c.pretrained:
-        load_pretrained_backbone(model.backbone, c.pretrained)   # ImageNet weights, fresh runs only
+    # Resume from the newest intact checkpoint of the run (a damaged one is named in one line, skipped).
+    state = resume_state(checkpoint, model, warn if rank == 0 else _quiet) if checkpoint else None
+    resumed = state is not None
+    if not resumed:
+        state = {"iteration": 0, "train_time_s": 0.0, "best": None, "curve": []}
+        if c.pretrained != "none":   # ImageNet weights, fresh runs only; every backbone key from the file
+            load_pretrained_backbone(model.backbone, on_this_node(run.pretrained_path, run.pretrained_uri,
+                                                                  c.pretrained_sha256))
     if c.use_gpu:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # BN statistics over the global batch
     if c.channels_last:
@@ -102,7 +118,7 @@ def train_loop_per_worker(config: dict) -> dict:
     optimizer = sgd(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
                     weight_decay=schedule.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=c.precision == "fp16")
-    if checkpoint:
+    if resumed:
         optimizer.load_state_dict(state.pop("optimizer"))
         scaler.load_state_dict(state.pop("scaler"))
     start = state["iteration"]
@@ -206,6 +222,11 @@ def save_checkpoint_folder(folder, c: TrainConfig, model, optimizer, scaler, sta
     write_curve_csv(Path(folder) / "curve.csv", state["curve"])
     (Path(folder) / "summary.json").write_text(json.dumps(
         {**summary, "best": state["best"], "train_time_s": state["train_time_s"]}, indent=1))
+    write_checksums(folder)
+
+
+def _quiet(text: str) -> None:
+    """Ranks other than 0 make the same choice of checkpoint and stay silent about it."""
 
 
 def without(d: dict, key: str) -> dict:

@@ -57,6 +57,27 @@ def build_trainer(cfg: TrainConfig, ray_name: str, run: RunInfo, *, hooks: LoopH
     )
 
 
+def fetch_pretrained(cfg: TrainConfig, root: Path, cache_dir: Path) -> tuple[TrainConfig, Path | None]:
+    """Before Ray starts: the backbone's ImageNet weights fetched once into the cache, verified (sha256
+    prefix in the name, every backbone tensor present), and their sha256 put in the config, hence in
+    the run identity and the MLflow params. Random init (`none`) gives (cfg, None)."""
+    from components.models.checkpoint import check_pretrained_backbone
+    from components.weights import fetch, sha256_file
+
+    if cfg.pretrained == "none":
+        return cfg, None
+    path = fetch(cfg.pretrained, root=root, cache_dir=cache_dir)
+    check_pretrained_backbone(path, cfg.depth)
+    return cfg.with_overrides(pretrained_sha256=sha256_file(path)), path
+
+
+def describe_init(cfg: TrainConfig) -> str:
+    """How the backbone starts, for the stage's first line."""
+    if cfg.pretrained == "none":
+        return "backbone from random init (pretrained: none)"
+    return f"backbone from {cfg.pretrained} (sha256 {cfg.pretrained_sha256[:12]})"
+
+
 def run_exists(storage_path: str, name: str) -> bool:
     """Whether Ray run `name` has anything in storage (S3 through storage.exists, with retries)."""
     from components.storage import exists

@@ -21,6 +21,7 @@ from components.backbones import BACKBONES
 from components.data.datasets import dataset_names, get_dataset
 from components.experiment import TrainConfig
 from components.schedules import Schedule
+from components.weights import default_cache_dir
 from pipeline.config.reader import ConfigError, Section, fail
 from pipeline.config.settings import (
     PRECISIONS,
@@ -55,13 +56,15 @@ class Profile:
 
     name: str
     size_scale: float
-    max_iters: int              # 0 = the experiment's schedule
+    max_iters: int              # > 0: every experiment's iterations; 0 = its schedule x schedule_scale
+    schedule_scale: float
     batch_size: int             # 0 = the experiment's global batch
     micro_batch_size: int
     num_workers: int
     use_gpu: bool
     resources_per_worker: dict
     loader_workers: int
+    pretrained: str             # imagenet (train.pretrained.<backbone>) | none (random init)
     precision: str
     evals_per_run: int
     val_max_images: int
@@ -94,7 +97,7 @@ class TrainSettings:
     seed: int
     attention: str
     channels_last: bool
-    pretrained: dict                    # backbone -> weights ('' = random init)
+    pretrained: dict                    # backbone -> weights spec (path, URL, open-mmlab://…) or "none"
     storage_path: str                   # absolute local folder or s3://…
     max_failures: int
     ray_address: str
@@ -117,9 +120,11 @@ class SampleSize:
 
 @dataclass(frozen=True)
 class ImportedCheckpoint:
+    """A released checkpoint evaluated next to our runs: `source` is a URL or an absolute local path."""
+
     name: str
     experiment: str
-    path: Path
+    source: str
 
 
 @dataclass(frozen=True)
@@ -142,12 +147,20 @@ class Params:
     tracking_uri: str
     storage_endpoint_url: str
     storage_region: str
+    cache_dir: Path                     # downloads (pretrained weights, released checkpoints)
 
     def experiment(self, name: str, profile: str | None = None) -> TrainConfig:
         """Experiment `name` under `profile` (default: the file's `profile`)."""
         if name not in self.experiments:
             raise fail("experiments", f"unknown experiment {name!r} (known: {', '.join(sorted(self.experiments))})")
         return _resolve(self, self.experiments[name], self.profiles[self.profile_name(profile)])
+
+    def pretrained(self, backbone: str, profile: str | None = None) -> str:
+        """The backbone's initial weights under `profile`: train.pretrained.<backbone> when the profile
+        says imagenet, else none (random init)."""
+        if self.profiles[self.profile_name(profile)].pretrained == "none":
+            return "none"
+        return self.train.pretrained.get(backbone, "none")
 
     def profile_name(self, profile: str | None = None) -> str:
         profile = profile or self.profile
@@ -161,15 +174,16 @@ class Params:
     def evaluation_names(self) -> list[str]:
         return list(self.experiments) + list(self.imported)
 
-    def evaluation_target(self, name: str, out_root: Path | None = None) -> tuple[TrainConfig, Path, bool]:
-        """(config, checkpoint, imported?) of a trained experiment or an imported checkpoint."""
+    def evaluation_target(self, name: str, out_root: Path | None = None) -> tuple[TrainConfig, str, bool]:
+        """(config, checkpoint, imported?) of a trained experiment or an imported checkpoint (whose
+        checkpoint is a URL or a local path: components.weights.fetch gets it)."""
         if name in self.experiments:
-            return self.experiment(name), model_file(out_root or self.root, name), False
+            return self.experiment(name), str(model_file(out_root or self.root, name)), False
         if name not in self.imported:
             raise ConfigError(f"params.yaml: no experiment or imported_checkpoints entry named {name!r} "
                               f"(known: {', '.join(sorted(self.evaluation_names()))})")
         entry = self.imported[name]
-        return self.experiment(entry.experiment).with_overrides(name=name), entry.path, True
+        return self.experiment(entry.experiment).with_overrides(name=name), entry.source, True
 
     def with_profile_changes(self, profile: str | None = None, **changes) -> Params:
         """These params with fields of a profile changed (tests, benchmarks)."""
@@ -198,6 +212,10 @@ def plots_dir(root: Path, name: str) -> Path:
 
 def tune_dir(root: Path, name: str) -> Path:
     return Path(root) / "tune" / name
+
+
+def weights_record(root: Path, backbone: str) -> Path:
+    return Path(root) / "weights" / f"{backbone}.json"
 
 
 def code_deps(stage: str) -> tuple[str, ...]:
@@ -273,12 +291,11 @@ def parse(raw: dict, root: Path | str) -> Params:
                    for name in experiments_section.keys()}
     evaluate = read_eval_settings(top.section("evaluate"), list(profiles))
     imported_section = top.section("imported_checkpoints", {})
-    imported = {}
-    for name in imported_section.keys():
-        entry = imported_section.section(name)
-        experiment = entry.choice("experiment", list(experiments))
-        imported[name] = ImportedCheckpoint(name, experiment, Path(_absolute(root, entry.string("path"))))
-        entry.done()
+    imported = {name: _read_imported(imported_section.section(name), name, experiments, root)
+                for name in imported_section.keys()}
+    downloads = top.section("downloads", {})
+    cache_dir = downloads.string("cache_dir", "")
+    downloads.done()
     report = read_report(top.section("report", {}))
     tune = read_tune(top.section("tune"), list(experiments))
     tracking = top.section("tracking", {})
@@ -293,7 +310,8 @@ def parse(raw: dict, root: Path | str) -> Params:
         report=report, tune=tune,
         tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{root / 'mlflow.db'}",
         storage_endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL", ""),
-        storage_region=region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "")
+        storage_region=region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "",
+        cache_dir=Path(_absolute(root, cache_dir)) if cache_dir else default_cache_dir())
 
 
 def get_dataset_or_fail(name: str, where: str):
@@ -309,11 +327,13 @@ def _read_profile(s: Section, name: str) -> Profile:
         raise fail(s.at("precision"), "fp16 needs use_gpu: true (use bf16 on CPU)")
     profile = Profile(
         name=name, size_scale=s.positive("size_scale"), max_iters=s.non_negative("max_iters", integer=True),
+        schedule_scale=s.positive("schedule_scale", 1.0),
         batch_size=s.non_negative("batch_size", integer=True),
         micro_batch_size=s.non_negative("micro_batch_size", 0, integer=True),
         num_workers=s.positive("num_workers", integer=True), use_gpu=use_gpu,
         resources_per_worker=s.resources("resources_per_worker"),
         loader_workers=s.non_negative("loader_workers", integer=True), precision=precision,
+        pretrained=s.choice("pretrained", ("imagenet", "none")),
         evals_per_run=s.positive("evals_per_run", integer=True),
         val_max_images=s.non_negative("val_max_images", 0, integer=True))
     s.done()
@@ -340,7 +360,7 @@ def _read_train(s: Section, root: Path) -> TrainSettings:
     for backbone in pretrained.keys():
         if backbone not in BACKBONES:
             raise fail(pretrained.at(backbone), f"not a registered backbone (registered: {', '.join(BACKBONES)})")
-        weights[backbone] = pretrained.string(backbone)
+        weights[backbone] = pretrained.string(backbone) or "none"
     settings = TrainSettings(
         schedule=schedule, aux_weight=s.non_negative("aux_weight"), avg_non_ignore=s.boolean("avg_non_ignore"),
         cat_max_ratio=s.positive("cat_max_ratio"), seed=s.non_negative("seed", integer=True),
@@ -367,10 +387,27 @@ def _read_experiment(s: Section, name: str, schedules: dict, sources: dict) -> E
     return experiment
 
 
+def _read_imported(s: Section, name: str, experiments: dict, root: Path) -> ImportedCheckpoint:
+    experiment = s.choice("experiment", list(experiments))
+    source = s.string("source")
+    if source == "released":   # the seed table's download link of that experiment
+        from components.evaluation.table import parse_seed_table
+
+        links = {row.config: row.model_url for row in parse_seed_table()}
+        if experiment not in links:
+            raise fail(s.at("source"), f"the results table has no released checkpoint of {experiment!r}")
+        source = links[experiment]
+    elif not source.startswith(("http://", "https://")):
+        source = _absolute(root, source)
+    s.done()
+    return ImportedCheckpoint(name, experiment, source)
+
+
 def _resolve(params: Params, exp: Experiment, prof: Profile) -> TrainConfig:
     train = params.train
     scaled = lambda pair: (max(1, round(pair[0] * prof.size_scale)), max(1, round(pair[1] * prof.size_scale)))  # noqa: E731
-    schedule = Schedule(max_iters=prof.max_iters or params.schedules[exp.schedule], **train.schedule)
+    iterations = prof.max_iters or max(1, round(params.schedules[exp.schedule] * prof.schedule_scale))
+    schedule = Schedule(max_iters=iterations, **train.schedule)
     return TrainConfig(
         name=exp.name, profile=prof.name, dataset=exp.dataset, backbone=exp.backbone,
         crop_size=scaled(exp.crop_size), scale=scaled(exp.scale), align_corners=exp.align_corners,
@@ -381,7 +418,7 @@ def _resolve(params: Params, exp: Experiment, prof: Profile) -> TrainConfig:
         channels_last=train.channels_last, precision=prof.precision, num_workers=prof.num_workers,
         use_gpu=prof.use_gpu, resources_per_worker=dict(prof.resources_per_worker),
         loader_workers=prof.loader_workers, val_max_images=prof.val_max_images,
-        pretrained=train.pretrained.get(exp.backbone, ""), data_dir=str(params.prepared_dir / exp.dataset),
+        pretrained=params.pretrained(exp.backbone, prof.name), data_dir=str(params.prepared_dir / exp.dataset),
         storage_path=train.storage_path, max_failures=train.max_failures,
         ray_address=train.ray_address or os.environ.get("RAY_ADDRESS", ""), tracking_uri=params.tracking_uri,
         storage_endpoint_url=params.storage_endpoint_url, storage_region=params.storage_region)

@@ -24,7 +24,7 @@ class EvalSettings:
     fps_warmup: int
     overlays: int                # val images drawn as image | ground truth | prediction
     device: str                  # auto | cpu | cuda
-    precision: str               # auto (fp16 on CUDA, bf16 on CPU) | fp32 | bf16 | fp16: autocast of inference
+    precision: str               # fp32 (the seed's) | auto (fp16 on CUDA, bf16 on CPU) | bf16 | fp16: autocast
     fold_bn: bool                # BatchNorm folded into the convs (exact in fp32; bench/README.md)
 
     def precision_on(self, device) -> str:
@@ -58,7 +58,7 @@ def _eval_settings(s: Section) -> EvalSettings:
             or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios)):
         raise fail(s.at("ms_ratios"), f"expected a list of positive numbers like [0.5, 0.75, 1.0], got {ratios!r}")
     device = s.choice("device", ("auto", "cpu", "cuda"), "auto")
-    precision = s.choice("precision", EVAL_PRECISIONS, "auto")
+    precision = s.choice("precision", EVAL_PRECISIONS, "fp32")   # the seed's
     if precision == "fp16" and device == "cpu":
         raise fail(s.at("precision"), "fp16 needs a GPU (use bf16 on CPU)")
     settings = EvalSettings(
