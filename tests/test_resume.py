@@ -136,7 +136,7 @@ def test_train_stage_rerun_over_a_damaged_checkpoint_starts_fresh_instead_of_fai
     stop = {"rank": 0, "iteration": 2, "how": "raise", "marker": str(tmp_path / "stopped")}
     with pytest.raises(TrainingFailedError):
         train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out", hooks=FaultHooks(fault=stop))
-    [checkpoint] = list((tmp_path / "runs").glob(f"{EXPERIMENT}-*/checkpoint_*"))
+    [checkpoint] = [p for p in (tmp_path / "runs").glob(f"{EXPERIMENT}-*/checkpoint_*") if p.is_dir()]
     _truncate(checkpoint / "model.pt")
     capfd.readouterr()
 

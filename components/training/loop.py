@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict) -> dict:
     c: TrainConfig = config["cfg"]
     run: RunInfo = config.get("run") or RunInfo()
     ctx = ray.train.get_context()
-    # One system-metrics monitor per node (its first local rank), named by node on multi-node runs.
+    # One system-metrics monitor per host (Ray Train's local rank 0), named by node on multi-host runs.
     monitored = ctx.get_local_rank() == 0 and run.mlflow_run_id
     node = f"node{ctx.get_node_rank()}" if ctx.get_world_size() > ctx.get_local_world_size() else None
     with system_metrics(with_env_credentials(c.tracking_uri), run.mlflow_run_id if monitored else None, node):
