@@ -10,6 +10,7 @@ Images found in a folder keep their path relative to it under out_dir.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from components.evaluation.registry import ModelSpec
@@ -90,13 +91,14 @@ def predict(params: Params, inputs: list[Path], out_dir: Path, model_ref: str,
     from components.models.speedups import autocast
 
     images = collect_images(inputs)
-    fetched = fetch_model(model_ref, params.tracking_uri)
-    s = model_spec(params, fetched.spec, fetched.checkpoint, experiment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     speed = params.eval_settings()   # the evaluate stage's precision and BN folding
-    model, _ = load_model(fetched.checkpoint, depth=get_backbone(s.backbone).depth, num_classes=s.num_classes,
-                          align_corners=s.align_corners, attention=s.attention, device=device,
-                          channels_last=True, fold_bn=speed.fold_bn)
+    with tempfile.TemporaryDirectory(prefix="dnlseg-model-") as tmp:   # a registry model's download
+        fetched = fetch_model(model_ref, params.tracking_uri, Path(tmp))
+        s = model_spec(params, fetched.spec, fetched.checkpoint, experiment)
+        model, _ = load_model(fetched.checkpoint, depth=get_backbone(s.backbone).depth, num_classes=s.num_classes,
+                              align_corners=s.align_corners, attention=s.attention, device=device,
+                              channels_last=True, fold_bn=speed.fold_bn)
     transform = build_test_transform(scale=s.scale)
     setting = InferenceSetting(s.test_mode, s.test_crop, s.test_stride)
     colours = get_dataset(s.dataset).palette

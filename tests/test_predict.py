@@ -104,7 +104,7 @@ def test_registered_model_and_run_give_the_same_labels(setup, from_checkpoint):
 
     from components.evaluation.registry import fetch_model
 
-    by_version = fetch_model("models:/dnlnet-cityscapes/1", params.tracking_uri)
+    by_version = fetch_model("models:/dnlnet-cityscapes/1", params.tracking_uri, setup["root"] / "download")
     assert by_version.checkpoint.read_bytes() == setup["checkpoint"].read_bytes()
     assert by_version.spec.experiment == EXP and by_version.spec.scale == (128, 64)   # config.json
     _, reference = from_checkpoint

@@ -118,10 +118,10 @@ def register_champion(client, name: str, run_id: str, tags: dict | None = None,
 
 # --- resolving a model reference --------------------------------------------------------------------
 
-def _download(uri: str, tracking_uri: str) -> Path:
+def _download(uri: str, tracking_uri: str, dst: Path) -> Path:
     import mlflow.artifacts
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, dst_path=str(dst)))
 
 
 def _from_folder(folder: Path, source: str) -> FetchedModel:
@@ -133,8 +133,10 @@ def _from_folder(folder: Path, source: str) -> FetchedModel:
     return FetchedModel(checkpoint, spec, source)
 
 
-def fetch_model(ref: str, tracking_uri: str) -> FetchedModel:
-    """A local model.pt (+ config.json) for `ref`; clear one-line errors for refs that do not resolve."""
+def fetch_model(ref: str, tracking_uri: str, dst: Path) -> FetchedModel:
+    """A local model.pt (+ config.json) for `ref`, registry and run artifacts downloaded under `dst` (the
+    caller's temp folder: MLflow's own default is a temp folder nobody removes); clear one-line errors
+    for refs that do not resolve."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -154,12 +156,12 @@ def fetch_model(ref: str, tracking_uri: str) -> FetchedModel:
         except MlflowException as e:
             raise ValueError(f"model reference {ref!r}: not found in the registry at {tracking_uri} "
                              f"({str(e).splitlines()[0]})") from None
-        return _from_folder(_download(version.source, tracking_uri), f"{ref} (version {version.version})")
+        return _from_folder(_download(version.source, tracking_uri, dst), f"{ref} (version {version.version})")
     if ref.startswith("runs:/"):
         parts = ref[len("runs:/"):].strip("/").split("/", 1)
         uri = f"runs:/{parts[0]}/{parts[1] if len(parts) > 1 else MODEL_DIR}"
         try:
-            return _from_folder(_download(uri, tracking_uri), ref)
+            return _from_folder(_download(uri, tracking_uri, dst), ref)
         except MlflowException as e:
             raise ValueError(f"model reference {ref!r}: cannot read {uri} at {tracking_uri} "
                              f"({str(e).splitlines()[0]})") from None
