@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from components.backbones import BACKBONES
-from components.data.datasets import dataset_names, get_dataset
+from components.data.datasets import dataset_names
 from components.experiment import TrainConfig
 from components.schedules import Schedule
 from components.weights import default_cache_dir
@@ -185,12 +185,6 @@ class Params:
         entry = self.imported[name]
         return self.experiment(entry.experiment).with_overrides(name=name), entry.source, True
 
-    def with_profile_changes(self, profile: str | None = None, **changes) -> Params:
-        """These params with fields of a profile changed (tests, benchmarks)."""
-        name = self.profile_name(profile)
-        profiles = {**self.profiles, name: dataclasses.replace(self.profiles[name], **changes)}
-        return dataclasses.replace(self, profiles=profiles)
-
 
 # --- where the stages' outputs live (dvc.yaml names the same paths) ---------------------------------
 
@@ -264,7 +258,7 @@ def parse(raw: dict, root: Path | str) -> Params:
     datasets = data.section("datasets")
     sources = {}
     for name in datasets.keys():
-        get_dataset_or_fail(name, datasets.at(name))
+        _check_dataset(name, datasets.at(name))
         entry = datasets.section(name)
         sources[name] = Path(_absolute(root, entry.string("source")))
         entry.done()
@@ -275,7 +269,7 @@ def parse(raw: dict, root: Path | str) -> Params:
     sizes = {}
     for name in sample.keys():
         if name != "seed":
-            get_dataset_or_fail(name, sample.at(name))
+            _check_dataset(name, sample.at(name))
             sizes[name] = _read_sample_size(sample.section(name), name)
 
     schedules_section = top.section("schedules")
@@ -314,10 +308,9 @@ def parse(raw: dict, root: Path | str) -> Params:
         cache_dir=Path(_absolute(root, cache_dir)) if cache_dir else default_cache_dir())
 
 
-def get_dataset_or_fail(name: str, where: str):
+def _check_dataset(name: str, where: str) -> None:
     if name not in dataset_names():
         raise fail(where, f"not a registered dataset (registered: {', '.join(dataset_names())})")
-    return get_dataset(name)
 
 
 def _read_profile(s: Section, name: str) -> Profile:
