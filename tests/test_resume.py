@@ -47,7 +47,8 @@ def _flip(path: Path) -> None:
 
 def _resume(checkpoint) -> tuple[dict | None, list[str], torch.nn.Module]:
     lines, model = [], _model(0)
-    return resume_state(checkpoint, model, lines.append), lines, model
+    state, _ = resume_state(checkpoint, model, lines.append)
+    return state, lines, model
 
 
 def _local(run: Path, name: str):

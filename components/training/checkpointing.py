@@ -9,6 +9,7 @@ checkpoint of the run, or starts fresh, saying so, when there is none.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -138,25 +139,59 @@ def _others(checkpoint) -> list:
     return sorted(others, key=_iteration, reverse=True)
 
 
-def resume_state(checkpoint, model: torch.nn.Module, warn: Callable[[str], None]) -> dict | None:
+@contextlib.contextmanager
+def _local_copy(checkpoint):
+    """The checkpoint as a local folder: itself when local, else a download of this process's own.
+    (Ray's `as_directory` shares one temp folder per checkpoint among a node's processes and deletes
+    it when the last reader leaves; ranks arriving at different times raced on it.)"""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="dnlseg-resume-") as tmp:
+        checkpoint.to_directory(tmp)
+        yield Path(tmp)
+
+
+def _load_if_intact(checkpoint, model: torch.nn.Module) -> tuple[dict | None, str | None]:
+    """(state, None) with the weights loaded into `model`, or (None, what is wrong)."""
+    with _local_copy(checkpoint) as folder:
+        problem = damage(folder)
+        if problem is not None:
+            return None, problem
+        try:
+            return load_train_checkpoint(folder, model), None
+        except Exception as e:  # noqa: BLE001 - an unreadable file is a damaged checkpoint too
+            return None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+
+
+def resume_state(checkpoint, model: torch.nn.Module, warn: Callable[[str], None]) -> tuple[dict | None, str | None]:
     """The train state of the newest intact checkpoint of the run, `checkpoint` (the one Ray reports,
-    local or s3://) first; its weights loaded into `model`. None: no intact one, start fresh. Each
-    damaged checkpoint costs one `warn` line saying what is wrong and what happens instead."""
+    local or s3://) first, and that checkpoint's path; its weights loaded into `model`. (None, None): no
+    intact one, start fresh. Each damaged checkpoint costs one `warn` line saying what is wrong and what
+    happens instead."""
     damaged = []
     for candidate in [checkpoint, *_others(checkpoint)]:
-        with candidate.as_directory() as folder:
-            problem = damage(folder)
-            if problem is None:
-                try:
-                    state = load_train_checkpoint(folder, model)
-                except Exception as e:  # noqa: BLE001 - an unreadable file is a damaged checkpoint too
-                    problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        state, problem = _load_if_intact(candidate, model)
         if problem is None:
             for path, what in damaged:
                 warn(f"checkpoint {path} is damaged ({what}): resuming from {candidate.path} "
                      f"(iteration {state['iteration']})")
-            return state
+            return state, candidate.path
         damaged.append((candidate.path, problem))
     for path, what in damaged:
         warn(f"checkpoint {path} is damaged ({what}): no intact checkpoint left, starting fresh")
-    return None
+    return None, None
+
+
+def load_chosen(checkpoint, path: str, model: torch.nn.Module) -> dict:
+    """The state of the checkpoint at `path` (on `checkpoint`'s filesystem) that rank 0 chose to resume
+    from, weights into `model`: every rank resumes from the same one. Damaged in this rank's copy
+    (checked again after the download): raised, so that Ray restarts the worker group."""
+    from ray.train import Checkpoint
+
+    state, problem = _load_if_intact(Checkpoint(path, filesystem=checkpoint.filesystem), model)
+    if problem is not None:
+        raise RuntimeError(f"checkpoint {path} chosen by rank 0 is damaged on this rank ({problem})")
+    return state

@@ -26,6 +26,7 @@ from components.models.checkpoint import load_pretrained_backbone
 from components.models.speedups import use_precision
 from components.tracking import RunLogger, system_metrics, with_env_credentials
 from components.training.checkpointing import (
+    load_chosen,
     resume_state,
     save_train_checkpoint,
     staging_folder,
@@ -99,8 +100,7 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
     model = build_dnlnet(depth=c.depth, num_classes=c.num_classes, align_corners=c.align_corners,
                          attention=c.attention, avg_non_ignore=c.avg_non_ignore, aux_weight=c.aux_weight)
     checkpoint = ray.train.get_checkpoint()
-    # Resume from the newest intact checkpoint of the run (a damaged one is named in one line, skipped).
-    state = resume_state(checkpoint, model, warn if rank == 0 else _quiet) if checkpoint else None
+    state = resume(checkpoint, model, rank, world, device) if checkpoint else None
     resumed = state is not None
     if not resumed:
         state = {"iteration": 0, "train_time_s": 0.0, "best": None, "curve": []}
@@ -225,8 +225,16 @@ def save_checkpoint_folder(folder, c: TrainConfig, model, optimizer, scaler, sta
     write_checksums(folder)
 
 
-def _quiet(text: str) -> None:
-    """Ranks other than 0 make the same choice of checkpoint and stay silent about it."""
+def resume(checkpoint, model: nn.Module, rank: int, world: int, device: torch.device) -> dict | None:
+    """The state to resume from, the same on every rank: rank 0 picks the newest intact checkpoint of the
+    run (a damaged one is named in one line, skipped) and the others load its choice (None: fresh)."""
+    state, chosen = resume_state(checkpoint, model, warn) if rank == 0 else (None, None)
+    if world > 1:
+        choice = [chosen]
+        torch.distributed.broadcast_object_list(choice, src=0, device=device)
+        if rank != 0 and choice[0] is not None:
+            state = load_chosen(checkpoint, choice[0], model)
+    return state
 
 
 def without(d: dict, key: str) -> dict:
