@@ -76,8 +76,10 @@ class TrainConfig:
 
     def to_flat_dict(self) -> dict:
         """Every setting at the top level (the schedule's fields and the derived sizes included): the
-        run's MLflow params and what its identity hashes."""
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "schedule"}
+        run's MLflow params and what its identity hashes. Not where it logs (tracking_uri: a temporary
+        server under `dnlseg repro --jobs`, perhaps with credentials), which is no setting of the run."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("schedule", "tracking_uri")}
         flat |= dataclasses.asdict(self.schedule)
         flat |= {"num_classes": self.num_classes, "depth": self.depth, "eval_interval": self.eval_interval}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}

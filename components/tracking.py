@@ -186,9 +186,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, ta
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=artifact_location(tracking_uri, experiment))
+        experiment_id = ensure_experiment(client, experiment)
         previous = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
         if resume and previous:
@@ -205,6 +203,14 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, ta
         logger.log_params(params)
     logger.set_tags(tags or {})
     return logger
+
+
+def ensure_experiment(client, experiment: str) -> str:
+    """The id of MLflow experiment `experiment`, created if missing (a SQLite store keeps its artifacts
+    beside the database)."""
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=artifact_location(client.tracking_uri, experiment))
 
 
 def find_training_run(client, dataset: str, experiment: str) -> str | None:

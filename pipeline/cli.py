@@ -85,6 +85,12 @@ def _with_ray(args, params: Params) -> int:
     return run_with_local_ray(command)
 
 
+def _repro(args, params: Params) -> int:
+    from pipeline.repro import repro
+
+    return repro(params, args.targets, jobs=args.jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dnlseg", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="params file (default: ./params.yaml; DVC runs every "
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None,
                    help="experiment whose test settings to use (default: the one recorded with the model)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("repro", help="`dvc repro` with independent stages at once on one Ray cluster")
+    p.add_argument("targets", nargs="*", help="stages (default: the whole pipeline), as `dvc repro` takes them")
+    p.add_argument("--jobs", "-j", default="auto", help="stages at once: a number, or auto (the training "
+                   "runs the Ray cluster holds at once, plus one; default)")
+    p.set_defaults(func=_repro)
 
     p = sub.add_parser("with-ray", help="run a command (`-- dvc repro`) with one local Ray its stages share")
     p.add_argument("cmd", nargs=argparse.REMAINDER)

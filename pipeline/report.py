@@ -27,10 +27,8 @@ COMPARED = ("mIoU", "mIoU(ms+flip)", "Mem (GB)", "Inf time (fps)")   # published
 # --- MLflow links -----------------------------------------------------------------------------------
 
 def ui_base(params: Params) -> str:
-    """Where the MLflow UI of the tracking store is served: the tracking server, else report.mlflow_ui."""
-    uri = params.tracking_uri
-    base = uri if uri.startswith(("http://", "https://")) else params.report.mlflow_ui
-    return re.sub(r"//[^/@]*@", "//", base.rstrip("/"))   # never a user:password in a link
+    """Where the MLflow UI of the tracking store is served, without a user:password."""
+    return re.sub(r"//[^/@]*@", "//", params.tracking_ui.rstrip("/"))   # never a user:password in a link
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:

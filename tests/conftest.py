@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # One actor process less per fit (it watches for cloud preemption notices; there are none here).
@@ -37,7 +38,8 @@ os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
     os.environ.pop(_name, None)
 
-from components.ray_cluster import free_port  # noqa: E402 (after the environment above)
+from components import mlflow_server  # noqa: E402 (after the environment above)
+from components.ray_cluster import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -281,48 +283,17 @@ def moto_s3():
         server.stop()
 
 
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 in its own process group (so stop() ends it and its workers only)."""
+class MlflowServer(mlflow_server.MlflowServer):
+    """The production loopback server (components/mlflow_server.py) on a copy of the session's migrated
+    template database."""
 
     def __init__(self, work: Path, db_template: Path, artifacts: str | None = None, env: dict | None = None):
         work.mkdir(parents=True, exist_ok=True)
         self.db = work / "mlflow-server.db"
         if not self.db.exists():
             shutil.copyfile(db_template, self.db)
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.artifacts = artifacts or (work / "mlartifacts").as_uri()
-        self.env = {**os.environ, **(env or {})}
-        self.log = work / "mlflow-server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90.0) -> MlflowServer:
-        import requests
-
-        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", self.artifacts,
-               "--workers", "1"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server not up after {timeout:.0f} s: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGKILL)   # its own group: the server and its workers only
-        self.proc.wait(timeout=30)
+        super().__init__(f"sqlite:///{self.db}", artifacts or (work / "mlartifacts").as_uri(),
+                         work / "mlflow-server.log", env)
 
     def listening_addresses(self) -> set[str]:
         import psutil
@@ -448,3 +419,48 @@ def s3_stage_run(tmp_path_factory, params_factory, mlflow_db_template, _shutdown
         if server is not None:
             server.stop()
         s3.stop()
+
+
+# --- a copy of the repo, for DVC and the CLI (test_dvc_pipeline.py, test_repro.py) ----------------------
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def _shrink_params(path: Path, tmp: Path) -> dict:
+    params = yaml.safe_load(path.read_text())
+    params["sample"]["cityscapes"] = {"train": 2, "val": 1, "height": 128, "width": 256}
+    params["sample"]["ade20k"] = {"train": 2, "val": 1, "height": 64, "width": 64}
+    params["profiles"]["sample"].update(max_iters=2, evals_per_run=1, batch_size=1)
+    params["evaluate"]["profiles"]["sample"].update(fps_images=2, fps_warmup=1, overlays=1, ms_ratios=[1.0])
+    params["train"]["storage_path"] = str(tmp / "runs")
+    params["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def repo_copy(tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the repo's tracked files (a fresh git repo) on tiny sample sizes, and the environment that
+    runs its own code: its stages and Ray workers import from the copy, not from the editable install."""
+    work = tmp_path / "repo"
+    _copy_repo(work)
+    _shrink_params(work / "params.yaml", tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # The copy's code, not the editable install's: the stages and the Ray workers import from here.
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(work),
+               NO_ALBUMENTATIONS_UPDATE="1")
+    return work, env
+
+
+def run_dvc(args: list[str], cwd: Path, env: dict) -> str:
+    done = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done.stdout + done.stderr

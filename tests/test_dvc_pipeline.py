@@ -5,8 +5,6 @@ registry only (one module + its params.yaml entries) is prepared, trained and ev
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,52 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import repo_copy, run_dvc
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
 pytestmark = pytest.mark.integration
-
-
-def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True).stdout
-    for name in filter(None, files.decode().split("\0")):
-        src = REPO / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-
-
-def _shrink_params(path: Path, tmp: Path) -> dict:
-    params = yaml.safe_load(path.read_text())
-    params["sample"]["cityscapes"] = {"train": 2, "val": 1, "height": 128, "width": 256}
-    params["sample"]["ade20k"] = {"train": 2, "val": 1, "height": 64, "width": 64}
-    params["profiles"]["sample"].update(max_iters=2, evals_per_run=1, batch_size=1)
-    params["evaluate"]["profiles"]["sample"].update(fps_images=2, fps_warmup=1, overlays=1, ms_ratios=[1.0])
-    params["train"]["storage_path"] = str(tmp / "runs")
-    params["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return params
-
-
-def _repo_copy(tmp_path: Path) -> tuple[Path, dict]:
-    work = tmp_path / "repo"
-    _copy_repo(work)
-    _shrink_params(work / "params.yaml", tmp_path)
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    # The copy's code, not the editable install's: the stages and the Ray workers import from here.
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(work),
-               NO_ALBUMENTATIONS_UPDATE="1")
-    return work, env
-
-
-def _dvc(args: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done.stdout + done.stderr
 
 
 def _released_checkpoint(folder: Path) -> Path:
@@ -90,9 +48,9 @@ def _released_checkpoint(folder: Path) -> Path:
 
 
 def test_dvc_repro_runs_the_stages_then_is_a_no_op(tmp_path, file_server):
-    work, env = _repo_copy(tmp_path)
+    work, env = repo_copy(tmp_path)
 
-    first = _dvc(["repro", f"evaluate@{EXP}"], work, env)
+    first = run_dvc(["repro", f"evaluate@{EXP}"], work, env)
     for stage in ("sample", "prepare@cityscapes", "weights@R-50-D8", f"train@{EXP}", f"evaluate@{EXP}"):
         assert f"Running stage '{stage}'" in first
     assert "prepare@ade20k" not in first   # only what the target needs
@@ -103,10 +61,10 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(tmp_path, file_server):
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert {"sample", "prepare@cityscapes", f"train@{EXP}", f"evaluate@{EXP}"} <= set(lock["stages"])
 
-    second = _dvc(["repro", f"evaluate@{EXP}"], work, env)
+    second = run_dvc(["repro", f"evaluate@{EXP}"], work, env)
     assert "Running stage" not in second
     assert "didn't change" in second or "up to date" in second.lower()
-    status = _dvc(["status", f"evaluate@{EXP}"], work, env)
+    status = run_dvc(["status", f"evaluate@{EXP}"], work, env)
     assert "up to date" in status.lower()
 
     # A released checkpoint by its URL: fetched once (sha256 checked), evaluated, in the report's three columns.
@@ -116,12 +74,12 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(tmp_path, file_server):
                                                                                                     released)}}
     params["downloads"] = {"cache_dir": str(tmp_path / "cache")}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = _dvc(["repro", "evaluate_imported@released_r50"], work, env)
+    third = run_dvc(["repro", "evaluate_imported@released_r50"], work, env)
     assert "Running stage 'evaluate_imported@released_r50'" in third and f"train@{EXP}'" not in third
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [released.name]
     imported = json.loads((work / "metrics" / "released_r50" / "eval.json").read_text())
     assert imported["imported"] and imported["checkpoint"].endswith(released.name)
-    _dvc(["repro", "--single-item", "report"], work, env)
+    run_dvc(["repro", "--single-item", "report"], work, env)
     from components.evaluation.table import parse_markdown_tables
 
     compare = next(t for t in parse_markdown_tables((work / "reports" / "results.md").read_text())
@@ -200,7 +158,7 @@ def _write_toy_data(root: Path, seed: int = 0) -> None:
 
 
 def test_a_dataset_added_through_the_registry_is_prepared_trained_and_evaluated(tmp_path):
-    work, env = _repo_copy(tmp_path)
+    work, env = repo_copy(tmp_path)
     (work / "components" / "data" / "datasets" / "toy.py").write_text(textwrap.dedent(TOY_MODULE))
     _write_toy_data(work / "data" / "toy")
     params = yaml.safe_load((work / "params.yaml").read_text())
@@ -211,7 +169,7 @@ def test_a_dataset_added_through_the_registry_is_prepared_trained_and_evaluated(
                                    "align_corners": False, "test_mode": "whole"}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    out = _dvc(["repro", f"evaluate@{name}"], work, env)
+    out = run_dvc(["repro", f"evaluate@{name}"], work, env)
     for stage in ("prepare@toy", f"train@{name}", f"evaluate@{name}"):
         assert f"Running stage '{stage}'" in out
     assert "prepare@cityscapes" not in out and "Running stage 'sample'" not in out
@@ -236,25 +194,25 @@ def test_dvc_experiments_temp_and_queue_run_in_their_own_workspace(tmp_path):
     """In a clone whose `dnlseg` was installed from another clone (this repo), `dvc exp run --temp -S
     train.lr=…` and two queued experiments run by `dvc queue start -j 2` each read their own params and
     write their own metrics, listed by `dvc exp show`; the workspace is untouched."""
-    work, env = _repo_copy(tmp_path)
+    work, env = repo_copy(tmp_path)
     env.pop("PYTHONPATH")   # the installed package: the code of another clone, as a user's second clone
-    _dvc(["repro", f"train@{EXP}"], work, env)
+    run_dvc(["repro", f"train@{EXP}"], work, env)
     _git(["add", "-A"], work)
     _git(["commit", "-qm", "baseline"], work)
     before = {p: p.read_bytes() for p in (work / "params.yaml", work / "dvc.lock",
                                           work / "metrics" / EXP / "train.json")}
 
-    _dvc(["exp", "run", "--temp", "-n", "lr02", "-S", "train.lr=0.02", f"train@{EXP}"], work, env)
+    run_dvc(["exp", "run", "--temp", "-n", "lr02", "-S", "train.lr=0.02", f"train@{EXP}"], work, env)
     for name, lr in (("lr03", "0.03"), ("lr04", "0.04")):
-        _dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", f"train@{EXP}"], work, env)
-    _dvc(["queue", "start", "-j", "2"], work, env)
+        run_dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", f"train@{EXP}"], work, env)
+    run_dvc(["queue", "start", "-j", "2"], work, env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:   # the queue's workers run in the background
-        status = _dvc(["queue", "status"], work, env)
+        status = run_dvc(["queue", "status"], work, env)
         if not any(word in status for word in ("Queued", "Running")):
             break
         time.sleep(5)
-    _dvc(["queue", "stop"], work, env)
+    run_dvc(["queue", "stop"], work, env)
     assert "Failed" not in status, status
 
     assert _exp_show(work, env) == {"lr02": 0.02, "lr03": 0.03, "lr04": 0.04}

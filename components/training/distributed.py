@@ -77,3 +77,18 @@ class InfiniteDistributedSampler(Sampler[int]):
 def shard(size: int, rank: int, world: int) -> list[int]:
     """Validation indices of one rank: disjoint, no padding, so no image is counted twice."""
     return list(range(rank, size, world))
+
+
+def gather_text(text: str, world: int, device: torch.device, size: int = 64) -> list[str]:
+    """Every rank's `text` (ASCII, at most `size` bytes), in rank order; a tensor all-gather on `device`
+    (NCCL's object collectives need the CUDA device set, this does not)."""
+    if world == 1:
+        return [text]
+    data = text.encode("ascii")
+    if len(data) > size:
+        raise ValueError(f"gather_text: {len(data)} bytes, more than {size}")
+    mine = torch.zeros(size, dtype=torch.uint8, device=device)
+    mine[: len(data)] = torch.tensor(list(data), dtype=torch.uint8, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(gathered, mine)
+    return [bytes(t.cpu().tolist()).rstrip(b"\0").decode("ascii") for t in gathered]

@@ -10,7 +10,7 @@ from pathlib import Path
 from components.experiment import TrainConfig
 
 # Fields that say where and how fast a run executes, not what it learns: changing them resumes the run.
-EXECUTION_FIELDS = frozenset({"ray_address", "tracking_uri", "storage_path", "data_dir", "loader_workers",
+EXECUTION_FIELDS = frozenset({"ray_address", "storage_path", "data_dir", "loader_workers",
                               "max_failures", "num_workers", "use_gpu", "resources_per_worker",
                               "micro_batch_size", "storage_endpoint_url", "storage_region"})
 

@@ -37,6 +37,7 @@ from components.training.data_sync import local_dataset
 from components.training.distributed import (
     InfiniteDistributedSampler,
     augmentation_seed,
+    gather_text,
     plan_batches,
     seed_everything,
     shard,
@@ -142,7 +143,10 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
     tracker = RunLogger(with_env_credentials(c.tracking_uri), run.mlflow_run_id if rank == 0 else None,
                         who=f"{c.name} rank 0", fail_fast=True)
     hooks.on_start(rank, start)
+    # Which Ray nodes the run's workers are on, in the MLflow run (a cluster user's first question).
+    nodes = gather_text(ray.get_runtime_context().get_node_id(), world, device)
     if rank == 0:
+        tracker.set_tags({"ray_nodes": ",".join(sorted(set(nodes)))})
         progress.say(f"[{c.name}] {'resuming at' if start else 'starting at'} iteration "
                      f"{start}/{c.max_iters}: {world} workers x {per_step} images x {accum} accumulation "
                      f"steps = batch {c.batch_size}, {c.precision}, device {device}")

@@ -39,6 +39,9 @@ __all__ = ["ConfigError", "EvalSettings", "Params", "ReportSettings", "TrainConf
 PARAMS_FILE = "params.yaml"
 # Where this code lives (with its dvc.yaml): what a run's identity hashes is the code that runs.
 CODE_ROOT = Path(__file__).resolve().parents[2]
+# Set by `dnlseg repro --jobs`: its loopback MLflow server for the repo's default store, which the
+# concurrent stages write through instead of opening the SQLite file each.
+STORE_SERVER_ENV = "DNLSEG_MLFLOW_SERVER"
 TEST_MODES = ("whole", "slide")
 ATTENTIONS = ("fused", "naive")
 # A key with one of these in its name is a credential: it belongs in the environment, not in params.yaml.
@@ -144,7 +147,8 @@ class Params:
     imported: dict[str, ImportedCheckpoint]
     report: ReportSettings
     tune: TuneSettings
-    tracking_uri: str
+    tracking_uri: str                   # what stages connect to
+    tracking_ui: str                    # where the store's MLflow UI is (links in the report)
     storage_endpoint_url: str
     storage_region: str
     cache_dir: Path                     # downloads (pretrained weights, released checkpoints)
@@ -210,6 +214,11 @@ def tune_dir(root: Path, name: str) -> Path:
 
 def weights_record(root: Path, backbone: str) -> Path:
     return Path(root) / "weights" / f"{backbone}.json"
+
+
+def default_store(root: Path) -> str:
+    """The tracking store when neither tracking.uri nor $MLFLOW_TRACKING_URI names one: a file in the repo."""
+    return f"sqlite:///{Path(root) / 'mlflow.db'}"
 
 
 def code_deps(stage: str) -> tuple[str, ...]:
@@ -294,6 +303,7 @@ def parse(raw: dict, root: Path | str) -> Params:
     tune = read_tune(top.section("tune"), list(experiments))
     tracking = top.section("tracking", {})
     uri = _no_credentials_in_url(tracking.string("uri", ""), tracking.at("uri"))
+    configured = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     tracking.done()
     endpoint_url, region = _read_storage(top.section("storage", {}))
     top.done()
@@ -302,7 +312,10 @@ def parse(raw: dict, root: Path | str) -> Params:
         prepare_workers=prepare_workers, sources=sources, sample_seed=sample_seed, sample=sizes,
         schedules=schedules, train=train, experiments=experiments, evaluate=evaluate, imported=imported,
         report=report, tune=tune,
-        tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{root / 'mlflow.db'}",
+        tracking_uri=configured or os.environ.get(STORE_SERVER_ENV) or default_store(root),
+        # An http(s) store serves its own UI; the repo's SQLite file (even through the repro's temporary
+        # server) is browsed with `mlflow ui` at report.mlflow_ui.
+        tracking_ui=configured if configured.startswith(("http://", "https://")) else report.mlflow_ui,
         storage_endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL", ""),
         storage_region=region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "",
         cache_dir=Path(_absolute(root, cache_dir)) if cache_dir else default_cache_dir())

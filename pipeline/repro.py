@@ -1,0 +1,256 @@
+"""`dnlseg repro [--jobs N|auto] [targets]`: DVC's pipeline with independent stages running at once,
+against one Ray cluster (the local one this command starts, or $RAY_ADDRESS).
+
+Each stage is still run by DVC itself, `dvc --wait-for-lock repro --single-item <stage>`: DVC holds its repo
+lock only while it reads and writes its state, not while a stage's command runs, so independent stages
+run side by side and dvc.lock ends as a sequential `dvc repro` leaves it. A stage starts once every stage
+it depends on is done; Ray queues the training workers that do not fit the cluster. A failed stage stops
+its dependants, the others go on, and the command exits 1 naming it. With several stages at once on the
+repo's default SQLite tracking store, the stages write through one `mlflow server` on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import STORE_SERVER_ENV, Params, default_store
+
+RAY_GROUPS = ("train", "tune")   # stages whose command runs on Ray (their workers queue there)
+LOG_DIR = Path(".dnlseg") / "logs"   # under the repo: one log per stage (the console gets one line each)
+STATUS_EVERY_S = 60.0
+
+
+@dataclass
+class Plan:
+    """The stages to run, dependencies first, and which planned stages each waits for."""
+
+    order: list[str]
+    upstream: dict[str, set[str]]
+    up_to_date: list[str] = field(default_factory=list)
+
+
+def plan_stages(root: Path, targets: list[str]) -> Plan:
+    """The stages of `targets` (default: all) and their dependencies that DVC would run: the changed ones
+    (`dvc status`) and everything downstream of them."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    # From the repo root: stage names (and `dvc status`'s keys) are relative to the working directory.
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        graph = repo.index.graph   # edges run from a stage to the stages it depends on
+        if targets:
+            chosen = {stage for target in targets for stage in _collect(repo, target)}
+            nodes = chosen | {dep for stage in chosen for dep in nx.descendants(graph, stage)}
+        else:
+            nodes = set(graph.nodes)
+        changed = set(repo.status())
+        sub = graph.subgraph(nodes)
+        names = {stage: stage.addressing for stage in nodes}
+        order, upstream, up_to_date = [], {}, []
+        for stage in reversed(list(nx.topological_sort(sub))):
+            deps = {names[d] for d in sub.successors(stage)} & set(order)
+            if names[stage] in changed or deps:
+                order.append(names[stage])
+                upstream[names[stage]] = deps
+            else:
+                up_to_date.append(names[stage])
+    return Plan(order, upstream, up_to_date)
+
+
+def _collect(repo, target: str) -> list:
+    from dvc.exceptions import DvcException
+
+    try:
+        return repo.stage.collect(target)
+    except DvcException as e:
+        raise ValueError(f"{target}: not a stage of dvc.yaml ({e})") from None
+
+
+def per_run_need(params: Params) -> dict[str, float]:
+    """Ray resources one training run of the profile holds: its workers' (the driver reserves none)."""
+    profile = params.profiles[params.profile_name()]
+    return {k: v * profile.num_workers for k, v in profile.resources_per_worker.items() if v}
+
+
+def runs_that_fit(total: dict[str, float], need: dict[str, float]) -> int:
+    """How many runs needing `need` the cluster's `total` resources hold at once (at least 1)."""
+    return max(1, min((int(total.get(k, 0) // v) for k, v in need.items()), default=1))
+
+
+def auto_jobs(fits: int) -> int:
+    """As many stages at once as training runs fit, plus one: a light stage (evaluate, prepare, report)
+    runs while the cluster is full; a training run in that slot just waits in Ray's queue."""
+    return fits + 1
+
+
+def _group(stage: str) -> str:
+    return stage.split(":")[-1].split("@")[0]
+
+
+def _experiment_datasets(params: Params, stages: list[str]) -> set[str]:
+    """The MLflow experiments (one per dataset) the planned stages log into."""
+    datasets = set()
+    for stage in stages:
+        group, _, key = stage.split(":")[-1].partition("@")
+        if group == "tune":
+            key = params.tune.experiment
+        if key in params.imported:
+            key = params.imported[key].experiment
+        if key in params.experiments:
+            datasets.add(params.experiments[key].dataset)
+    return datasets
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in text)
+
+
+class Runner:
+    """Launches the plan's stages as their dependencies finish, at most `jobs` at once."""
+
+    def __init__(self, plan: Plan, jobs: int, root: Path, env: dict, fits: int, need: dict, say=print):
+        self.plan, self.jobs, self.root, self.env, self.fits, self.need = plan, jobs, root, env, fits, need
+        self.say = say
+        self.dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+        self.running: dict[str, tuple[subprocess.Popen, float]] = {}
+        self.done: list[str] = []
+        self.failed: list[str] = []
+        self.skipped: list[str] = []
+
+    def log(self, stage: str) -> Path:
+        return self.root / LOG_DIR / f"{stage.replace('/', '_').replace(':', '_')}.log"
+
+    def ray_queue(self) -> list[str]:
+        """Running Ray stages beyond what the cluster holds (launch order): they wait in Ray's queue."""
+        ray_stages = [s for s in self.running if _group(s) in RAY_GROUPS]
+        return ray_stages[self.fits:]
+
+    def start(self, stage: str) -> None:
+        log = self.log(stage)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([self.dvc, "--wait-for-lock", "repro", "--single-item", stage],
+                                    cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.running[stage] = (proc, time.monotonic())
+        note = ""
+        if stage in self.ray_queue():
+            note = f", waiting for Ray resources ({_resources(self.need)} a run; the cluster holds {self.fits})"
+        self.say(f"[repro] start {stage}{note}  (log: {log.relative_to(self.root)})")
+
+    def finish(self, stage: str, code: int) -> None:
+        _, began = self.running.pop(stage)
+        took = _duration(time.monotonic() - began)
+        if code == 0:
+            self.done.append(stage)
+            self.say(f"[repro] done  {stage} in {took}  ({len(self.done)}/{len(self.plan.order)})")
+        else:
+            self.failed.append(stage)
+            self.say(f"[repro] FAILED {stage} after {took} (exit {code}); the end of {self.log(stage)}:\n"
+                     f"{_tail(self.log(stage))}")
+
+    def run(self) -> int:
+        pending = list(self.plan.order)
+        last_status = time.monotonic()
+        try:
+            while pending or self.running:
+                for stage in list(pending):
+                    deps = self.plan.upstream[stage]
+                    stopped = deps & set(self.failed + self.skipped)
+                    if stopped:
+                        pending.remove(stage)
+                        self.skipped.append(stage)
+                        self.say(f"[repro] skip  {stage}: depends on {', '.join(sorted(stopped))}, "
+                                 f"which did not finish")
+                    elif deps <= set(self.done) and len(self.running) < self.jobs:
+                        pending.remove(stage)
+                        self.start(stage)
+                for stage, (proc, _) in list(self.running.items()):
+                    if proc.poll() is not None:
+                        self.finish(stage, proc.returncode)
+                        last_status = time.monotonic()
+                if time.monotonic() - last_status >= STATUS_EVERY_S and self.running:
+                    last_status = time.monotonic()
+                    now = time.monotonic()
+                    queued = self.ray_queue()
+                    self.say("[repro] running: " + ", ".join(
+                        f"{s} ({_duration(now - t)}{', waiting for Ray resources' if s in queued else ''})"
+                        for s, (_, t) in self.running.items()) + f"; {len(pending)} to start")
+                time.sleep(0.2)
+        except KeyboardInterrupt:   # Ctrl-C reached the stages too: let DVC stop them cleanly
+            for proc, _ in self.running.values():
+                proc.wait()
+            raise
+        return 1 if self.failed else 0
+
+
+def _resources(need: dict) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(need.items()))
+
+
+def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> int:
+    """Run the pipeline (or `targets` and what they depend on); 0 when every stage finished."""
+    from components.mlflow_server import MlflowServer
+    from components.ray_cluster import connect_ray, shutdown_ray
+    from components.tracking import ensure_experiment
+
+    root = params.root
+    if jobs != "auto" and (not jobs.isdigit() or int(jobs) < 1):
+        raise ValueError(f"--jobs: expected a number >= 1 or auto, got {jobs!r}")
+    tic = time.monotonic()
+    plan = plan_stages(root, targets)
+    if not plan.order:
+        say(f"[repro] nothing to do: {len(plan.up_to_date)} stages up to date")
+        return 0
+    need = per_run_need(params)
+    uses_ray = any(_group(s) in RAY_GROUPS for s in plan.order)
+    started_ray = connect_ray(params.train.ray_address) if uses_ray else False
+    server = None
+    try:
+        fits = 1
+        if uses_ray:
+            import ray
+
+            fits = runs_that_fit(ray.cluster_resources(), need)
+        count = auto_jobs(fits) if jobs == "auto" else int(jobs)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if count > 1 and params.tracking_uri == default_store(root):
+            # The experiments first, in the file (artifacts beside it, as a sequential run makes them).
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=params.tracking_uri)
+            for dataset in sorted(_experiment_datasets(params, plan.order)):
+                ensure_experiment(client, dataset)
+            server = MlflowServer(params.tracking_uri, (root / "mlartifacts").as_uri(),
+                                  root / LOG_DIR / "mlflow-server.log").start()
+            env[STORE_SERVER_ENV] = server.uri
+        cluster = f"Ray at {os.environ.get('RAY_ADDRESS')}, {fits} run(s) of {_resources(need)} at once" \
+            if uses_ray else "no Ray stage"
+        say(f"[repro] {len(plan.order)} stage(s) to run, {len(plan.up_to_date)} up to date; at most {count} at "
+            f"once ({cluster}){'; MLflow through ' + server.uri if server else ''}")
+        runner = Runner(plan, count, root, env, fits, need, say)
+        status = runner.run()
+    finally:
+        if server:
+            server.stop()
+        if started_ray:
+            shutdown_ray()
+    summary = f"{len(runner.done)} done"
+    if runner.failed:
+        summary += f", FAILED: {', '.join(runner.failed)}"
+    if runner.skipped:
+        summary += f", not run: {', '.join(runner.skipped)}"
+    say(f"[repro] {summary} in {_duration(time.monotonic() - tic)}")
+    return status

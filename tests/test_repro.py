@@ -1,0 +1,194 @@
+"""`dnlseg repro --jobs`: DVC's stages run concurrently, each by DVC itself.
+
+On a toy DVC project (shell stages that sleep and record when they ran): independent stages overlap,
+dvc.lock ends complete and `dvc status` clean, a rerun plans nothing, a failing stage (a bad param) stops
+its dependants only and is named. Then the real pipeline on a two-node Ray cluster: three training
+stages at once, through one MLflow server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import repo_copy, run_dvc
+
+from pipeline.repro import Plan, Runner, auto_jobs, plan_stages, runs_that_fit
+
+STEP = textwrap.dedent("""
+    import json, sys, time, yaml
+    key = sys.argv[1]
+    settings = yaml.safe_load(open("params.yaml"))["work"][key]
+    start = time.time()
+    if not settings["ok"]:
+        print(f"work.{key}.ok: false, a bad param", flush=True)
+        sys.exit(3)
+    time.sleep(settings["seconds"])
+    json.dump({"start": start, "end": time.time()}, open(f"out/{key}.json", "w"))
+""")
+
+DVC_YAML = textwrap.dedent("""
+    stages:
+      work:
+        foreach: ${work}
+        do:
+          cmd: python step.py ${key}
+          deps:
+            - step.py
+          params:
+            - work.${key}
+          outs:
+            - out/${key}.json
+      combine:
+        cmd: python combine.py
+        deps: [out/a.json, out/b.json]
+        outs: [all.txt]
+""")
+
+
+def _toy(tmp_path: Path, ok_c: bool = True) -> tuple[Path, dict]:
+    root = tmp_path / "toy"
+    (root / "out").mkdir(parents=True)
+    (root / "step.py").write_text(STEP)
+    (root / "combine.py").write_text("import glob\nopen('all.txt', 'w').write(str(sorted(glob.glob('out/*'))))\n")
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    work = {key: {"seconds": 4, "ok": True} for key in "abc"}
+    work["c"]["ok"] = ok_c
+    (root / "params.yaml").write_text(yaml.safe_dump({"work": work}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    run_dvc(["init", "-q"], root, env)
+    return root, env
+
+
+def _run(plan: Plan, root: Path, env: dict, jobs: int) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    status = Runner(plan, jobs, root, env, fits=1, need={}, say=lines.append).run()
+    return status, lines
+
+
+def _locked(root: Path) -> set[str]:
+    return set(yaml.safe_load((root / "dvc.lock").read_text())["stages"])
+
+
+def test_independent_stages_overlap_and_end_as_a_sequential_repro(tmp_path):
+    root, env = _toy(tmp_path)
+    plan = plan_stages(root, [])
+    assert sorted(plan.order) == ["combine", "work@a", "work@b", "work@c"]
+    assert plan.upstream["combine"] == {"work@a", "work@b"} and plan.upstream["work@a"] == set()
+    status, lines = _run(plan, root, env, jobs=3)
+    assert status == 0, "\n".join(lines)
+
+    spans = [json.loads((root / "out" / f"{k}.json").read_text()) for k in "abc"]
+    assert max(s["start"] for s in spans) < min(s["end"] for s in spans)   # all three at once
+    combine_began = (root / ".dnlseg" / "logs" / "combine.log").stat().st_ctime
+    assert combine_began >= max(spans[0]["end"], spans[1]["end"])        # after what it depends on
+    assert _locked(root) == {"work@a", "work@b", "work@c", "combine"}
+    assert "up to date" in run_dvc(["status"], root, env)
+    assert sum(line.startswith("[repro] start") for line in lines) == 4
+    assert any(line.startswith("[repro] done  combine in ") for line in lines)
+
+    again = plan_stages(root, [])
+    assert again.order == [] and len(again.up_to_date) == 4                 # a rerun is a no-op
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["work"]["a"]["seconds"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert plan_stages(root, []).order == ["work@a", "combine"]             # a change and what follows it
+    assert plan_stages(root, ["work@b"]).order == []                        # a target and its dependencies
+
+
+def test_a_failing_stage_stops_its_dependants_and_is_named(tmp_path):
+    root, env = _toy(tmp_path, ok_c=False)
+    # c fails; combine needs a and b only, so it still runs: make it depend on c too.
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["combine"]["deps"].append("out/c.json")
+    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    status, lines = _run(plan_stages(root, []), root, env, jobs=3)
+
+    assert status == 1
+    failed = next(line for line in lines if line.startswith("[repro] FAILED work@c"))
+    assert "(exit " in failed and "work.c.ok: false, a bad param" in failed   # the stage's own last lines
+    assert "[repro] skip  combine: depends on work@c, which did not finish" in lines
+    assert _locked(root) == {"work@a", "work@b"}                          # the others completed and locked
+    assert plan_stages(root, []).order == ["work@c", "combine"]
+
+
+def test_the_cluster_decides_how_many_runs_at_once():
+    assert runs_that_fit({"CPU": 8.0, "GPU": 12.0}, {"CPU": 16, "GPU": 4}) == 1   # at least one
+    assert runs_that_fit({"CPU": 48.0, "GPU": 12.0}, {"CPU": 16, "GPU": 4}) == 3  # three 4-GPU nodes
+    assert runs_that_fit({"CPU": 3.0}, {"CPU": 1}) == 3
+    assert auto_jobs(3) == 4
+
+
+def test_unknown_target_is_one_line(tmp_path):
+    root, _ = _toy(tmp_path)
+    with pytest.raises(ValueError, match=r"^nope@x: not a stage of dvc.yaml"):
+        plan_stages(root, ["nope@x"])
+
+
+# --- the real pipeline: three training stages at once on a two-node cluster -------------------------
+
+EXPERIMENTS = ("dnl_r50-d8_512x1024_40k_cityscapes", "dnl_r50-d8_769x769_40k_cityscapes",
+               "dnl_r50-d8_512x1024_80k_cityscapes")
+
+
+@pytest.fixture
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.integration
+def test_three_runs_at_once_on_two_nodes_through_one_mlflow_server(tmp_path, two_node_cluster):
+    from mlflow.tracking import MlflowClient
+
+    work, env = repo_copy(tmp_path)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["profiles"]["sample"].update(num_workers=1, resources_per_worker={"CPU": 1})
+    params["tracking"]["uri"] = ""     # the repo's own SQLite store: concurrent writers go through a server
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**env, "RAY_ADDRESS": two_node_cluster.address}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    targets = [f"train@{name}" for name in EXPERIMENTS]
+
+    def repro() -> str:
+        done = subprocess.run([str(Path(sys.executable).parent / "dnlseg"), "repro", "--jobs", "auto", *targets],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+        return done.stdout
+
+    out = repro()
+    assert "at most 4 at once" in out and "3 run(s) of 1 CPU at once" in out and "MLflow through http://127.0.0.1:" in out
+    assert all(f"[repro] done  train@{name}" in out for name in EXPERIMENTS)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = {r.data.tags["experiment"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("cityscapes").experiment_id], filter_string="tags.dvc_stage LIKE 'train@%'")}
+    assert set(runs) == set(EXPERIMENTS)
+    assert max(r.info.start_time for r in runs.values()) < min(r.info.end_time for r in runs.values())   # at once
+    node_sets = [r.data.tags["ray_nodes"] for r in runs.values()]
+    assert len(set(node_sets)) > 1                                  # workers of different runs on different nodes
+    for run in runs.values():                                       # every run's metrics complete
+        assert run.info.status == "FINISHED" and "final_mIoU" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+        assert run.info.artifact_uri.startswith((work / "mlartifacts" / "cityscapes").as_uri())
+    logs = "".join(p.read_text() for p in (work / ".dnlseg" / "logs").glob("*.log"))
+    assert "database is locked" not in logs
+
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    assert set(targets) <= set(lock)
+    assert "up to date" in run_dvc(["status", *targets], work, env)
+    assert "[repro] nothing to do" in repro()                       # a rerun is a no-op
