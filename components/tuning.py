@@ -173,7 +173,7 @@ def read_best_params(path: Path | str) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: tuned parameters not found: run `dvc repro tune` (or "
-                                f"`dnlseg tune`) first, or set train.use_tuned: false") from None
+                                f"`dnlseg tune`) first: the train_tuned stage trains on them") from None
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
         raise ValueError(f"{path}: expected a mapping with a `params` mapping")
     for key, value in data["params"].items():
@@ -190,5 +190,5 @@ def apply_tuned(cfg, path: Path | str):
     for field, ours in (("experiment", cfg.name), ("profile", cfg.profile)):
         if data.get(field) != ours:
             raise ValueError(f"{path}: tuned for {field} {data.get(field)!r}, but training {ours!r} "
-                             f"(rerun `dnlseg tune` or set train.use_tuned: false)")
+                             f"(rerun `dvc repro tune`)")
     return cfg.with_schedule(**{k: TUNABLE[k](v) for k, v in data["params"].items()})

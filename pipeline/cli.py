@@ -47,7 +47,7 @@ def _weights(args, params: Params) -> None:
 def _train(args, params: Params) -> None:
     from pipeline.train import train_experiment
 
-    train_experiment(params, args.experiment)
+    train_experiment(params, args.experiment, tuned=args.tuned)
 
 
 def _tune(args, params: Params) -> None:
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one experiment of params.yaml on Ray")
     p.add_argument("experiment")
+    p.add_argument("--tuned", action="store_true", help="on the schedule `dnlseg tune` found for it "
+                   "(tune/<experiment>/best_params.yaml), as <experiment>-tuned")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("tune", help="sweep an experiment's schedule with Ray Tune (ASHA)")

@@ -282,7 +282,7 @@ def eval_metrics(summary: dict) -> dict:
 
 def _log_to_mlflow(tracker, cfg: TrainConfig, summary: dict, checkpoint: Path, metrics_path: Path,
                    plots: dict, single) -> None:
-    from components.evaluation.registry import ModelSpec, ensure_model_artifacts
+    from components.evaluation.registry import ModelSpec, ensure_model_file, log_model_config
 
     tracker.log_metrics(eval_metrics(summary), step=int(summary.get("iteration") or 0))
     tags = {"eval.device": summary["device"], "eval.dtype": summary["dtype"],
@@ -304,8 +304,9 @@ def _log_to_mlflow(tracker, cfg: TrainConfig, summary: dict, checkpoint: Path, m
     tracker.log_text(json.dumps({"classes": list(summary["single_scale"]["IoU"]),
                                  "rows_ground_truth_columns_prediction": single.confusion.counts.tolist()}),
                      "evaluation/confusion_counts.json")
-    tracker.safely("log model artifacts", lambda: ensure_model_artifacts(tracker.client, tracker.run_id,
-                                                                        checkpoint, ModelSpec.of(cfg)))
+    tracker.safely("log model config", lambda: log_model_config(tracker.client, tracker.run_id, ModelSpec.of(cfg)))
+    if summary["imported"]:   # a trained run's model is uploaded when registered (report), from models/
+        tracker.safely("log model file", lambda: ensure_model_file(tracker.client, tracker.run_id, checkpoint))
     own_run = tracker.client.get_run(tracker.run_id).data.tags.get("dvc_stage", "").startswith("evaluate@")
     if own_run:   # an evaluation run of its own ends here; a training run keeps the status training gave it
         tracker.set_status("FINISHED")

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from components.console import warn
 from components.data import get_dataset
-from pipeline.config import Params, eval_metrics_file, train_metrics_file
+from pipeline.config import Params, eval_metrics_file, model_file, train_metrics_file
 
 NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page
 COMPARED = ("mIoU", "mIoU(ms+flip)", "Mem (GB)", "Inf time (fps)")   # published vs ours, with the difference
@@ -102,8 +102,9 @@ def register_champions(params: Params, evaluations: dict[str, dict]) -> dict[str
         name, ev = max(candidates, key=lambda item: item[1]["single_scale"]["mIoU"])
         model, miou = params.report.model_name.format(dataset=dataset), ev["single_scale"]["mIoU"]
         try:
+            checkpoint = Path(ev["checkpoint"]) if ev.get("imported") else model_file(params.root, name)
             version, created = register_champion(
-                client, model, ev["mlflow"]["run_id"],
+                client, model, ev["mlflow"]["run_id"], checkpoint,
                 tags={"experiment": name, "mIoU": miou, "profile": ev.get("profile", "")},
                 description=f"DNLNet on {get_dataset(dataset).title}; {CHAMPION}: best val mIoU")
         except Exception as e:  # noqa: BLE001 - the report is still written
@@ -192,7 +193,20 @@ def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict
                       f"mIoU {c['mIoU']:.2f}).", ""]
         if measured:
             lines += ["Measured on:", "", *measured, ""]
+        lines += _tuned_lines(params, dataset, out_root)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _tuned_lines(params: Params, dataset: str, out_root: Path) -> list[str]:
+    """The train_tuned stage's run beside the untuned one, both as training's own final evaluation."""
+    name = params.tune.experiment
+    tuned, untuned = _train_record(out_root, f"{name}-tuned"), _train_record(out_root, name)
+    if params.experiments[name].dataset != dataset or tuned is None:
+        return []
+    before = f"{untuned['final']['mIoU']:.2f}" if untuned else "-"
+    return [f"Tuned: `{name}-tuned`, trained on the schedule the sweep found (`tune/{name}/best_params.yaml`): "
+            f"final val mIoU {tuned['final']['mIoU']:.2f} at iteration {tuned['final']['iteration']}; "
+            f"`{name}` on params.yaml's schedule: {before} (both training's own single-scale evaluation).", ""]
 
 
 def _train_record(out_root: Path, name: str) -> dict | None:

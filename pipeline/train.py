@@ -26,10 +26,11 @@ from components.training.trainer import NonFiniteLossError
 from pipeline.config import CODE_ROOT, Params, code_deps, model_file, plots_dir, train_metrics_file, tune_dir
 
 
-def train_experiment(params: Params, name: str, *, profile: str | None = None, out_root: Path | str | None = None,
-                     hooks=None) -> dict:
+def train_experiment(params: Params, name: str, *, tuned: bool = False, profile: str | None = None,
+                     out_root: Path | str | None = None, hooks=None) -> dict:
     """Train experiment `name` (resuming its Ray run if one exists); write its DVC outputs under out_root
-    (default: the repo). `hooks` (tests only): the loop's fault-injection seam."""
+    (default: the repo). `tuned`: on the schedule its sweep found (tune/<name>/best_params.yaml), as
+    experiment `<name>-tuned` (stage train_tuned). `hooks` (tests only): the loop's fault-injection seam."""
     from components.preflight import preflight
     from components.ray_cluster import scoped_env
     from components.storage import endpoint_env
@@ -37,38 +38,41 @@ def train_experiment(params: Params, name: str, *, profile: str | None = None, o
     from components.training.trainer import fetch_pretrained
     from components.tuning import apply_tuned
 
-    cfg = params.experiment(name, profile)
-    if params.train.use_tuned and name == params.tune.experiment:
-        # The schedule the tune stage found; a missing file fails in one line saying how to get it.
-        cfg = apply_tuned(cfg, tune_dir(params.root, name) / "best_params.yaml")
+    cfg, stage = params.experiment(name, profile), f"train@{name}"
+    if tuned:   # a missing or mismatched file fails in one line saying how to get it
+        cfg = apply_tuned(cfg, tune_dir(params.root, name) / "best_params.yaml").with_overrides(name=f"{name}-tuned")
+        stage = "train_tuned"
     # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
     # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
     plan_batches(cfg.batch_size, cfg.num_workers, cfg.micro_batch_size)
     cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
     with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
         preflight(cfg)
-        return _train(cfg, name, Path(out_root or params.root), hooks, params.root, weights)
+        return _train(cfg, stage, Path(out_root or params.root), hooks, params.root, weights)
 
 
-def write_outputs(result, cfg: TrainConfig, out_root: Path) -> dict:
-    """models/, metrics/ and plots/ of the experiment from the run's last checkpoint: the final model is
-    the table's model (as mmseg's, the last iteration), never the best of the validation checkpoints,
-    which would pick on the split the table reports; the best validation figure is kept, labelled."""
+def write_outputs(latest, cfg: TrainConfig, out_root: Path) -> dict:
+    """models/, metrics/ and plots/ of the experiment from the run's final checkpoint `latest`: the final
+    model is the table's model (as mmseg's, the last iteration), never the best of the validation
+    checkpoints, which would pick on the split the table reports; the best validation figure is kept,
+    labelled. The model file is checked against the checkpoint's checksums.json."""
     from components.atomic import atomic_write_text
     from components.training.trainer import copy_from_checkpoint, read_checkpoint_text
+    from components.weights import sha256_file
 
-    latest = result.checkpoint
-    if latest is None:
-        raise RuntimeError(f"{cfg.name}: training reported no checkpoint (max_iters {cfg.max_iters})")
     summary = json.loads(read_checkpoint_text(latest, "summary.json"))
     if summary["iteration"] != cfg.max_iters:
         raise RuntimeError(f"{cfg.name}: the last checkpoint is at iteration {summary['iteration']}, not "
-                           f"{cfg.max_iters}, under {result.path}")
+                           f"{cfg.max_iters}, under {latest.path}")
     best = summary["best"]
 
     model_path, metrics_path = model_file(out_root, cfg.name), train_metrics_file(out_root, cfg.name)
     curve_path = plots_dir(out_root, cfg.name) / "train.csv"
     copy_from_checkpoint(latest, "model.pt", model_path)
+    expected = json.loads(read_checkpoint_text(latest, "checksums.json")).get("model.pt")
+    if expected and sha256_file(model_path) != expected:
+        model_path.unlink()
+        raise DamagedCheckpointError(f"{latest.path}/model.pt does not match its sha256 in checksums.json")
     atomic_write_text(curve_path, read_checkpoint_text(latest, "curve.csv"))
     images = cfg.max_iters * cfg.batch_size
     metrics = {
@@ -82,10 +86,16 @@ def write_outputs(result, cfg: TrainConfig, out_root: Path) -> dict:
     return {"model": model_path, "metrics": metrics_path, "curve": curve_path, **metrics}
 
 
-def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path, weights: Path | None) -> dict:
+class DamagedCheckpointError(RuntimeError):
+    """A finished run's final model file does not match its recorded sha256."""
+
+
+def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weights: Path | None) -> dict:
+    from components.console import warn
     from components.preflight import preflight_disk, preflight_ray
     from components.ray_cluster import connect_ray, shutdown_ray
     from components.tracking import flat_params, git_commit, open_run
+    from components.training.checkpointing import finished_checkpoint, prune_finished_run
     from components.training.data_sync import manifest_hash, publish_dataset
     from components.training.identity import run_name
     from components.training.loop import RunInfo
@@ -94,23 +104,42 @@ def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path, weigh
 
     data_hash, code = manifest_hash(cfg.data_dir), code_hash(CODE_ROOT, code_deps("train"))
     ray_name = run_name(cfg, data_hash, code)
-    preflight_disk(cfg, f"{cfg.storage_path.rstrip('/')}/{ray_name}", out_root=out_root)
-    started_ray = connect_ray(cfg.ray_address)
-    try:
-        preflight_ray(cfg)
-        resuming = run_exists(cfg.storage_path, ray_name)
-        print(f"[train driver] {name}: Ray run {ray_name} under {cfg.storage_path} "
-              f"({'resuming' if resuming else 'new'}), {cfg.num_workers} workers, profile {cfg.profile}, "
-              f"{cfg.precision}, {describe_init(cfg)}", flush=True)
-        flat = cfg.to_flat_dict()
-        commit = git_commit(repo)
-        tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"train@{name}",
-                "dataset_manifest_sha256": data_hash, "code_sha256": code, "experiment": name,
-                "profile": cfg.profile}
+    run_uri = f"{cfg.storage_path.rstrip('/')}/{ray_name}"
+    resuming = run_exists(cfg.storage_path, ray_name)
+    final = finished_checkpoint(run_uri, cfg.max_iters) if resuming else None
+    flat = cfg.to_flat_dict()
+    commit = git_commit(repo)
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": stage,
+            "dataset_manifest_sha256": data_hash, "code_sha256": code, "experiment": cfg.name, "profile": cfg.profile}
+
+    def tracked_run():
         tracker = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=ray_name, resume=resuming,
                            params=flat, tags=tags)
         tracker.log_text(yaml.safe_dump(flat_params(flat), sort_keys=False), "config.yaml")
-        tic = time.perf_counter()
+        return tracker
+
+    tic = time.perf_counter()
+    if final is not None:   # finished before (the stage forced, or only execution settings changed)
+        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.storage_path} finished already: its "
+              f"outputs from the final checkpoint, no training", flush=True)
+        try:
+            outputs = write_outputs(final, cfg, out_root)
+        except DamagedCheckpointError as e:
+            warn(f"[train driver] {cfg.name}: {e}: training again")
+        else:
+            tracker = tracked_run()
+            _log_outputs(tracker, cfg.name, outputs, {}, tic)
+            return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": final.path,
+                    "start_iteration": cfg.max_iters, "median_step_s": None, "mlflow_failures": 0,
+                    "driver_mlflow_failures": tracker.failures}
+    preflight_disk(cfg, run_uri, out_root=out_root)
+    started_ray = connect_ray(cfg.ray_address)
+    try:
+        preflight_ray(cfg)
+        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.storage_path} "
+              f"({'resuming' if resuming else 'new'}), {cfg.num_workers} workers, profile {cfg.profile}, "
+              f"{cfg.precision}, {describe_init(cfg)}", flush=True)
+        tracker = tracked_run()
         try:
             run = RunInfo(mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
                           data_uri=publish_dataset(cfg.data_dir, cfg.storage_path, data_hash),
@@ -121,7 +150,9 @@ def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path, weigh
             tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
             if worker.get("stopped"):
                 raise _non_finite_error(cfg, worker["stopped"], result, tracker)
-            outputs = write_outputs(result, cfg, out_root)
+            if result.checkpoint is None:
+                raise RuntimeError(f"{cfg.name}: training reported no checkpoint (max_iters {cfg.max_iters})")
+            outputs = write_outputs(result.checkpoint, cfg, out_root)
         except KeyboardInterrupt:
             tracker.set_status("KILLED")
             raise
@@ -131,30 +162,36 @@ def _train(cfg: TrainConfig, name: str, out_root: Path, hooks, repo: Path, weigh
             if bad_data is not None:       # one line naming the file, not Ray's multi-page report
                 raise bad_data from None
             raise
-        # The table's figure is the final model's; the best validation figure is labelled as such.
-        tracker.log_metrics({f"best_val_{k}": v for k, v in outputs["best_val"].items() if k != "iteration"}
-                            | {f"final_{k}": v for k, v in outputs["final"].items() if k != "iteration"},
-                            step=outputs["final"]["iteration"])
-        tracker.set_tags({"best_val_iteration": outputs["best_val"]["iteration"]})
-        for path, folder in ((outputs["model"], "model"), (outputs["curve"], "curves"),
-                             (outputs["metrics"], "metrics")):
-            tracker.log_artifact(path, folder)
-        tracker.set_status("FINISHED")
-        print(f"[train driver] {name}: done in {time.perf_counter() - tic:.0f} s; final mIoU "
-              f"{outputs['final']['mIoU']:.2f} (the model written; best on val {outputs['best_val']['mIoU']:.2f} "
-              f"at iteration {outputs['best_val']['iteration']}); wrote {outputs['model']}", flush=True)
-        worker_failures = worker.get("mlflow_failures") or 0
-        if worker_failures or tracker.failures:
-            print(f"[train driver] {name}: MLflow tracking failed during the run ({worker_failures} failed "
-                  f"call(s) on rank 0, {tracker.failures} in the driver): MLflow run {tracker.run_id} may "
-                  f"lack metrics or artifacts; the stage's outputs are complete", flush=True)
+        prune_finished_run(result.checkpoint)
+        _log_outputs(tracker, cfg.name, outputs, worker, tic)
         return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": result.path,
                 "start_iteration": worker.get("start_iteration"),
-                "median_step_s": worker.get("median_step_s"), "mlflow_failures": worker_failures,
+                "median_step_s": worker.get("median_step_s"), "mlflow_failures": worker.get("mlflow_failures") or 0,
                 "driver_mlflow_failures": tracker.failures}
     finally:
         if started_ray:
             shutdown_ray()
+
+
+def _log_outputs(tracker, name: str, outputs: dict, worker: dict, tic: float) -> None:
+    """The finished run into MLflow: the final model's figures (the table's) and the best validation
+    one labelled as such, the curve and metrics files; one line saying what was written."""
+    tracker.log_metrics({f"best_val_{k}": v for k, v in outputs["best_val"].items() if k != "iteration"}
+                        | {f"final_{k}": v for k, v in outputs["final"].items() if k != "iteration"},
+                        step=outputs["final"]["iteration"])
+    tracker.set_tags({"best_val_iteration": outputs["best_val"]["iteration"]})
+    # Not the model: models/<exp>/model.pt is DVC's; the report uploads the champions' when registering.
+    for path, folder in ((outputs["curve"], "curves"), (outputs["metrics"], "metrics")):
+        tracker.log_artifact(path, folder)
+    tracker.set_status("FINISHED")
+    print(f"[train driver] {name}: done in {time.perf_counter() - tic:.0f} s; final mIoU "
+          f"{outputs['final']['mIoU']:.2f} (the model written; best on val {outputs['best_val']['mIoU']:.2f} "
+          f"at iteration {outputs['best_val']['iteration']}); wrote {outputs['model']}", flush=True)
+    worker_failures = worker.get("mlflow_failures") or 0
+    if worker_failures or tracker.failures:
+        print(f"[train driver] {name}: MLflow tracking failed during the run ({worker_failures} failed "
+              f"call(s) on rank 0, {tracker.failures} in the driver): MLflow run {tracker.run_id} may "
+              f"lack metrics or artifacts; the stage's outputs are complete", flush=True)
 
 
 def _worker_data_error(error: BaseException):

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" NO_ALBUMENTATIONS_UPDATE=1
-# One local Ray for the whole run: each Ray stage joins it instead of starting its own (5-9 s less
-# per sample training stage). Plain `dvc repro` works too, each stage then starting and stopping a Ray.
-exec dnlseg with-ray -- dvc repro "$@"
+# `dnlseg repro`: DVC runs each stage, independent ones at once (`--jobs auto`: as many training runs
+# as the Ray cluster holds, plus one), against one local Ray (or $RAY_ADDRESS), writing to MLflow
+# through one loopback server. Arguments go to it: targets, `--jobs 1` for one stage at a time.
+exec dnlseg repro "$@"

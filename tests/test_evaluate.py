@@ -209,7 +209,8 @@ def test_logged_into_the_training_run(evaluated):
     files = {f.path for folder in ("evaluation", "evaluation/overlays", "model")
              for f in client.list_artifacts(evaluated["run_id"], folder) if not f.is_dir}
     assert {"evaluation/eval.json", "evaluation/confusion.png", "evaluation/per_class_iou.png",
-            "model/model.pt", "model/config.json"} <= files
+            "model/config.json"} <= files
+    assert "model/model.pt" not in files   # DVC keeps the model; the report uploads it only to register it
     assert any(p.startswith("evaluation/overlays/") for p in files)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from components.data import get_dataset
 from components.data.transforms import build_test_transform
-from components.evaluation.registry import ModelSpec, ensure_model_artifacts, register_champion
+from components.evaluation.registry import ModelSpec, log_model_config, register_champion
 from components.models import build_dnlnet
 from components.models.checkpoint import save_checkpoint
 from components.models.speedups import autocast, prepare_for_inference
@@ -99,8 +99,10 @@ def test_registered_model_and_run_give_the_same_labels(setup, from_checkpoint):
     experiment_id = client.create_experiment(
         "cityscapes", artifact_location=artifact_location(params.tracking_uri, "cityscapes"))   # not ./mlruns
     run_id = client.create_run(experiment_id, run_name="trained").info.run_id
-    ensure_model_artifacts(client, run_id, setup["checkpoint"], ModelSpec.of(params.experiment(EXP)))
-    register_champion(client, "dnlnet-cityscapes", run_id)
+    log_model_config(client, run_id, ModelSpec.of(params.experiment(EXP)))   # what evaluate leaves
+    assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/config.json"]
+    register_champion(client, "dnlnet-cityscapes", run_id, setup["checkpoint"])   # uploads the model file
+    assert {f.path for f in client.list_artifacts(run_id, "model")} == {"model/config.json", "model/model.pt"}
 
     from components.evaluation.registry import fetch_model
 

@@ -92,7 +92,19 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert run.data.params["pretrained"] == "none" and run.data.params["precision"] == "bf16"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model", "curves", "metrics"} <= artifacts
+    assert {"config.yaml", "curves", "metrics"} <= artifacts and "model" not in artifacts   # DVC keeps it
+
+    # The finished run kept its final checkpoint's weights and small files only (no optimizer state, not
+    # the iteration-3 checkpoint), and a rerun trains nothing: its outputs come from that checkpoint.
+    assert [p.name for p in Path(out["result_path"]).glob("checkpoint_*")] == [latest.name]
+    assert not (latest / "train_state.pt").exists()
+    written = {p: p.read_bytes() for p in (model_file, out_root / "metrics" / EXPERIMENT / "train.json",
+                                          out_root / "plots" / EXPERIMENT / "train.csv")}
+    model_file.unlink()
+    again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
+    assert again["start_iteration"] == 6 and again["mlflow_run_id"] == out["mlflow_run_id"]
+    assert all(p.read_bytes() == data for p, data in written.items())
+    assert loss_steps(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]   # no step trained again
 
 
 def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path, monkeypatch):
@@ -148,21 +160,20 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(ray_local, make_params, 
 
 
 def assert_no_checkpoint_lost(run_dir, reported: int) -> None:
-    """Ray's record of the run (checkpoint_manager_snapshot.json) counts every report, and each checkpoint
-    it keeps (the best and the latest, iteration 4) is complete on disk; no stray checkpoint folder."""
+    """Ray's record of the run (checkpoint_manager_snapshot.json) counts every report, its latest is the
+    final checkpoint (iteration 4), complete on disk; the finished run kept nothing else (the other
+    checkpoint and the final optimizer state are pruned once the outputs are written)."""
     from pathlib import Path
 
     run_dir = Path(run_dir)
     snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     assert snapshot["current_report_index"] == reported          # reports at 2 and 4, none lost
-    kept = {r["checkpoint_dir_name"]: r["metrics"]["iteration"] for r in snapshot["checkpoint_results"]}
-    assert snapshot["latest_checkpoint_result"]["metrics"]["iteration"] == 4 and 4 in kept.values()
-    on_disk = {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
-    assert on_disk == set(kept)
-    for name in kept:
-        files = {p.name for p in (run_dir / name).iterdir()}
-        assert {"model.pt", "train_state.pt", "summary.json", "curve.csv"} <= files
-        assert json.loads((run_dir / name / "summary.json").read_text())["iteration"] == kept[name]
+    final = snapshot["latest_checkpoint_result"]
+    assert final["metrics"]["iteration"] == 4
+    assert [p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()] == [final["checkpoint_dir_name"]]
+    files = {p.name for p in (run_dir / final["checkpoint_dir_name"]).iterdir()}
+    assert {"model.pt", "summary.json", "curve.csv", "checksums.json"} <= files and "train_state.pt" not in files
+    assert json.loads((run_dir / final["checkpoint_dir_name"] / "summary.json").read_text())["iteration"] == 4
 
 
 @pytest.mark.slow

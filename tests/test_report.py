@@ -62,13 +62,15 @@ ADE = "dnl_r50-d8_512x512_80k_ade20k"
 
 
 def fake_run(client, dataset: str, name: str, tmp: Path) -> tuple[str, str]:
-    """An MLflow run holding a model folder, as the train + evaluate stages leave one."""
+    """An MLflow run as the train + evaluate stages leave one (model/config.json; the model itself is DVC's
+    models/<name>/model.pt)."""
     found = client.get_experiment_by_name(dataset)
     experiment_id = found.experiment_id if found else client.create_experiment(
         dataset, artifact_location=artifact_location(client.tracking_uri, dataset))   # not ./mlruns
     run = client.create_run(experiment_id, run_name=f"{name}-run", tags={"experiment": name})
-    (tmp / "model.pt").write_bytes(b"weights of " + name.encode())
-    client.log_artifact(run.info.run_id, str(tmp / "model.pt"), "model")
+    (tmp / "models" / name).mkdir(parents=True)
+    (tmp / "models" / name / "model.pt").write_bytes(b"weights of " + name.encode())
+    client.log_text(run.info.run_id, "{}", "model/config.json")
     client.set_terminated(run.info.run_id)
     return experiment_id, run.info.run_id
 
@@ -195,6 +197,10 @@ def test_best_run_per_dataset_is_the_champion(report_setup):
     city = client.get_model_version_by_alias("dnlnet-cityscapes", "champion")
     assert city.run_id == runs[CITY_B][1]       # 72.50 > 70.00
     assert city.source.endswith("/model")
+    # Registering uploaded the champion's model file from models/; no other run got a copy.
+    uploaded = client.download_artifacts(runs[CITY_B][1], "model/model.pt", str(root))
+    assert Path(uploaded).read_bytes() == f"weights of {CITY_B}".encode()
+    assert "model/model.pt" not in {f.path for f in client.list_artifacts(runs[CITY_A][1], "model")}
     assert client.get_model_version_by_alias("dnlnet-ade20k", "champion").run_id == runs[ADE][1]
     page = (root / "reports/results.md").read_text()
     assert f"`models:/dnlnet-cityscapes@champion` = version {city.version}" in page
@@ -216,3 +222,16 @@ def test_report_without_registry_or_evaluations(tmp_path):
     ours = [t for t in parse_markdown_tables(md.read_text()) if t.header[:8] == COLUMNS]
     assert all(r["mIoU"] == "-" for t in ours for r in t.records())
     assert not (tmp_path / "never.db").exists()
+
+
+def test_the_tuned_run_is_shown_beside_the_untuned_one(report_setup):
+    root, params = report_setup["root"], report_setup["params"]
+    name = params.tune.experiment
+    for experiment, miou in ((name, 61.25), (f"{name}-tuned", 63.5)):
+        (root / "metrics" / experiment).mkdir(parents=True, exist_ok=True)
+        (root / "metrics" / experiment / "train.json").write_text(json.dumps(
+            {"final": {"iteration": 8, "mIoU": miou}, "best_val": {"iteration": 8, "mIoU": miou}}))
+    text = write_report(params, out_root=root).read_text()
+    cityscapes = text[text.index("## Cityscapes"):text.index("## ADE20K")]
+    assert (f"Tuned: `{name}-tuned`, trained on the schedule the sweep found (`tune/{name}/best_params.yaml`): "
+            f"final val mIoU 63.50 at iteration 8; `{name}` on params.yaml's schedule: 61.25") in cityscapes

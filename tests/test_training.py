@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -277,3 +278,30 @@ def test_code_hash_follows_the_python_files_only(tmp_path):
     assert code_hash(tmp_path, deps) == before
     (tmp_path / "components/models/a.py").write_text("x = 2\n")
     assert code_hash(tmp_path, deps) != before
+
+
+@pytest.mark.parametrize("edited, fresh", [
+    ("pipeline/train.py", False),                    # the driver: Ray start-up, console lines
+    ("components/tracking.py", False),               # MLflow logging
+    ("components/training/progress.py", False),      # the loop's progress lines
+    ("components/ray_cluster.py", False),
+    ("components/models/dnl.py", True),              # the model
+    ("components/training/loop.py", True),           # the loop
+    ("components/data/transforms.py", True),         # the augmentation
+    ("components/schedules.py", True),
+])
+def test_the_run_identity_is_what_changes_the_result(tmp_path, edited, fresh):
+    """A run's name hashes the train stage's code deps: editing orchestration code keeps the name (the
+    rerun resumes), editing the model, loop, data or schedule code gives a fresh run. DVC's deps are
+    the same list (code_deps reads dvc.yaml), so DVC reruns the stage exactly when the name changes."""
+    from components.training.identity import code_hash
+    from pipeline.config import CODE_ROOT, code_deps
+
+    for package in ("components", "pipeline"):
+        shutil.copytree(CODE_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    deps = code_deps("train")
+    before = code_hash(tmp_path, deps)
+    assert (tmp_path / edited).is_file()
+    with open(tmp_path / edited, "a") as f:
+        f.write("\nprint('an edit')\n")
+    assert (code_hash(tmp_path, deps) != before) is fresh

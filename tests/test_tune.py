@@ -110,9 +110,10 @@ def test_apply_tuned_overrides_the_schedule(tmp_path):
         tuning.apply_tuned(cfg, tmp_path / "missing.yaml")
 
 
-def test_train_stage_uses_tuned_params_only_when_asked(make_params, tmp_path, monkeypatch):
-    """train.use_tuned: the tuned experiment trains with tune/<exp>/best_params.yaml (a missing file is
-    one line saying how to make it); other experiments and use_tuned: false keep params.yaml's schedule."""
+def test_train_tuned_trains_the_sweeps_schedule_as_its_own_experiment(make_params, tmp_path, monkeypatch):
+    """Stage train_tuned (`dnlseg train <exp> --tuned`): the tuned experiment on tune/<exp>/best_params.yaml,
+    as `<exp>-tuned` beside the untuned row (a missing file is one line saying how to make it); train@<exp>
+    keeps params.yaml's schedule."""
     import components.preflight
     import pipeline.train
 
@@ -124,25 +125,35 @@ def test_train_stage_uses_tuned_params_only_when_asked(make_params, tmp_path, mo
 
     monkeypatch.setattr(components.preflight, "preflight", stop_at_preflight)
     params = make_params(tmp_path / "work")
-    params["train"]["use_tuned"] = True
     params["tune"]["experiment"] = EXPERIMENT
     with pytest.raises(FileNotFoundError, match=r"best_params.yaml: tuned parameters not found: run `dvc "
-                                                r"repro tune`.* or set train.use_tuned: false$"):
-        pipeline.train.train_experiment(as_params(params, tmp_path), EXPERIMENT)
+                                                r"repro tune`.*: the train_tuned stage trains on them$"):
+        pipeline.train.train_experiment(as_params(params, tmp_path), EXPERIMENT, tuned=True)
     assert seen == []
     best = tmp_path / "tune" / EXPERIMENT / "best_params.yaml"
     best.parent.mkdir(parents=True)
     best.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "sample", "params": {"lr": 0.0375}}))
-    for use_tuned, expected_lr in ((True, 0.0375), (False, params["train"]["lr"])):
-        params["train"]["use_tuned"] = use_tuned
+    for tuned, expected_lr, name in ((True, 0.0375, f"{EXPERIMENT}-tuned"), (False, params["train"]["lr"], EXPERIMENT)):
         with pytest.raises(KeyboardInterrupt):
-            pipeline.train.train_experiment(as_params(params, tmp_path), EXPERIMENT)
-        assert seen[-1].schedule.lr == expected_lr
-    other = next(name for name in params["experiments"] if name != EXPERIMENT)
-    params["train"]["use_tuned"] = True
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.train.train_experiment(as_params(params, tmp_path), other)   # not the tuned one: no file needed
-    assert seen[-1].name == other and seen[-1].schedule.lr == params["train"]["lr"]
+            pipeline.train.train_experiment(as_params(params, tmp_path), EXPERIMENT, tuned=tuned)
+        assert seen[-1].schedule.lr == expected_lr and seen[-1].name == name
+
+
+def test_a_new_sweep_result_makes_train_tuned_stale():
+    """DVC sees the tuned schedule: train_tuned depends on the tune stage's best_params.yaml, so a sweep
+    runs before it and a new sweep result reruns it; the untuned train stages do not wait for tune."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        graph = repo.index.graph
+        by_name = {stage.addressing.split(":")[-1]: stage for stage in graph.nodes}
+        upstream = {name: {s.addressing.split(":")[-1] for s in graph.successors(stage)}
+                    for name, stage in by_name.items()}
+    assert "tune" in upstream["train_tuned"]
+    assert "tune" not in upstream[f"train@{EXPERIMENT}"]
+    tune_experiment = yaml.safe_load((REPO / "params.yaml").read_text())["tune"]["experiment"]
+    tuned_deps = {d.def_path for d in by_name["train_tuned"].deps}
+    assert f"tune/{tune_experiment}/best_params.yaml" in tuned_deps
 
 
 def test_repo_params_tune_section_resolves_and_bad_values_name_the_key():

@@ -74,30 +74,36 @@ class FetchedModel:
 
 # --- logging and registering ------------------------------------------------------------------------
 
-def ensure_model_artifacts(client, run_id: str, checkpoint: Path, spec: ModelSpec) -> str:
-    """Make sure the run has model/model.pt (the training stage logs it; imported checkpoints do not
-    have it yet) and write model/config.json. Returns the artifact URI of the model folder."""
-    present = {Path(f.path).name for f in client.list_artifacts(run_id, MODEL_DIR)}
-    if CHECKPOINT_FILE not in present:
-        if Path(checkpoint).name != CHECKPOINT_FILE:
-            # The artifact must be called model.pt whatever the imported file's name: copy under that name.
-            import shutil
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                target = Path(tmp) / CHECKPOINT_FILE
-                shutil.copyfile(checkpoint, target)
-                client.log_artifact(run_id, str(target), MODEL_DIR)
-        else:
-            client.log_artifact(run_id, str(checkpoint), MODEL_DIR)
+def log_model_config(client, run_id: str, spec: ModelSpec) -> None:
+    """model/config.json: the test settings the run's model is used with."""
     client.log_text(run_id, json.dumps(spec.to_json(), indent=2) + "\n", f"{MODEL_DIR}/{CONFIG_FILE}")
-    return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
 
 
-def register_champion(client, name: str, run_id: str, tags: dict | None = None,
+def ensure_model_file(client, run_id: str, checkpoint: Path) -> None:
+    """model/model.pt in the run, uploaded from `checkpoint` unless it is there. A trained run gets it only
+    when registered (the DVC-tracked models/<exp>/model.pt is the model; no copy of every run in MLflow);
+    an imported checkpoint when evaluated (the artifact is called model.pt whatever the file's name)."""
+    if CHECKPOINT_FILE in {Path(f.path).name for f in client.list_artifacts(run_id, MODEL_DIR)}:
+        return
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{checkpoint}: the model to register is missing (run its train stage)")
+    if Path(checkpoint).name == CHECKPOINT_FILE:
+        client.log_artifact(run_id, str(checkpoint), MODEL_DIR)
+        return
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / CHECKPOINT_FILE
+        shutil.copyfile(checkpoint, target)
+        client.log_artifact(run_id, str(target), MODEL_DIR)
+
+
+def register_champion(client, name: str, run_id: str, checkpoint: Path, tags: dict | None = None,
                       description: str = "") -> tuple[str, bool]:
-    """Register the run's model folder under `name` (reusing the version of that run if there is one)
-    and point the `champion` alias at it. Returns (version, created)."""
+    """Register the run's model folder under `name` (reusing the version of that run if there is one; the
+    run's model file uploaded from `checkpoint` first if it lacks one) and point the `champion` alias at
+    it. Returns (version, created)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -108,6 +114,7 @@ def register_champion(client, name: str, run_id: str, tags: dict | None = None,
     if existing:
         version, created = str(max(int(v.version) for v in existing)), False
     else:
+        ensure_model_file(client, run_id, checkpoint)
         source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
         created_version = client.create_model_version(name, source, run_id=run_id,
                                                       tags={k: str(v) for k, v in (tags or {}).items()})

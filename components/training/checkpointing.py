@@ -195,3 +195,37 @@ def load_chosen(checkpoint, path: str, model: torch.nn.Module) -> dict:
     if problem is not None:
         raise RuntimeError(f"checkpoint {path} chosen by rank 0 is damaged on this rank ({problem})")
     return state
+
+
+# --- a finished run ---------------------------------------------------------------------------------
+
+def _checkpoint_dirs(run_uri: str) -> list:
+    """The run's checkpoint folders in storage (local or s3://), as ray.train.Checkpoint objects."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from components.storage import is_s3, pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(run_uri if is_s3(run_uri) else str(Path(run_uri).resolve()))
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(root))
+    except (FileNotFoundError, OSError):
+        return []
+    return [Checkpoint(info.path, filesystem=fs) for info in found
+            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+
+
+def finished_checkpoint(run_uri: str, max_iters: int):
+    """The checkpoint at `max_iters` of the Ray run at `run_uri` (the run finished), or None."""
+    return next((c for c in _checkpoint_dirs(run_uri) if _iteration(c) == max_iters), None)
+
+
+def prune_finished_run(final) -> None:
+    """Once a finished run's outputs are written, it keeps its final checkpoint's weights and small files
+    and nothing else: its other checkpoints and the final optimizer state served resuming only (about
+    three times the model's size per run). A rerun of the finished run rewrites its outputs from what is
+    kept, without training."""
+    for checkpoint in _others(final):
+        final.filesystem.delete_dir(checkpoint.path)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        final.filesystem.delete_file(f"{final.path}/{STATE_FILE}")

@@ -9,6 +9,16 @@ from pathlib import Path
 
 from components.experiment import TrainConfig
 
+# Code that runs the train and tune stages without changing what a run learns: the train driver, Ray
+# start-up and checks, tracking, console lines, shipping data and weights to the nodes, file writing.
+# It is in neither the run identity nor dvc.yaml's deps of train and tune (tests/test_config.py checks
+# both ways): editing it resumes runs instead of restarting days of GPU time.
+ORCHESTRATION = ("pipeline/cli.py", "pipeline/train.py", "components/tracking.py", "components/console.py",
+                 "components/ray_cluster.py", "components/preflight.py", "components/storage.py",
+                 "components/weights.py", "components/atomic.py", "components/training/trainer.py",
+                 "components/training/progress.py", "components/training/data_sync.py",
+                 "components/training/identity.py")
+
 # Fields that say where and how fast a run executes, not what it learns: changing them resumes the run.
 EXECUTION_FIELDS = frozenset({"ray_address", "storage_path", "data_dir", "loader_workers",
                               "max_failures", "num_workers", "use_gpu", "resources_per_worker",

@@ -7,6 +7,7 @@ TorchTrainer hands it {"cfg": TrainConfig, "run": RunInfo, "hooks": LoopHooks or
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from components.experiment import TrainConfig
 from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
 from components.models.speedups import use_precision
-from components.tracking import RunLogger, system_metrics, with_env_credentials
+from components.tracking import FAIL_FAST_ENV, RunLogger, system_metrics, with_env_credentials
 from components.training.checkpointing import (
     load_chosen,
     resume_state,
@@ -81,6 +82,10 @@ def train_loop_per_worker(config: dict) -> dict:
     c: TrainConfig = config["cfg"]
     run: RunInfo = config.get("run") or RunInfo()
     ctx = ray.train.get_context()
+    # Every MLflow call of this worker gives up quickly, the system-metrics thread's too: MLflow retries
+    # for minutes by default, and stopping the monitor waits for its thread (seen: 4 min on a dead server).
+    for key, value in FAIL_FAST_ENV.items():
+        os.environ.setdefault(key, value)
     # One system-metrics monitor per host (Ray Train's local rank 0), named by node on multi-host runs.
     monitored = ctx.get_local_rank() == 0 and run.mlflow_run_id
     node = f"node{ctx.get_node_rank()}" if ctx.get_world_size() > ctx.get_local_world_size() else None

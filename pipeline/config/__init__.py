@@ -104,7 +104,6 @@ class TrainSettings:
     storage_path: str                   # absolute local folder or s3://…
     max_failures: int
     ray_address: str
-    use_tuned: bool
 
 
 @dataclass(frozen=True)
@@ -372,8 +371,7 @@ def _read_train(s: Section, root: Path) -> TrainSettings:
         cat_max_ratio=s.positive("cat_max_ratio"), seed=s.non_negative("seed", integer=True),
         attention=s.choice("attention", ATTENTIONS), channels_last=s.boolean("channels_last"),
         pretrained=weights, storage_path=_storage_path(root, s.raw("storage_path"), s.at("storage_path")),
-        max_failures=s.non_negative("max_failures", integer=True), ray_address=s.string("ray_address", ""),
-        use_tuned=s.boolean("use_tuned", False))
+        max_failures=s.non_negative("max_failures", integer=True), ray_address=s.string("ray_address", ""))
     s.done()
     return settings
 
