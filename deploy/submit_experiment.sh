@@ -21,20 +21,9 @@ commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 submission_id="dnlseg-${experiment//[^A-Za-z0-9-]/-}-$(date +%Y%m%d-%H%M%S)"
 
 # Fail here, not on the cluster, on a misspelled experiment.
-python -c "import sys; from pipeline.config import load_params, resolve_experiment; \
-resolve_experiment(load_params(), sys.argv[1])" "$experiment"
+python -c "import sys; from pipeline.config import load; load().experiment(sys.argv[1])" "$experiment"
 
-runtime_env=$(python - "$commit" "$results/$submission_id" <<'EOF'
-import json, sys
-print(json.dumps({
-    # --working-dir uploads this folder (100 MiB at most, .gitignore honoured); these never go.
-    "excludes": [".git", ".venv*", "data", "runs", "mlruns", "mlartifacts", "mlflow.db", ".dvc/cache",
-                 ".dvc/tmp", "models"],
-    # The upload has no .git: the commit travels as a variable (tracking.git_commit reads it).
-    "env_vars": {"DNLSEG_GIT_COMMIT": sys.argv[1], "DNLSEG_RESULTS_URI": sys.argv[2]},
-}))
-EOF
-)
+runtime_env=$(python deploy/runtime_env.py "$commit" "$results/$submission_id")
 
 echo "submitting $submission_id to $address"
 ray job submit --address "$address" --submission-id "$submission_id" --working-dir . \
