@@ -12,17 +12,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import MlflowServer
 
-from components.ray_cluster import free_port
 from pipeline.report import compare_url
 
 pytestmark = pytest.mark.integration
@@ -88,40 +84,13 @@ def fill_store(tracking_uri: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, mlflow_db_template):
     work = tmp_path_factory.mktemp("mlflow_ui")
-    shutil.copyfile(mlflow_db_template, work / "mlflow.db")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    run_ids = fill_store(uri)
-    port = free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    log = open(work / "server.log", "w")
-    # Its own process group, so stopping it also stops the uvicorn worker it forks.
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri,
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    base = f"http://127.0.0.1:{port}"
+    server = MlflowServer(work, mlflow_db_template, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    run_ids = fill_store(f"sqlite:///{server.db}")
+    server.start()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up: {(work / 'server.log').read_text()[-1500:]}")
-            time.sleep(0.5)
-        yield {"base": base, "run_ids": run_ids, "work": work}
+        yield {"base": server.uri, "run_ids": run_ids, "work": work}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-        log.close()
+        server.stop()
 
 
 def dump_dom(chromium: str, url: str, profile: Path, budget_ms: int = 30000) -> str:
