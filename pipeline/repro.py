@@ -84,10 +84,26 @@ def runs_that_fit(total: dict[str, float], need: dict[str, float]) -> int:
     return max(1, min((int(total.get(k, 0) // v) for k, v in need.items()), default=1))
 
 
-def auto_jobs(fits: int) -> int:
-    """As many stages at once as training runs fit, plus one: a light stage (evaluate, prepare, report)
-    runs while the cluster is full; a training run in that slot just waits in Ray's queue."""
-    return fits + 1
+@dataclass(frozen=True)
+class Limits:
+    """How many stages run at once: Ray stages (train, tune), the others, and in all."""
+
+    ray: int
+    light: int
+    total: int
+
+
+def auto_limits(fits: int, cores: int) -> Limits:
+    """`--jobs auto`: the training runs the cluster holds plus one waiting in Ray's queue (its driver and
+    Ray Train's start-up done, it starts the moment a run ends), and beside them the light stages
+    (prepare, evaluate, report) this machine runs, one per two cores."""
+    light = max(1, cores // 2)
+    return Limits(ray=fits + 1, light=light, total=fits + 1 + light)
+
+
+def fixed_limits(jobs: int) -> Limits:
+    """`--jobs N`: N stages at once, of any kind."""
+    return Limits(ray=jobs, light=jobs, total=jobs)
 
 
 def _group(stage: str) -> str:
@@ -121,9 +137,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 class Runner:
     """Launches the plan's stages as their dependencies finish, at most `jobs` at once."""
 
-    def __init__(self, plan: Plan, jobs: int, root: Path, env: dict, fits: int, need: dict, say=print):
-        self.plan, self.jobs, self.root, self.env, self.fits, self.need = plan, jobs, root, env, fits, need
-        self.say = say
+    def __init__(self, plan: Plan, limits: Limits, root: Path, env: dict, need: dict | None = None, say=print):
+        self.plan, self.limits, self.root, self.env, self.need, self.say = plan, limits, root, env, need, say
         self.dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
         self.running: dict[str, tuple[subprocess.Popen, float]] = {}
         self.done: list[str] = []
@@ -133,10 +148,10 @@ class Runner:
     def log(self, stage: str) -> Path:
         return self.root / LOG_DIR / f"{stage.replace('/', '_').replace(':', '_')}.log"
 
-    def ray_queue(self) -> list[str]:
-        """Running Ray stages beyond what the cluster holds (launch order): they wait in Ray's queue."""
-        ray_stages = [s for s in self.running if _group(s) in RAY_GROUPS]
-        return ray_stages[self.fits:]
+    def can_start(self, stage: str) -> bool:
+        on_ray = _group(stage) in RAY_GROUPS
+        alike = sum((_group(s) in RAY_GROUPS) == on_ray for s in self.running)
+        return len(self.running) < self.limits.total and alike < (self.limits.ray if on_ray else self.limits.light)
 
     def start(self, stage: str) -> None:
         log = self.log(stage)
@@ -146,8 +161,10 @@ class Runner:
                                     cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         self.running[stage] = (proc, time.monotonic())
         note = ""
-        if stage in self.ray_queue():
-            note = f", waiting for Ray resources ({_resources(self.need)} a run; the cluster holds {self.fits})"
+        if self.need and _group(stage) in RAY_GROUPS:
+            free = _ray_free()
+            if any(free.get(k, 0) < v for k, v in self.need.items()):
+                note = f" (Ray has {_resources(free) or 'nothing'} free now: its workers wait in Ray's queue)"
         self.say(f"[repro] start {stage}{note}  (log: {log.relative_to(self.root)})")
 
     def finish(self, stage: str, code: int) -> None:
@@ -174,7 +191,7 @@ class Runner:
                         self.skipped.append(stage)
                         self.say(f"[repro] skip  {stage}: depends on {', '.join(sorted(stopped))}, "
                                  f"which did not finish")
-                    elif deps <= set(self.done) and len(self.running) < self.jobs:
+                    elif deps <= set(self.done) and self.can_start(stage):
                         pending.remove(stage)
                         self.start(stage)
                 for stage, (proc, _) in list(self.running.items()):
@@ -184,10 +201,10 @@ class Runner:
                 if time.monotonic() - last_status >= STATUS_EVERY_S and self.running:
                     last_status = time.monotonic()
                     now = time.monotonic()
-                    queued = self.ray_queue()
-                    self.say("[repro] running: " + ", ".join(
-                        f"{s} ({_duration(now - t)}{', waiting for Ray resources' if s in queued else ''})"
-                        for s, (_, t) in self.running.items()) + f"; {len(pending)} to start")
+                    waiting = f"; Ray: {_ray_waiting()} run(s) waiting for resources" if self.need else ""
+                    self.say("[repro] running: " + ", ".join(f"{s} ({_duration(now - t)})" for s, (_, t)
+                                                             in self.running.items())
+                             + f"{waiting}; {len(pending)} to start")
                 time.sleep(0.2)
         except KeyboardInterrupt:   # Ctrl-C reached the stages too: let DVC stop them cleanly
             for proc, _ in self.running.values():
@@ -198,6 +215,19 @@ class Runner:
 
 def _resources(need: dict) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(need.items()))
+
+
+def _ray_free() -> dict[str, float]:
+    import ray
+
+    return {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+
+
+def _ray_waiting() -> int:
+    """Placement groups Ray has not placed yet: training runs (or trials) waiting for resources."""
+    import ray
+
+    return sum(pg.get("state") == "PENDING" for pg in ray.util.placement_group_table().values())
 
 
 def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> int:
@@ -224,9 +254,9 @@ def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> 
             import ray
 
             fits = runs_that_fit(ray.cluster_resources(), need)
-        count = auto_jobs(fits) if jobs == "auto" else int(jobs)
+        limits = auto_limits(fits, os.cpu_count() or 1) if jobs == "auto" else fixed_limits(int(jobs))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if count > 1 and params.tracking_uri == default_store(root):
+        if limits.total > 1 and params.tracking_uri == default_store(root):
             # The experiments first, in the file (artifacts beside it, as a sequential run makes them).
             from mlflow.tracking import MlflowClient
 
@@ -238,9 +268,10 @@ def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> 
             env[STORE_SERVER_ENV] = server.uri
         cluster = f"Ray at {os.environ.get('RAY_ADDRESS')}, {fits} run(s) of {_resources(need)} at once" \
             if uses_ray else "no Ray stage"
-        say(f"[repro] {len(plan.order)} stage(s) to run, {len(plan.up_to_date)} up to date; at most {count} at "
-            f"once ({cluster}){'; MLflow through ' + server.uri if server else ''}")
-        runner = Runner(plan, count, root, env, fits, need, say)
+        tracking = f"; MLflow through {server.uri}" if server else ""
+        say(f"[repro] {len(plan.order)} stage(s) to run, {len(plan.up_to_date)} up to date; at most "
+            f"{limits.total} at once, {limits.ray} on Ray ({cluster}){tracking}")
+        runner = Runner(plan, limits, root, env, need if uses_ray else None, say)
         status = runner.run()
     finally:
         if server:

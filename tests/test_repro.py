@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import repo_copy, run_dvc
 
-from pipeline.repro import Plan, Runner, auto_jobs, plan_stages, runs_that_fit
+from pipeline.repro import Limits, Plan, Runner, auto_limits, fixed_limits, plan_stages, runs_that_fit
 
 STEP = textwrap.dedent("""
     import json, sys, time, yaml
@@ -68,7 +68,7 @@ def _toy(tmp_path: Path, ok_c: bool = True) -> tuple[Path, dict]:
 
 def _run(plan: Plan, root: Path, env: dict, jobs: int) -> tuple[int, list[str]]:
     lines: list[str] = []
-    status = Runner(plan, jobs, root, env, fits=1, need={}, say=lines.append).run()
+    status = Runner(plan, fixed_limits(jobs), root, env, say=lines.append).run()
     return status, lines
 
 
@@ -123,7 +123,18 @@ def test_the_cluster_decides_how_many_runs_at_once():
     assert runs_that_fit({"CPU": 8.0, "GPU": 12.0}, {"CPU": 16, "GPU": 4}) == 1   # at least one
     assert runs_that_fit({"CPU": 48.0, "GPU": 12.0}, {"CPU": 16, "GPU": 4}) == 3  # three 4-GPU nodes
     assert runs_that_fit({"CPU": 3.0}, {"CPU": 1}) == 3
-    assert auto_jobs(3) == 4
+    # auto: the runs that fit plus one queued in Ray, and light stages beside them, one per two cores.
+    assert auto_limits(3, cores=16) == Limits(ray=4, light=8, total=12)
+    assert auto_limits(1, cores=2) == Limits(ray=2, light=1, total=3)
+
+
+def test_limits_keep_ray_stages_and_light_stages_apart():
+    plan = Plan(order=["train@a", "train@b", "train@c", "evaluate@x"], upstream={})
+    runner = Runner(plan, Limits(ray=2, light=1, total=3), Path("."), {})
+    runner.running = {"train@a": (None, 0.0), "train@b": (None, 0.0)}
+    assert not runner.can_start("train@c") and runner.can_start("evaluate@x")   # Ray full, a light slot left
+    runner.running["evaluate@x"] = (None, 0.0)
+    assert not runner.can_start("evaluate@y") and not runner.can_start("tune")
 
 
 def test_unknown_target_is_one_line(tmp_path):
@@ -171,7 +182,7 @@ def test_three_runs_at_once_on_two_nodes_through_one_mlflow_server(tmp_path, two
         return done.stdout
 
     out = repro()
-    assert "at most 4 at once" in out and "3 run(s) of 1 CPU at once" in out
+    assert f"at most {4 + max(1, os.cpu_count() // 2)} at once, 4 on Ray" in out and "3 run(s) of 1 CPU at once" in out
     assert "MLflow through http://127.0.0.1:" in out
     assert all(f"[repro] done  train@{name}" in out for name in EXPERIMENTS)
 
