@@ -35,9 +35,15 @@ def token_auth_head():
         env.pop(name, None)
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    # Every port of its own: the defaults (e.g. the job agent's 52365) may be held by another Ray on
+    # the machine (the session's), and the head then has no job agent ("No available agent").
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "ray-client-server-port", "node-manager-port",
+                                                     "object-manager-port")]
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -81,7 +87,7 @@ def test_a_submitted_training_stage_runs_in_the_uploaded_copy(tmp_path, token_au
                                      timeout=120)
     assert unauthenticated.returncode != 0   # token auth is on
 
-    for _ in range(30):   # a fresh head's job agent comes up a few seconds after its job server
+    for _ in range(10):   # a fresh head's job agent comes up a few seconds after its job server
         done = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
                                "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", "bash",
                                "-c", entrypoint], cwd=work, env=env, capture_output=True, text=True, timeout=1200)

@@ -261,6 +261,8 @@ def test_sweep_asha_stops_the_dead_trial_and_mlflow_nests_trials(ray_local, make
     assert best["params"] == {"lr": float(best_row["lr"])} and best["params"]["lr"] != DEAD_LR
     assert best["experiment"] == EXPERIMENT and best["profile"] == "sample"
     assert (out_root / "tune" / EXPERIMENT / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The finished sweep keeps Tune's record, not its trials' Train runs (checkpoints with optimizer state).
+    assert not (Path(out["path"]) / "train_runs").exists() and any(Path(out["path"]).glob("experiment_state-*"))
 
     client, experiment_id = mlflow_client(tmp_path)
     parent = client.get_run(out["mlflow_run_id"])
