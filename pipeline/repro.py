@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import STORE_SERVER_ENV, Params, default_store
 
-RAY_GROUPS = ("train", "tune")   # stages whose command runs on Ray (their workers queue there)
+RAY_GROUPS = ("train", "train_tuned", "tune")   # stages whose command runs on Ray (workers queue there)
 LOG_DIR = Path(".dnlseg") / "logs"   # under the repo: one log per stage (the console gets one line each)
 STATUS_EVERY_S = 60.0
 
@@ -117,7 +117,7 @@ def _experiment_datasets(params: Params, stages: list[str]) -> set[str]:
     datasets = set()
     for stage in stages:
         group, _, key = stage.split(":")[-1].partition("@")
-        if group == "tune":
+        if group in ("tune", "train_tuned"):
             key = params.tune.experiment
         if key in params.imported:
             key = params.imported[key].experiment
@@ -137,7 +137,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class Runner:
-    """Launches the plan's stages as their dependencies finish, at most `jobs` at once."""
+    """Launches the plan's stages as their dependencies finish, within `limits`."""
 
     def __init__(self, plan: Plan, limits: Limits, root: Path, env: dict, need: dict | None = None, say=print):
         self.plan, self.limits, self.root, self.env, self.need, self.say = plan, limits, root, env, need, say

@@ -136,6 +136,8 @@ def test_limits_keep_ray_stages_and_light_stages_apart():
     assert not runner.can_start("train@c") and runner.can_start("evaluate@x")   # Ray full, a light slot left
     runner.running["evaluate@x"] = (None, 0.0)
     assert not runner.can_start("evaluate@y") and not runner.can_start("tune")
+    runner.running.pop("evaluate@x")
+    assert not runner.can_start("train_tuned")   # it runs on Ray too
 
 
 def test_unknown_target_is_one_line(tmp_path):

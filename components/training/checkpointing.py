@@ -126,16 +126,24 @@ def _iteration(checkpoint) -> int:
         return -1
 
 
-def _others(checkpoint) -> list:
-    """The run's other checkpoints in storage (Ray keeps the latest and the best), newest first."""
+def _checkpoints_in(fs, folder: str) -> list:
+    """The checkpoint folders of the Ray run at `folder` on `fs`, as ray.train.Checkpoint objects."""
     import pyarrow.fs
     from ray.train import Checkpoint
 
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(folder))
+    except (FileNotFoundError, OSError):
+        return []
+    return [Checkpoint(info.path, filesystem=fs) for info in found
+            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+
+
+def _others(checkpoint) -> list:
+    """The run's other checkpoints in storage (Ray keeps the latest and the best), newest first."""
     parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    others = [Checkpoint(info.path, filesystem=checkpoint.filesystem) for info in found
-              if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
-              and info.path.rstrip("/") != checkpoint.path.rstrip("/")]
+    others = [c for c in _checkpoints_in(checkpoint.filesystem, parent)
+              if c.path.rstrip("/") != checkpoint.path.rstrip("/")]
     return sorted(others, key=_iteration, reverse=True)
 
 
@@ -199,25 +207,12 @@ def load_chosen(checkpoint, path: str, model: torch.nn.Module) -> dict:
 
 # --- a finished run ---------------------------------------------------------------------------------
 
-def _checkpoint_dirs(run_uri: str) -> list:
-    """The run's checkpoint folders in storage (local or s3://), as ray.train.Checkpoint objects."""
-    import pyarrow.fs
-    from ray.train import Checkpoint
-
+def finished_checkpoint(run_uri: str, max_iters: int):
+    """The checkpoint at `max_iters` of the Ray run at `run_uri` (local or s3://; the run finished), or None."""
     from components.storage import is_s3, pyarrow_filesystem
 
-    fs, root = pyarrow_filesystem(run_uri if is_s3(run_uri) else str(Path(run_uri).resolve()))
-    try:
-        found = fs.get_file_info(pyarrow.fs.FileSelector(root))
-    except (FileNotFoundError, OSError):
-        return []
-    return [Checkpoint(info.path, filesystem=fs) for info in found
-            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-
-
-def finished_checkpoint(run_uri: str, max_iters: int):
-    """The checkpoint at `max_iters` of the Ray run at `run_uri` (the run finished), or None."""
-    return next((c for c in _checkpoint_dirs(run_uri) if _iteration(c) == max_iters), None)
+    fs, folder = pyarrow_filesystem(run_uri if is_s3(run_uri) else str(Path(run_uri).resolve()))
+    return next((c for c in _checkpoints_in(fs, folder) if _iteration(c) == max_iters), None)
 
 
 def prune_finished_run(final) -> None:
