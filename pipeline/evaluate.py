@@ -97,6 +97,8 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
     # A released checkpoint: fetched once into the download cache, its sha256 checked against its name.
     checkpoint = fetch(source, root=params.root, cache_dir=params.cache_dir) if imported else Path(source)
     settings = params.eval_settings(cfg.profile)
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
     device = _device(settings.device)
     model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
                              align_corners=cfg.align_corners, attention=cfg.attention, device=device,

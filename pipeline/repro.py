@@ -143,6 +143,7 @@ class Runner:
         self.plan, self.limits, self.root, self.env, self.need, self.say = plan, limits, root, env, need, say
         self.dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
         self.running: dict[str, tuple[subprocess.Popen, float]] = {}
+        self.chain = ray_chain(plan)
         self.done: list[str] = []
         self.failed: list[str] = []
         self.skipped: list[str] = []
@@ -181,7 +182,9 @@ class Runner:
                      f"{_tail(self.log(stage))}")
 
     def run(self) -> int:
-        pending = list(self.plan.order)
+        # Longest chain of Ray stages first (tune -> train_tuned before the single trains): the pipeline
+        # ends no sooner than its longest chain, so that one must not wait behind the others.
+        pending = sorted(self.plan.order, key=lambda stage: -self.chain[stage])
         last_status = time.monotonic()
         try:
             while pending or self.running:
@@ -213,6 +216,18 @@ class Runner:
                 proc.wait()
             raise
         return 1 if self.failed else 0
+
+
+def ray_chain(plan: Plan) -> dict[str, int]:
+    """Per stage: the most Ray stages on a path from it (itself included) to the end of the plan."""
+    below: dict[str, set[str]] = {stage: set() for stage in plan.order}
+    for stage, deps in plan.upstream.items():
+        for dep in deps:
+            below[dep].add(stage)
+    chain: dict[str, int] = {}
+    for stage in reversed(plan.order):   # dependants first
+        chain[stage] = (_group(stage) in RAY_GROUPS) + max((chain[s] for s in below[stage]), default=0)
+    return chain
 
 
 def _resources(need: dict) -> str:

@@ -26,6 +26,7 @@ class EvalSettings:
     device: str                  # auto | cpu | cuda
     precision: str               # fp32 (the seed's) | auto (fp16 on CUDA, bf16 on CPU) | bf16 | fp16: autocast
     fold_bn: bool                # BatchNorm folded into the convs (exact in fp32; bench/README.md)
+    cpu_threads: int             # torch's CPU threads; 0 = torch's default (every core)
 
     def precision_on(self, device) -> str:
         """The autocast precision this evaluation runs with on `device`."""
@@ -66,7 +67,7 @@ def _eval_settings(s: Section) -> EvalSettings:
         max_images=s.non_negative("max_images", 0, integer=True),
         fps_images=s.non_negative("fps_images", integer=True), fps_warmup=s.non_negative("fps_warmup", integer=True),
         overlays=s.non_negative("overlays", integer=True), device=device, precision=precision,
-        fold_bn=s.boolean("fold_bn", True))
+        fold_bn=s.boolean("fold_bn", True), cpu_threads=s.non_negative("cpu_threads", 0, integer=True))
     if settings.fps_images and settings.fps_images <= settings.fps_warmup:
         raise fail(s.at("fps_images"), f"{settings.fps_images} must be larger than fps_warmup "
                                         f"{settings.fps_warmup} (or 0 to skip the speed measurement)")
