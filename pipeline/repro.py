@@ -143,7 +143,7 @@ class Runner:
         self.plan, self.limits, self.root, self.env, self.need, self.say = plan, limits, root, env, need, say
         self.dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
         self.running: dict[str, tuple[subprocess.Popen, float]] = {}
-        self.chain = ray_chain(plan)
+        self.priority = priorities(plan)
         self.done: list[str] = []
         self.failed: list[str] = []
         self.skipped: list[str] = []
@@ -182,9 +182,7 @@ class Runner:
                      f"{_tail(self.log(stage))}")
 
     def run(self) -> int:
-        # Longest chain of Ray stages first (tune -> train_tuned before the single trains): the pipeline
-        # ends no sooner than its longest chain, so that one must not wait behind the others.
-        pending = sorted(self.plan.order, key=lambda stage: -self.chain[stage])
+        pending = sorted(self.plan.order, key=lambda stage: self.priority[stage], reverse=True)
         last_status = time.monotonic()
         try:
             while pending or self.running:
@@ -218,16 +216,23 @@ class Runner:
         return 1 if self.failed else 0
 
 
-def ray_chain(plan: Plan) -> dict[str, int]:
-    """Per stage: the most Ray stages on a path from it (itself included) to the end of the plan."""
+def priorities(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Per stage: the most Ray stages on a path from it (itself included) to the end of the plan, and
+    from the start to it. Ready stages start in decreasing order of these: the pipeline ends no sooner
+    than its longest chain of Ray stages (tune -> train_tuned), so that chain goes first and, once
+    begun, goes on before the stages that are still at its first step (the single trains)."""
     below: dict[str, set[str]] = {stage: set() for stage in plan.order}
     for stage, deps in plan.upstream.items():
         for dep in deps:
             below[dep].add(stage)
-    chain: dict[str, int] = {}
+    on_ray = {stage: int(_group(stage) in RAY_GROUPS) for stage in plan.order}
+    to_end: dict[str, int] = {}
     for stage in reversed(plan.order):   # dependants first
-        chain[stage] = (_group(stage) in RAY_GROUPS) + max((chain[s] for s in below[stage]), default=0)
-    return chain
+        to_end[stage] = on_ray[stage] + max((to_end[s] for s in below[stage]), default=0)
+    from_start: dict[str, int] = {}
+    for stage in plan.order:             # dependencies first
+        from_start[stage] = on_ray[stage] + max((from_start[s] for s in plan.upstream[stage]), default=0)
+    return {stage: (to_end[stage], from_start[stage]) for stage in plan.order}
 
 
 def _resources(need: dict) -> str:

@@ -2,7 +2,7 @@
 
 Runs the preflight, starts (or joins) Ray, fits a TorchTrainer over the per-worker loop
 (components/training), and writes the stage's DVC outputs from the driver only:
-    models/<exp>/model.pt      best checkpoint by mIoU, mmseg layout {"state_dict", "meta"}
+    models/<exp>/model.pt      the final iteration's weights, mmseg layout {"state_dict", "meta"}
     metrics/<exp>/train.json   final and best mIoU / mAcc / aAcc (percent), iterations, time
     plots/<exp>/train.csv      one row per logged iteration (loss, lr, img/s; mIoU on evaluation rows)
 
@@ -51,14 +51,14 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
         return _train(cfg, stage, Path(out_root or params.root), hooks, params.root, weights)
 
 
-def write_outputs(latest, cfg: TrainConfig, out_root: Path) -> dict:
+def write_outputs(latest, cfg: TrainConfig, out_root: Path, repo: Path) -> dict:
     """models/, metrics/ and plots/ of the experiment from the run's final checkpoint `latest`: the final
     model is the table's model (as mmseg's, the last iteration), never the best of the validation
     checkpoints, which would pick on the split the table reports; the best validation figure is kept,
     labelled. The model file is checked against the checkpoint's checksums.json."""
     from components.atomic import atomic_write_text
-    from components.training.trainer import copy_from_checkpoint, read_checkpoint_text
-    from components.weights import sha256_file
+    from components.training.checkpointing import CHECKSUMS_FILE, MODEL_FILE
+    from components.training.trainer import copy_from_checkpoint, has_file, read_checkpoint_text
 
     summary = json.loads(read_checkpoint_text(latest, "summary.json"))
     if summary["iteration"] != cfg.max_iters:
@@ -68,11 +68,14 @@ def write_outputs(latest, cfg: TrainConfig, out_root: Path) -> dict:
 
     model_path, metrics_path = model_file(out_root, cfg.name), train_metrics_file(out_root, cfg.name)
     curve_path = plots_dir(out_root, cfg.name) / "train.csv"
-    copy_from_checkpoint(latest, "model.pt", model_path)
-    expected = json.loads(read_checkpoint_text(latest, "checksums.json")).get("model.pt")
-    if expected and sha256_file(model_path) != expected:
-        model_path.unlink()
-        raise DamagedCheckpointError(f"{latest.path}/model.pt does not match its sha256 in checksums.json")
+    expected = json.loads(read_checkpoint_text(latest, CHECKSUMS_FILE))[MODEL_FILE]
+    if has_file(latest, MODEL_FILE):
+        copy_from_checkpoint(latest, MODEL_FILE, model_path)
+        if _digest(model_path, "sha256") != expected:
+            model_path.unlink()
+            raise DamagedCheckpointError(f"{latest.path}/{MODEL_FILE} does not match its sha256 in {CHECKSUMS_FILE}")
+    else:
+        _restore_dropped_weights(latest, expected, model_path, repo)
     atomic_write_text(curve_path, read_checkpoint_text(latest, "curve.csv"))
     images = cfg.max_iters * cfg.batch_size
     metrics = {
@@ -83,7 +86,52 @@ def write_outputs(latest, cfg: TrainConfig, out_root: Path) -> dict:
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    return {"model": model_path, "metrics": metrics_path, "curve": curve_path, **metrics}
+    return {"model": model_path, "model_md5": _digest(model_path, "md5"), "metrics": metrics_path,
+            "curve": curve_path, **metrics}
+
+
+def _restore_dropped_weights(latest, sha256: str, model_path: Path, repo: Path) -> None:
+    """A finished run on local storage dropped its final weights (components/training/checkpointing.py
+    prune_finished_run): they come back from the model file still in place or from DVC's cache (DVC
+    removes a stage's outputs before running it again), checked against the checkpoint's sha256."""
+    import shutil
+
+    from components.atomic import atomic_path
+    from components.training.checkpointing import DROPPED_FILE, MODEL_FILE
+    from components.training.trainer import read_checkpoint_text
+
+    try:
+        md5 = json.loads(read_checkpoint_text(latest, DROPPED_FILE))[MODEL_FILE]["md5"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DamagedCheckpointError(f"{latest.path}: {MODEL_FILE} missing, and no readable {DROPPED_FILE} "
+                                     f"({type(e).__name__})") from None
+    for candidate in (model_path, dvc_cached_file(repo, md5)):
+        if candidate is not None and candidate.is_file() and _digest(candidate, "sha256") == sha256:
+            if candidate != model_path:
+                with atomic_path(model_path) as tmp:
+                    shutil.copyfile(candidate, tmp)
+            return
+    raise DamagedCheckpointError(f"{latest.path}: the finished run's final weights (md5 {md5}) were dropped "
+                                 f"and are neither in {model_path} nor in DVC's cache")
+
+
+def dvc_cached_file(repo: Path, md5: str) -> Path | None:
+    """Where the DVC cache of the repo at `repo` keeps a file of this md5 (None: no DVC repo there)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc_repo:
+            return Path(dvc_repo.cache.local.oid_to_path(md5))
+    except DvcException:
+        return None
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -123,10 +171,11 @@ def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weig
         print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.storage_path} finished already: its "
               f"outputs from the final checkpoint, no training", flush=True)
         try:
-            outputs = write_outputs(final, cfg, out_root)
+            outputs = write_outputs(final, cfg, out_root, repo)
         except DamagedCheckpointError as e:
             warn(f"[train driver] {cfg.name}: {e}: training again")
         else:
+            prune_finished_run(final, outputs["model_md5"])   # a run finished before this pruning existed
             tracker = tracked_run()
             _log_outputs(tracker, cfg.name, outputs, {}, tic)
             return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": final.path,
@@ -152,7 +201,7 @@ def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weig
                 raise _non_finite_error(cfg, worker["stopped"], result, tracker)
             if result.checkpoint is None:
                 raise RuntimeError(f"{cfg.name}: training reported no checkpoint (max_iters {cfg.max_iters})")
-            outputs = write_outputs(result.checkpoint, cfg, out_root)
+            outputs = write_outputs(result.checkpoint, cfg, out_root, repo)
         except KeyboardInterrupt:
             tracker.set_status("KILLED")
             raise
@@ -162,7 +211,7 @@ def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weig
             if bad_data is not None:       # one line naming the file, not Ray's multi-page report
                 raise bad_data from None
             raise
-        prune_finished_run(result.checkpoint)
+        prune_finished_run(result.checkpoint, outputs["model_md5"])
         _log_outputs(tracker, cfg.name, outputs, worker, tic)
         return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": result.path,
                 "start_iteration": worker.get("start_iteration"),

@@ -32,13 +32,21 @@ def mlflow_runs(work):
     return client, client.search_runs([experiment.experiment_id])
 
 
+def digest(path, algorithm: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
 def loss_steps(client, run_id) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 
 
-def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
+def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, monkeypatch, capfd):
     """2 DDP workers on one fixed batch each: parameters stay identical on both ranks, the loss goes
     down; the driver writes the three DVC outputs and one MLflow run holds the history."""
+    import pipeline.train
     from components.models import build_dnlnet
     from components.models.checkpoint import load_mmseg_checkpoint
     from pipeline.train import train_experiment
@@ -73,8 +81,8 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
     assert set(torch.load(model_file, weights_only=True)) == {"state_dict", "meta"}
     snapshot = json.loads((Path(out["result_path"]) / "checkpoint_manager_snapshot.json").read_text())
     latest = Path(out["result_path"]) / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    ours, last = (torch.load(f, weights_only=True)["state_dict"] for f in (model_file, latest / "model.pt"))
-    assert ours.keys() == last.keys() and all(torch.equal(ours[k], last[k]) for k in ours)
+    # (the sha256 the final checkpoint recorded of its weights when it wrote them)
+    assert json.loads((latest / "checksums.json").read_text())["model.pt"] == digest(model_file, "sha256")
 
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
@@ -94,17 +102,51 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves", "metrics"} <= artifacts and "model" not in artifacts   # DVC keeps it
 
-    # The finished run kept its final checkpoint's weights and small files only (no optimizer state, not
-    # the iteration-3 checkpoint), and a rerun trains nothing: its outputs come from that checkpoint.
+    # The finished run kept its final checkpoint's small files only: not the optimizer state, not the
+    # iteration-3 checkpoint, and (local storage) not the weights: they are the stage's model file, which
+    # DVC caches; dropped.json names their md5, DVC's address for them.
     assert [p.name for p in Path(out["result_path"]).glob("checkpoint_*") if p.is_dir()] == [latest.name]
-    assert not (latest / "train_state.pt").exists()
+    assert not (latest / "train_state.pt").exists() and not (latest / "model.pt").exists()
+    assert json.loads((latest / "dropped.json").read_text()) == {"model.pt": {"md5": digest(model_file, "md5")}}
     written = {p: p.read_bytes() for p in (model_file, out_root / "metrics" / EXPERIMENT / "train.json",
                                           out_root / "plots" / EXPERIMENT / "train.csv")}
-    model_file.unlink()
+
+    # A rerun of the finished run trains nothing: its weights from the model file in place, else from
+    # DVC's cache (DVC removes a stage's outputs before running it again) ...
     again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
     assert again["start_iteration"] == 6 and again["mlflow_run_id"] == out["mlflow_run_id"]
     assert all(p.read_bytes() == data for p, data in written.items())
+    cache = tmp_path / "dvc-cache" / "model"
+    cache.parent.mkdir()
+    model_file.rename(cache)
+    monkeypatch.setattr(pipeline.train, "dvc_cached_file",
+                        lambda repo, md5: cache if md5 == digest(cache, "md5") else None)
+    again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
+    assert again["start_iteration"] == 6 and all(p.read_bytes() == data for p, data in written.items())
     assert loss_steps(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]   # no step trained again
+    # ... and where neither holds them, it trains again from the start, saying so.
+    cache.unlink()
+    model_file.unlink()
+    again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
+    assert again["start_iteration"] == 0 and model_file.is_file()
+    assert "neither in" in capfd.readouterr().err
+
+
+def test_dvc_cached_file_is_where_dvc_keeps_a_file(tmp_path):
+    """The address of a stage's model file in DVC's cache, checked against `dvc add` itself."""
+    import subprocess
+    import sys
+
+    from pipeline.train import dvc_cached_file
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "model.pt").write_bytes(b"weights" * 1000)
+    subprocess.run([dvc, "add", "-q", "model.pt"], cwd=tmp_path, check=True)
+    md5 = digest(tmp_path / "model.pt", "md5")
+    cached = dvc_cached_file(tmp_path, md5)
+    assert cached.is_file() and cached.read_bytes() == b"weights" * 1000
+    assert dvc_cached_file(tmp_path / "not-a-repo", md5) is None
 
 
 def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path, monkeypatch):
@@ -162,7 +204,7 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(ray_local, make_params, 
 def assert_no_checkpoint_lost(run_dir, reported: int) -> None:
     """Ray's record of the run (checkpoint_manager_snapshot.json) counts every report, its latest is the
     final checkpoint (iteration 4), complete on disk; the finished run kept nothing else (the other
-    checkpoint and the final optimizer state are pruned once the outputs are written)."""
+    checkpoint, the final optimizer state and weights are pruned once the outputs are written)."""
     from pathlib import Path
 
     run_dir = Path(run_dir)
@@ -172,7 +214,9 @@ def assert_no_checkpoint_lost(run_dir, reported: int) -> None:
     assert final["metrics"]["iteration"] == 4
     assert [p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()] == [final["checkpoint_dir_name"]]
     files = {p.name for p in (run_dir / final["checkpoint_dir_name"]).iterdir()}
-    assert {"model.pt", "summary.json", "curve.csv", "checksums.json"} <= files and "train_state.pt" not in files
+    # (the weights dropped too: local storage; they are the stage's model file)
+    assert {"dropped.json", "summary.json", "curve.csv", "checksums.json"} <= files
+    assert not {"model.pt", "train_state.pt"} & files
     assert json.loads((run_dir / final["checkpoint_dir_name"] / "summary.json").read_text())["iteration"] == 4
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import repo_copy, run_dvc
 
-from pipeline.repro import Limits, Plan, Runner, auto_limits, fixed_limits, plan_stages, runs_that_fit
+from pipeline.repro import Limits, Plan, Runner, auto_limits, fixed_limits, plan_stages, priorities, runs_that_fit
 
 STEP = textwrap.dedent("""
     import json, sys, time, yaml
@@ -130,7 +130,8 @@ def test_the_cluster_decides_how_many_runs_at_once():
 
 
 def test_limits_keep_ray_stages_and_light_stages_apart():
-    plan = Plan(order=["train@a", "train@b", "train@c", "evaluate@x"], upstream={})
+    order = ["train@a", "train@b", "train@c", "evaluate@x"]
+    plan = Plan(order=order, upstream={stage: set() for stage in order})
     runner = Runner(plan, Limits(ray=2, light=1, total=3), Path("."), {})
     runner.running = {"train@a": (None, 0.0), "train@b": (None, 0.0)}
     assert not runner.can_start("train@c") and runner.can_start("evaluate@x")   # Ray full, a light slot left
@@ -138,6 +139,22 @@ def test_limits_keep_ray_stages_and_light_stages_apart():
     assert not runner.can_start("evaluate@y") and not runner.can_start("tune")
     runner.running.pop("evaluate@x")
     assert not runner.can_start("train_tuned")   # it runs on Ray too
+
+
+def test_the_longest_chain_of_ray_stages_goes_first(tmp_path):
+    """In the repo's own pipeline, tune -> train_tuned is the longest chain of Ray stages: tune starts
+    before the single trains, and train_tuned, once tune is done, before the trains still waiting (at
+    the back of the queue it alone was the last 3 minutes of the sample pipeline); evaluations come
+    after the trains that are ready."""
+    root, _ = repo_copy(tmp_path)
+    plan = plan_stages(root, [])   # nothing run yet: every stage
+    rank = priorities(plan)
+    order = sorted(plan.order, key=lambda stage: rank[stage], reverse=True)
+    trains = [order.index(s) for s in plan.order if s.startswith("train@")]
+    evaluations = [order.index(s) for s in plan.order if s.startswith("evaluate@")]
+    assert len(trains) == 12 and order.index("tune") < order.index("train_tuned") < min(trains)
+    assert max(trains) < min(evaluations)
+    assert {"prepare@cityscapes", "prepare@ade20k"} <= {order[i] for i in range(min(trains))}
 
 
 def test_unknown_target_is_one_line(tmp_path):

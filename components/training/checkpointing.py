@@ -28,6 +28,7 @@ from components.weights import sha256_file
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 CHECKSUMS_FILE = "checksums.json"
+DROPPED_FILE = "dropped.json"   # a finished run on local storage: the md5 of its final weights, dropped
 STAGING_PREFIX = "dnlseg-checkpoint-"
 CURVE_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "img_s", "mIoU")
 
@@ -215,12 +216,19 @@ def finished_checkpoint(run_uri: str, max_iters: int):
     return next((c for c in _checkpoints_in(fs, folder) if _iteration(c) == max_iters), None)
 
 
-def prune_finished_run(final) -> None:
-    """Once a finished run's outputs are written, it keeps its final checkpoint's weights and small files
-    and nothing else: its other checkpoints and the final optimizer state served resuming only (about
-    three times the model's size per run). A rerun of the finished run rewrites its outputs from what is
-    kept, without training."""
+def prune_finished_run(final, model_md5: str) -> None:
+    """Once a finished run's outputs are written, it keeps its final checkpoint's small files and nothing
+    else: its other checkpoints and the final optimizer state served resuming only. On local storage
+    the final weights go too: they are the stage's model file, which DVC keeps in its cache; dropped.json
+    records their md5 (DVC's address for them), and a rerun of the finished run restores them from
+    there (pipeline/train.py) or, where they are gone, trains again. On S3 they stay: the machine that
+    reruns the stage need not hold this one's DVC cache."""
+    import pyarrow.fs
+
     for checkpoint in _others(final):
         final.filesystem.delete_dir(checkpoint.path)
     with contextlib.suppress(FileNotFoundError, OSError):
         final.filesystem.delete_file(f"{final.path}/{STATE_FILE}")
+    if isinstance(final.filesystem, pyarrow.fs.LocalFileSystem):
+        atomic_write_bytes(Path(final.path) / DROPPED_FILE, json.dumps({MODEL_FILE: {"md5": model_md5}}).encode())
+        (Path(final.path) / MODEL_FILE).unlink(missing_ok=True)

@@ -91,6 +91,14 @@ def read_checkpoint_text(checkpoint, filename: str) -> str:
         return f.read().decode()
 
 
+def has_file(checkpoint, filename: str) -> bool:
+    """Whether a reported checkpoint (local or s3://) holds `filename`."""
+    import pyarrow.fs
+
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{filename}")
+    return info.type == pyarrow.fs.FileType.File
+
+
 def copy_from_checkpoint(checkpoint, filename: str, dest: Path) -> None:
     """Stream a file out of a checkpoint (local or s3://) into `dest`, atomically."""
     with atomic_open(dest) as out, checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{filename}") as src:
