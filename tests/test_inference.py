@@ -127,3 +127,31 @@ def test_real_model_slide_and_ms_flip_shapes():
     probs = predict_logits(model, img, mode="whole", ratios=(0.75, 1.0), flip=True)
     assert probs.shape == (1, 3, 32, 48)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 32, 48))
+
+
+def test_ms_flip_takes_the_plain_pass_it_is_given():
+    """The ms+flip pass at the input size, unflipped, is the single-scale pass: given those logits it
+    does not run the model again, and the scores are those of running every pass."""
+    img = torch.randn(1, 3, 8, 12)
+    model = Pointwise()
+    plain = predict_logits(model, img)
+    every_pass = predict_logits(model, img, ratios=(0.5, 1.0), flip=True)
+    model.sizes.clear()
+    reused = predict_logits(model, img, ratios=(0.5, 1.0), flip=True, plain=plain)
+    assert model.sizes == [(4, 6), (4, 6), (8, 12)]   # 0.5, 0.5 flipped, 1.0 flipped: 3 passes of 4
+    torch.testing.assert_close(reused, every_pass, rtol=0, atol=0)
+
+
+def test_an_evaluation_runs_the_shared_pass_once():
+    """evaluate_split with single-scale and ms+flip: 1 + 3 passes per image, not 1 + 4, and each
+    setting's counts as when it runs alone."""
+    from components.evaluation.segment import InferenceSetting, evaluate_split
+
+    img, label = torch.randn(1, 3, 8, 12), torch.randint(0, 2, (1, 8, 12))
+    single, ms = InferenceSetting(), InferenceSetting(ratios=(0.5, 1.0), flip=True)
+    model = Pointwise()
+    both = evaluate_split(model, [(img, label)], 2, {"single": single, "ms": ms}, torch.device("cpu"))
+    assert len(model.sizes) == 4
+    for name, setting in (("single", single), ("ms", ms)):
+        alone = evaluate_split(Pointwise(), [(img, label)], 2, {name: setting}, torch.device("cpu"))
+        assert both[name].metrics() == alone[name].metrics()

@@ -40,10 +40,15 @@ class InferenceSetting:
 
 @torch.no_grad()
 def predict_scores(model, img: torch.Tensor, out_size: tuple[int, int],
-                   setting: InferenceSetting) -> torch.Tensor:
-    """N×C×H×W scores at `out_size` (the original image size), fp32."""
-    scores = predict_logits(model, img, mode=setting.mode, crop_size=setting.crop_size, stride=setting.stride,
-                            ratios=setting.ratios, flip=setting.flip)
+                   setting: InferenceSetting, plain: torch.Tensor | None = None) -> torch.Tensor:
+    """N×C×H×W scores at `out_size` (the original image size), fp32. `plain`: predict_logits's."""
+    return scores_at(predict_logits(model, img, mode=setting.mode, crop_size=setting.crop_size,
+                                    stride=setting.stride, ratios=setting.ratios, flip=setting.flip, plain=plain),
+                     out_size, model)
+
+
+def scores_at(scores: torch.Tensor, out_size: tuple[int, int], model) -> torch.Tensor:
+    """Scores at the test scale resized (bilinear) to `out_size`, the original image size."""
     if tuple(scores.shape[2:]) != tuple(out_size):
         scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear",
                                align_corners=getattr(model, "align_corners", False))
@@ -91,9 +96,16 @@ def evaluate_split(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], 
             raise ValueError(f"evaluate_split takes batches of one image (sizes differ), got {img.shape[0]}")
         img = img.to(device).contiguous(memory_format=memory_format)
         label = label[0]
+        plain = {}   # this image's one-pass logits per window: ms+flip's unscaled, unflipped pass reuses them
         for name, setting in settings.items():
+            window = (setting.mode, setting.crop_size, setting.stride)
             with autocast(device, precision):
-                pred = predict_label(model, img, tuple(label.shape), setting)[0].cpu()
+                scores = predict_logits(model, img, mode=setting.mode, crop_size=setting.crop_size,
+                                        stride=setting.stride, ratios=setting.ratios, flip=setting.flip,
+                                        plain=plain.get(window))
+                if not setting.augmented:
+                    plain[window] = scores
+                pred = scores_at(scores, tuple(label.shape), model).argmax(dim=1)[0].cpu()
             result = results[name]
             result.iou.update(pred, label)
             result.confusion.update(pred, label)

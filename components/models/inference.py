@@ -57,12 +57,14 @@ def _scaled_size(h: int, w: int, ratio: float) -> tuple[int, int]:
 
 def predict_logits(model, img: torch.Tensor, mode: str = "whole", crop_size: tuple[int, int] | None = None,
                    stride: tuple[int, int] | None = None, ratios: Sequence[float] = (1.0,),
-                   flip: bool = False) -> torch.Tensor:
+                   flip: bool = False, plain: torch.Tensor | None = None) -> torch.Tensor:
     """Segmentation scores N×C×H×W (fp32) at the input size.
 
     One pass (ratios == (1.0,), no flip): the logits. Otherwise, as mmseg's test-time augmentation:
     for each ratio the input is resized (bilinear), run whole or slide, the flipped pass flipped
     back, its logits resized to the input size, softmaxed; the probabilities are averaged.
+    `plain`: the one-pass logits of `img` in this mode, when the caller has them (an evaluation of
+    single-scale and ms+flip): the pass at the input size, unflipped, takes them instead of running.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -83,7 +85,7 @@ def predict_logits(model, img: torch.Tensor, mode: str = "whole", crop_size: tup
 
     with torch.no_grad():
         if ratios == (1.0,) and not flip:
-            return run(img)
+            return plain if plain is not None else run(img)
         probs = None
         passes = 0
         for ratio in ratios:
@@ -93,7 +95,7 @@ def predict_logits(model, img: torch.Tensor, mode: str = "whole", crop_size: tup
                                                               align_corners=False)
             for flipped in (False, True) if flip else (False,):
                 x = scaled.flip(dims=(3,)) if flipped else scaled
-                logits = run(x)
+                logits = plain if plain is not None and x is img else run(x)
                 if flipped:
                     logits = logits.flip(dims=(3,))
                 if tuple(logits.shape[2:]) != (h, w):
