@@ -97,8 +97,8 @@ def auto_limits(fits: int, spare_cores: int) -> Limits:
     """`--jobs auto`: the training runs the cluster holds plus one waiting in Ray's queue (its driver and
     Ray Train's start-up done, it starts the moment a run ends); light stages (prepare, evaluate, report)
     take those slots too, and one more per two `spare_cores`: this machine's cores when the cluster is
-    elsewhere ($RAY_ADDRESS), none when the local Ray uses them (measured on 2 cores: a third stage
-    beside two training runs made the sample pipeline slower, 18:32 against 15:44)."""
+    elsewhere ($RAY_ADDRESS), none when the local Ray uses them (measured on 2 cores: a light stage
+    beside the training runs that fill them made the sample pipeline slower)."""
     slots = fits + 1 + spare_cores // 2
     return Limits(ray=fits + 1, light=slots, total=slots)
 
