@@ -181,6 +181,16 @@ class Runner:
             self.say(f"[repro] FAILED {stage} after {took} (exit {code}); the end of {self.log(stage)}:\n"
                      f"{_tail(self.log(stage))}")
 
+    def waiting_for_ray(self) -> list[str]:
+        """The running Ray stages whose runs wait for Ray's resources (how many, for a sweep)."""
+        waiting = []
+        for stage in self.running:
+            if _group(stage) in RAY_GROUPS:
+                runs = runs_waiting(self.log(stage).read_text(errors="replace"))
+                if runs:
+                    waiting.append(stage if _group(stage) != "tune" else f"{stage} ({runs} trial(s))")
+        return waiting
+
     def run(self) -> int:
         pending = sorted(self.plan.order, key=lambda stage: self.priority[stage], reverse=True)
         last_status = time.monotonic()
@@ -204,7 +214,8 @@ class Runner:
                 if time.monotonic() - last_status >= STATUS_EVERY_S and self.running:
                     last_status = time.monotonic()
                     now = time.monotonic()
-                    waiting = f"; Ray: {_ray_waiting()} run(s) waiting for resources" if self.need else ""
+                    waiting = self.waiting_for_ray()
+                    waiting = f"; waiting for Ray's resources: {', '.join(waiting)}" if waiting else ""
                     self.say("[repro] running: " + ", ".join(f"{s} ({_duration(now - t)})" for s, (_, t)
                                                              in self.running.items())
                              + f"{waiting}; {len(pending)} to start")
@@ -245,11 +256,15 @@ def _ray_free() -> dict[str, float]:
     return {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
 
 
-def _ray_waiting() -> int:
-    """Placement groups Ray has not placed yet: training runs (or trials) waiting for resources."""
-    import ray
+# Ray Train's controller logs these into the stage's log when a run asks Ray for its workers, and when
+# it has them (ray/train/v2/_internal/execution: scaling_policy.py, worker_group.py).
+RAY_ASKED, RAY_PLACED = "Requesting resources:", "Started training worker group"
 
-    return sum(pg.get("state") == "PENDING" for pg in ray.util.placement_group_table().values())
+
+def runs_waiting(log_text: str) -> int:
+    """Training runs of a Ray stage (one; a sweep's trials) that asked Ray for their workers and do not
+    have them yet, from the stage's log."""
+    return max(0, log_text.count(RAY_ASKED) - log_text.count(RAY_PLACED))
 
 
 def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> int:

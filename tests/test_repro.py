@@ -18,7 +18,18 @@ import pytest
 import yaml
 from conftest import repo_copy, run_dvc
 
-from pipeline.repro import Limits, Plan, Runner, auto_limits, fixed_limits, plan_stages, priorities, runs_that_fit
+from pipeline.repro import (
+    RAY_ASKED,
+    Limits,
+    Plan,
+    Runner,
+    auto_limits,
+    fixed_limits,
+    plan_stages,
+    priorities,
+    runs_that_fit,
+    runs_waiting,
+)
 
 STEP = textwrap.dedent("""
     import json, sys, time, yaml
@@ -141,6 +152,20 @@ def test_limits_keep_ray_stages_and_light_stages_apart():
     assert not runner.can_start("train_tuned")   # it runs on Ray too
 
 
+def test_the_status_line_names_the_stages_waiting_for_ray(tmp_path):
+    """From Ray Train's own lines in each stage's log (as Ray 2.60 writes them): a run that asked for
+    its workers and has not got them waits; a sweep's trials are counted."""
+    asked = "(TrainController pid=24183) Requesting resources: {'CPU': 1} * 1\n"
+    placed = "(TrainController pid=24183) Started training worker group of size 1: \n"
+    logs = {"train@a": asked + placed, "train@b": asked, "tune": 3 * asked + placed, "evaluate@x": ""}
+    runner = Runner(Plan(list(logs), {stage: set() for stage in logs}), fixed_limits(4), tmp_path, {})
+    for stage, text in logs.items():
+        runner.log(stage).parent.mkdir(parents=True, exist_ok=True)
+        runner.log(stage).write_text(text)
+        runner.running[stage] = (None, 0.0)
+    assert runner.waiting_for_ray() == ["train@b", "tune (2 trial(s))"]
+
+
 def test_the_longest_chain_of_ray_stages_goes_first(tmp_path):
     """In the repo's own pipeline, tune -> train_tuned is the longest chain of Ray stages: tune starts
     before the single trains, and train_tuned, once tune is done, before the trains still waiting (at
@@ -219,6 +244,9 @@ def test_three_runs_at_once_on_two_nodes_through_one_mlflow_server(tmp_path, two
         assert run.info.artifact_uri.startswith((work / "mlartifacts" / "cityscapes").as_uri())
     logs = "".join(p.read_text() for p in (work / ".dnlseg" / "logs").glob("*.log"))
     assert "database is locked" not in logs
+    for name in EXPERIMENTS:   # Ray Train said when each run asked for its workers and got them
+        log = (work / ".dnlseg" / "logs" / f"train@{name}.log").read_text()
+        assert log.count(RAY_ASKED) == 1 and runs_waiting(log) == 0
 
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     assert set(targets) <= set(lock)
