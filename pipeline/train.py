@@ -59,6 +59,7 @@ def write_outputs(latest, cfg: TrainConfig, out_root: Path, repo: Path) -> dict:
     from components.atomic import atomic_write_text
     from components.training.checkpointing import CHECKSUMS_FILE, MODEL_FILE
     from components.training.trainer import copy_from_checkpoint, has_file, read_checkpoint_text
+    from components.weights import sha256_file
 
     summary = json.loads(read_checkpoint_text(latest, "summary.json"))
     if summary["iteration"] != cfg.max_iters:
@@ -71,7 +72,7 @@ def write_outputs(latest, cfg: TrainConfig, out_root: Path, repo: Path) -> dict:
     expected = json.loads(read_checkpoint_text(latest, CHECKSUMS_FILE))[MODEL_FILE]
     if has_file(latest, MODEL_FILE):
         copy_from_checkpoint(latest, MODEL_FILE, model_path)
-        if _digest(model_path, "sha256") != expected:
+        if sha256_file(model_path) != expected:
             model_path.unlink()
             raise DamagedCheckpointError(f"{latest.path}/{MODEL_FILE} does not match its sha256 in {CHECKSUMS_FILE}")
     else:
@@ -86,7 +87,7 @@ def write_outputs(latest, cfg: TrainConfig, out_root: Path, repo: Path) -> dict:
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    return {"model": model_path, "model_md5": _digest(model_path, "md5"), "metrics": metrics_path,
+    return {"model": model_path, "model_md5": _md5(model_path), "metrics": metrics_path,
             "curve": curve_path, **metrics}
 
 
@@ -99,6 +100,7 @@ def _restore_dropped_weights(latest, sha256: str, model_path: Path, repo: Path) 
     from components.atomic import atomic_path
     from components.training.checkpointing import DROPPED_FILE, MODEL_FILE
     from components.training.trainer import read_checkpoint_text
+    from components.weights import sha256_file
 
     try:
         md5 = json.loads(read_checkpoint_text(latest, DROPPED_FILE))[MODEL_FILE]["md5"]
@@ -106,7 +108,7 @@ def _restore_dropped_weights(latest, sha256: str, model_path: Path, repo: Path) 
         raise DamagedCheckpointError(f"{latest.path}: {MODEL_FILE} missing, and no readable {DROPPED_FILE} "
                                      f"({type(e).__name__})") from None
     for candidate in (model_path, dvc_cached_file(repo, md5)):
-        if candidate is not None and candidate.is_file() and _digest(candidate, "sha256") == sha256:
+        if candidate is not None and candidate.is_file() and sha256_file(candidate) == sha256:
             if candidate != model_path:
                 with atomic_path(model_path) as tmp:
                     shutil.copyfile(candidate, tmp)
@@ -127,11 +129,12 @@ def dvc_cached_file(repo: Path, md5: str) -> Path | None:
         return None
 
 
-def _digest(path: Path, algorithm: str) -> str:
+def _md5(path: Path) -> str:
+    """DVC's address of a file in its cache (DVC 3: the md5 of its bytes)."""
     import hashlib
 
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 class DamagedCheckpointError(RuntimeError):

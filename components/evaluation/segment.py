@@ -40,10 +40,10 @@ class InferenceSetting:
 
 @torch.no_grad()
 def predict_scores(model, img: torch.Tensor, out_size: tuple[int, int],
-                   setting: InferenceSetting, plain: torch.Tensor | None = None) -> torch.Tensor:
-    """N×C×H×W scores at `out_size` (the original image size), fp32. `plain`: predict_logits's."""
+                   setting: InferenceSetting) -> torch.Tensor:
+    """N×C×H×W scores at `out_size` (the original image size), fp32."""
     return scores_at(predict_logits(model, img, mode=setting.mode, crop_size=setting.crop_size,
-                                    stride=setting.stride, ratios=setting.ratios, flip=setting.flip, plain=plain),
+                                    stride=setting.stride, ratios=setting.ratios, flip=setting.flip),
                      out_size, model)
 
 
