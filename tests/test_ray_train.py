@@ -119,8 +119,8 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     cache = tmp_path / "dvc-cache" / "model"
     cache.parent.mkdir()
     model_file.rename(cache)
-    monkeypatch.setattr(pipeline.train, "dvc_cached_file",
-                        lambda repo, md5: cache if md5 == digest(cache, "md5") else None)
+    cached_md5 = digest(cache, "md5")
+    monkeypatch.setattr(pipeline.train, "dvc_cached_file", lambda repo, md5: cache if md5 == cached_md5 else None)
     again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
     assert again["start_iteration"] == 6 and all(p.read_bytes() == data for p, data in written.items())
     assert loss_steps(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]   # no step trained again
