@@ -89,7 +89,7 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
     from components.evaluation.segment import InferenceSetting, evaluate_split, ms_flip_setting
     from components.evaluation.speed import describe_device, measure_fps
     from components.evaluation.visualize import save_label_png
-    from components.models.speedups import use_precision
+    from components.models.speedups import cpu_threads, use_precision
     from components.weights import fetch
 
     out_root = Path(out_root or params.root)
@@ -97,39 +97,39 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
     # A released checkpoint: fetched once into the download cache, its sha256 checked against its name.
     checkpoint = fetch(source, root=params.root, cache_dir=params.cache_dir) if imported else Path(source)
     settings = params.eval_settings(cfg.profile)
-    if settings.cpu_threads:
-        torch.set_num_threads(settings.cpu_threads)
-    device = _device(settings.device)
-    model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
-                             align_corners=cfg.align_corners, attention=cfg.attention, device=device,
-                             channels_last=cfg.channels_last, fold_bn=settings.fold_bn)
-    precision = settings.precision_on(device)
-    use_precision(precision)
-    names, colours = cfg.class_names, get_dataset(cfg.dataset).palette
-    dataset = SegmentationDataset(Path(cfg.data_dir) / "val", build_test_transform(scale=cfg.scale),
-                                  max_images=settings.max_images)
+    with cpu_threads(settings.cpu_threads):
+        device = _device(settings.device)
+        model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
+                                 align_corners=cfg.align_corners, attention=cfg.attention, device=device,
+                                 channels_last=cfg.channels_last, fold_bn=settings.fold_bn)
+        precision = settings.precision_on(device)
+        use_precision(precision)
+        names, colours = cfg.class_names, get_dataset(cfg.dataset).palette
+        dataset = SegmentationDataset(Path(cfg.data_dir) / "val", build_test_transform(scale=cfg.scale),
+                                      max_images=settings.max_images)
 
-    single = InferenceSetting(cfg.test_mode, cfg.test_crop, cfg.test_stride)
-    tests = {"single_scale": single, "ms_flip": ms_flip_setting(single, settings.ms_ratios, settings.flip)}
-    save = None
-    if predictions_dir is not None:
-        def save(index: int, setting: str, pred: torch.Tensor) -> None:
-            save_label_png(Path(predictions_dir) / setting / f"{index:05d}.png", pred.numpy(), colours)
+        single = InferenceSetting(cfg.test_mode, cfg.test_crop, cfg.test_stride)
+        tests = {"single_scale": single, "ms_flip": ms_flip_setting(single, settings.ms_ratios, settings.flip)}
+        save = None
+        if predictions_dir is not None:
+            def save(index: int, setting: str, pred: torch.Tensor) -> None:
+                save_label_png(Path(predictions_dir) / setting / f"{index:05d}.png", pred.numpy(), colours)
 
-    print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.test_mode} at scale {list(cfg.scale)}, "
-          f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {describe_device(device)}, "
-          f"{precision}{', BN folded' if settings.fold_bn else ''}",
-          flush=True)
-    batches = ((img[None], label[None]) for img, label in dataset)
-    results = evaluate_split(model, batches, cfg.num_classes, tests, device, keep_samples=settings.overlays,
-                             channels_last=cfg.channels_last, precision=precision, on_prediction=save)
-    speed = None
-    if settings.fps_images:
-        speed = measure_fps(model, _ValImages(dataset, len(dataset)), device, single, settings.fps_images,
-                            settings.fps_warmup, channels_last=cfg.channels_last, precision=precision)
-        speed = {**{k: v for k, v in speed.items() if k != "timed_seconds"}, "fps": round(speed["fps"], 4),
-                 "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.test_mode,
-                 "scale": list(cfg.scale)}
+        device_text = describe_device(device)   # with the threads the evaluation runs on
+        print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.test_mode} at scale {list(cfg.scale)}, "
+              f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {device_text}, "
+              f"{precision}{', BN folded' if settings.fold_bn else ''}",
+              flush=True)
+        batches = ((img[None], label[None]) for img, label in dataset)
+        results = evaluate_split(model, batches, cfg.num_classes, tests, device, keep_samples=settings.overlays,
+                                 channels_last=cfg.channels_last, precision=precision, on_prediction=save)
+        speed = None
+        if settings.fps_images:
+            speed = measure_fps(model, _ValImages(dataset, len(dataset)), device, single, settings.fps_images,
+                                settings.fps_warmup, channels_last=cfg.channels_last, precision=precision)
+            speed = {**{k: v for k, v in speed.items() if k != "timed_seconds"}, "fps": round(speed["fps"], 4),
+                     "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.test_mode,
+                     "scale": list(cfg.scale)}
 
     tracker, experiment_id = _open_tracking(cfg, name, imported, source)
     client, run_id = (tracker.client, tracker.run_id) if tracker else (None, None)
@@ -151,7 +151,7 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
         "iteration": meta.get("iteration"),
         "split": "val",
         "images": results["single_scale"].images,
-        "device": describe_device(device),
+        "device": device_text,
         "dtype": precision,   # autocast of the convs and matmuls (fp32: none)
         "bn_folded": settings.fold_bn,
         "test": {"mode": cfg.test_mode, "scale": list(cfg.scale), "crop": list(cfg.test_crop),

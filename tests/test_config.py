@@ -146,6 +146,7 @@ def test_unknown_keys_are_refused_with_the_closest_known_one(raw, path, value, m
         (["profiles", "reference", "evals_per_run"], 0, "profiles.reference.evals_per_run: expected a positive"),
         (["evaluate", "profiles", "sample", "fps_images"], 1, "evaluate.profiles.sample.fps_images: 1 must be "
                                                               "larger than fps_warmup"),
+        (["evaluate", "cpu_threads"], -1, "evaluate.cpu_threads: expected an integer >= 0, got -1"),
     ],
 )
 def test_every_value_is_checked_whatever_the_profile(raw, path, value, message):

@@ -52,7 +52,8 @@ def tiny_params(work: Path, data_root: Path, db_template: Path) -> dict:
     params["data"]["prepared_dir"] = str(data_root)
     params["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}"}
     params["evaluate"] = {"ms_ratios": [0.5, 1.0], "flip": True, "max_images": 0, "fps_images": 4,
-                          "fps_warmup": 1, "overlays": 1, "device": "cpu", "precision": "auto", "fold_bn": True}
+                          "fps_warmup": 1, "overlays": 1, "device": "cpu", "precision": "auto", "fold_bn": True,
+                          "cpu_threads": 1}
     return params
 
 
@@ -86,8 +87,10 @@ def evaluated(tmp_path_factory, tiny_data, mlflow_db_template):
     model = random_model()
     save_checkpoint(work / "models" / EXP / "model.pt", model, {"experiment": EXP, "iteration": 4})
     run_id = fake_training_run(params["tracking"]["uri"], EXP, [0.5, 1.25, 0.75])
+    threads = torch.get_num_threads()
     summary = evaluate_experiment(as_params(params, work), EXP, out_root=work,
                                   predictions_dir=work / "predictions")
+    assert torch.get_num_threads() == threads   # evaluate.cpu_threads held for the evaluation only
     return {"work": work, "params": params, "summary": summary, "model": model, "run_id": run_id,
             "val": tiny_data / "cityscapes" / "val"}
 
@@ -167,6 +170,7 @@ def test_eval_json_records_settings_speed_and_memory(evaluated):
     speed = s["speed"]
     assert speed["fps"] > 0 and speed["images"] == 4 and speed["warmup"] == 1 and speed["batch_size"] == 1
     assert speed["device"].startswith("cpu") and speed["dtype"] == "bf16"
+    assert speed["threads"] == 1 and "1 threads" in s["device"]   # evaluate.cpu_threads
     # The largest memory_gb the training run logged, with what it measures.
     assert s["train_memory"]["peak_gb"] == 1.25
     assert s["train_memory"]["device"] == "cpu" and s["train_memory"]["dtype"] == "bf16"

@@ -34,6 +34,18 @@ def autocast(device: torch.device | str, precision: str):
     return torch.autocast(device_type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def cpu_threads(threads: int):
+    """torch's CPU threads set to `threads` (0: left as they are) for the block, then restored."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def use_precision(precision: str) -> None:
     """fp32 means fp32: TF32 off for cuDNN's convolutions (torch turns it on by default on Ampere and
     newer) and for matmuls, as on the seed's V100s, which had no TF32. Other precisions leave TF32 on."""
