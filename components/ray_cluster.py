@@ -11,6 +11,10 @@ import os
 LOCAL_RAY_OPTIONS = {"dashboard_host": "127.0.0.1"}
 
 
+# Ray Train's preemption watcher (an actor process per run, ~2 s of CPU each) polls for nodes a cloud
+# provider drains; a Ray on one machine has none. Off on the clusters we start; theirs decide elsewhere.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 # What start_local_ray changed in os.environ, restored by shutdown_ray.
 _ENV_BEFORE_LOCAL_RAY: dict[str, str | None] = {}
 
@@ -30,8 +34,11 @@ def start_local_ray(**init_kwargs) -> None:
     shutdown_ray()   # a Ray we started before and someone shut down: its addresses are stale
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    _ENV_BEFORE_LOCAL_RAY.update({k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")})
+    _ENV_BEFORE_LOCAL_RAY.update({k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS",
+                                                                  *LOCAL_RAY_ENV)})
     os.environ.pop("RAY_ADDRESS", None)   # we start a cluster: ray.init must not join one
+    for key, value in LOCAL_RAY_ENV.items():   # the cluster's processes inherit it (unless set already)
+        os.environ.setdefault(key, value)
     try:
         # address="local": without it ray.init joins the latest cluster started on this machine
         # (/tmp/ray/ray_current_cluster), e.g. someone else's, instead of starting ours.

@@ -16,12 +16,18 @@ NormLayer = Callable[[int], nn.Module]
 
 def kaiming_init_(conv: nn.Conv2d) -> None:
     """mmcv's kaiming_init defaults: normal, fan_out, relu gain, bias 0."""
+    # A model built on the meta device (the preflight's size check) has no values to draw; torch would
+    # route normal_ there through a decomposition that imports torch._dynamo (1.6 s of each driver).
+    if conv.weight.is_meta:
+        return
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
 
 
 def normal_init_(conv: nn.Conv2d, std: float = 0.01) -> None:
+    if conv.weight.is_meta:   # as in kaiming_init_
+        return
     nn.init.normal_(conv.weight, mean=0.0, std=std)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from components.backbones import STAGE_BLOCKS
-from components.models.conv_module import NormLayer
+from components.models.conv_module import NormLayer, kaiming_init_
 
 
 class Bottleneck(nn.Module):
@@ -89,7 +89,7 @@ class ResNetV1c(nn.Module):
         # and the last BN of each bottleneck zeroed so every residual block starts as the identity.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                kaiming_init_(m)   # no conv here has a bias
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
