@@ -30,8 +30,10 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> MlflowServer:
-        import requests
+        return self.launch().wait_ready(timeout)
 
+    def launch(self) -> MlflowServer:
+        """Start the process without waiting for it (wait_ready does): it boots while the caller works."""
         # The `mlflow` beside this interpreter: the venv's, whatever PATH says.
         mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
         cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port),
@@ -41,6 +43,11 @@ class MlflowServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> MlflowServer:
+        import requests
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

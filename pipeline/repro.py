@@ -284,9 +284,19 @@ def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> 
     need = per_run_need(params)
     uses_ray = any(_group(s) in RAY_GROUPS for s in plan.order)
     external = bool(params.train.ray_address or os.environ.get("RAY_ADDRESS"))   # else a local Ray, our cores
-    started_ray = connect_ray(params.train.ray_address) if uses_ray else False
-    server = None
+    server = started_ray = None
     try:
+        if jobs != "1" and params.tracking_uri == default_store(root):
+            # The experiments first, in the file (artifacts beside it, as a sequential run makes them);
+            # the server then boots while Ray does.
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=params.tracking_uri)
+            for dataset in sorted(_experiment_datasets(params, plan.order)):
+                ensure_experiment(client, dataset)
+            server = MlflowServer(params.tracking_uri, (root / "mlartifacts").as_uri(),
+                                  root / LOG_DIR / "mlflow-server.log").launch()
+        started_ray = connect_ray(params.train.ray_address) if uses_ray else False
         fits = 1
         if uses_ray:
             import ray
@@ -295,16 +305,8 @@ def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> 
         spare = (os.cpu_count() or 1) if external else 0
         limits = auto_limits(fits, spare) if jobs == "auto" else fixed_limits(int(jobs))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if limits.total > 1 and params.tracking_uri == default_store(root):
-            # The experiments first, in the file (artifacts beside it, as a sequential run makes them).
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri=params.tracking_uri)
-            for dataset in sorted(_experiment_datasets(params, plan.order)):
-                ensure_experiment(client, dataset)
-            server = MlflowServer(params.tracking_uri, (root / "mlartifacts").as_uri(),
-                                  root / LOG_DIR / "mlflow-server.log").start()
-            env[STORE_SERVER_ENV] = server.uri
+        if server:
+            env[STORE_SERVER_ENV] = server.wait_ready().uri
         cluster = f"Ray at {os.environ.get('RAY_ADDRESS')}, {fits} run(s) of {_resources(need)} at once" \
             if uses_ray else "no Ray stage"
         tracking = f"; MLflow through {server.uri}" if server else ""
