@@ -286,7 +286,7 @@ def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> 
     external = bool(params.train.ray_address or os.environ.get("RAY_ADDRESS"))   # else a local Ray, our cores
     server = started_ray = None
     try:
-        if jobs != "1" and params.tracking_uri == default_store(root):
+        if (jobs == "auto" or int(jobs) > 1) and params.tracking_uri == default_store(root):
             # The experiments first, in the file (artifacts beside it, as a sequential run makes them);
             # the server then boots while Ray does.
             from mlflow.tracking import MlflowClient
