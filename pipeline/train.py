@@ -149,8 +149,7 @@ def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weig
     from components.training.checkpointing import finished_checkpoint, prune_finished_run
     from components.training.data_sync import manifest_hash, publish_dataset
     from components.training.identity import run_name
-    from components.training.loop import RunInfo
-    from components.training.trainer import build_trainer, describe_init, log_interval, run_exists
+    from components.training.trainer import RunInfo, build_trainer, describe_init, log_interval, run_exists
     from components.weights import publish
 
     data_hash, code = manifest_hash(cfg.data_dir), code_hash(CODE_ROOT, code_deps("train"))

@@ -201,8 +201,7 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, r
     from components.tracking import flat_params, git_commit, open_run
     from components.training.data_sync import manifest_hash, publish_dataset
     from components.training.identity import code_hash, sweep_name
-    from components.training.loop import RunInfo
-    from components.training.trainer import describe_init
+    from components.training.trainer import RunInfo, describe_init
     from components.weights import publish
 
     storage = f"{cfg.storage_path.rstrip('/')}/tune"

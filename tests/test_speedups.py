@@ -99,3 +99,26 @@ def test_autocast_switch():
         autocast("cpu", "fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast("cpu", "half")
+
+
+def test_load_model_on_the_meta_device_equals_building_and_loading(tmp_path):
+    """load_model builds on the meta device, takes the file's tensors and folds in place: the same network
+    as a random init overwritten by load_state_dict and folded in a copy; fp16 in the file runs as fp32."""
+    from components.evaluation.loading import load_model
+    from components.models.checkpoint import save_checkpoint
+
+    trained = randomized_dnlnet().eval()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, trained, meta={"iteration": 7})
+    kwargs = {"depth": 50, "num_classes": 5, "align_corners": False, "attention": "fused"}
+    model, meta = load_model(path, device=torch.device("cpu"), fold_bn=True, **kwargs)
+    assert meta["iteration"] == 7
+    assert not any(p.is_meta for p in [*model.parameters(), *model.buffers()])
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = prepare_for_inference(trained, fold_bn=True).encode_decode(x)
+        assert torch.equal(model.encode_decode(x), ref)
+    half = tmp_path / "half.pt"
+    save_checkpoint(half, trained.half(), meta={})
+    model16, _ = load_model(half, device=torch.device("cpu"), fold_bn=False, **kwargs)
+    assert {p.dtype for p in model16.parameters()} == {torch.float32}

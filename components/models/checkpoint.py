@@ -58,8 +58,10 @@ def _first(keys: list[str]) -> str:
     return shown + (", ..." if len(keys) > _SHOW else "")
 
 
-def load_mmseg_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Strictly load an mmseg checkpoint (or bare state dict) into `model`; returns its meta.
+def load_mmseg_checkpoint(model: nn.Module, path: str | os.PathLike, *, assign: bool = False) -> dict:
+    """Strictly load an mmseg checkpoint (or bare state dict) into `model`; returns its meta. With
+    assign, the model takes the file's tensors instead of copying into its own (a model built on the
+    meta device: no random init to overwrite).
 
     Any missing, unexpected or shape-mismatched key raises one CheckpointMismatchError listing the
     first few of each with the counts, and the file.
@@ -80,7 +82,7 @@ def load_mmseg_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch (checkpoint vs model): {_first(mismatched)}")
         raise CheckpointMismatchError(f"{path}: checkpoint does not match the model: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
     return meta
 
 

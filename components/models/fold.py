@@ -34,13 +34,14 @@ def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> nn.Conv2d:
     return folded
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of `model` (in eval mode) with every conv -> BN pair of the DNLNet modules folded.
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A copy of `model` (in eval mode) with every conv -> BN pair of the DNLNet modules folded; with
+    inplace, `model` itself (for a model loaded only to run inference: no second copy of the weights).
 
     The pairs are the ones the forward passes really chain: ConvModule.conv/bn, Bottleneck.convK/bnK
     and adjacent Conv2d, BN in an nn.Sequential (the stem and the downsample branches).
     """
-    folded = copy.deepcopy(model).eval()
+    folded = (model if inplace else copy.deepcopy(model)).eval()
     for module in folded.modules():
         if isinstance(module, ConvModule) and isinstance(module.bn, _BatchNorm):
             module.conv, module.bn = fold_conv_bn(module.conv, module.bn), None

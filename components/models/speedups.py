@@ -52,7 +52,8 @@ def use_precision(precision: str) -> None:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
 
 
-def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fold_bn: bool = True) -> nn.Module:
-    """`model` in eval mode with the inference speed-ups applied (a folded copy when fold_bn)."""
-    model = fold_batchnorm(model) if fold_bn else model.eval()
+def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fold_bn: bool = True,
+                          inplace: bool = False) -> nn.Module:
+    """`model` in eval mode with the inference speed-ups applied (a folded copy when fold_bn, unless inplace)."""
+    model = fold_batchnorm(model, inplace=inplace) if fold_bn else model.eval()
     return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -46,19 +45,8 @@ from components.training.distributed import (
 from components.training.evaluate import evaluate
 from components.training.progress import Progress, peak_memory_gb
 from components.training.step import sgd, train_step
+from components.training.trainer import RunInfo
 from components.weights import on_this_node
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What the driver adds to the config: where the run logs and where its data comes from."""
-
-    mlflow_run_id: str | None = None
-    log_interval: int = 1
-    manifest_sha256: str | None = None    # of the prepared data: a node lacking it fetches this version
-    data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
-    pretrained_path: str | None = None    # the driver's verified copy of cfg.pretrained
-    pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
 
 
 class LoopHooks:
@@ -78,7 +66,7 @@ class LoopHooks:
         """Training finished."""
 
 
-def train_loop_per_worker(config: dict) -> dict:
+def run_worker(config: dict) -> dict:
     c: TrainConfig = config["cfg"]
     run: RunInfo = config.get("run") or RunInfo()
     ctx = ray.train.get_context()

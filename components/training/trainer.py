@@ -4,15 +4,39 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components.atomic import atomic_open
 from components.experiment import TrainConfig
-from components.training.loop import LoopHooks, RunInfo
+
+if TYPE_CHECKING:
+    from components.training.loop import LoopHooks
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the driver adds to the config: where the run logs and where its data comes from."""
+
+    mlflow_run_id: str | None = None
+    log_interval: int = 1
+    manifest_sha256: str | None = None    # of the prepared data: a node lacking it fetches this version
+    data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
+    pretrained_path: str | None = None    # the driver's verified copy of cfg.pretrained
+    pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss; the message says where and which checkpoint is kept."""
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """What every Ray Train worker runs. The loop (torch's training stack, the data pipeline) is imported
+    here, in the worker: the driver and Ray Train's controller unpickle this function and need none of it."""
+    from components.training.loop import run_worker
+
+    return run_worker(config)
 
 
 def log_interval(cfg: TrainConfig) -> int:
@@ -33,7 +57,6 @@ def build_trainer(cfg: TrainConfig, ray_name: str, run: RunInfo, *, hooks: LoopH
 
     from components.storage import endpoint_env, pyarrow_filesystem
     from components.tracking import redact
-    from components.training.loop import train_loop_per_worker
 
     storage, env = {"storage_path": cfg.storage_path}, {}
     if cfg.storage_path.startswith("s3://") or cfg.storage_endpoint_url:
