@@ -54,10 +54,10 @@ def test_sample_profile_scales_sizes_and_iterations(raw, params):
     s = raw["profiles"]["sample"]["size_scale"]
     assert cfg.crop_size == (round(512 * s), round(1024 * s)) and cfg.scale == (round(2048 * s), round(1024 * s))
     scale = raw["profiles"]["sample"]["schedule_scale"]
-    assert raw["profiles"]["sample"]["max_iters"] == 0 and cfg.max_iters == round(40000 * scale) == 2
+    assert raw["profiles"]["sample"]["max_iters"] == 0 and cfg.max_iters == round(40000 * scale) == 1
     # Every row stays a distinct run: the 40k / 80k / 160k rows keep their proportions.
     iters = {params.experiments[n].schedule: params.experiment(n, "sample").max_iters for n in params.experiments}
-    assert iters == {"40k": 2, "80k": 4, "160k": 8}
+    assert iters == {"40k": 1, "80k": 2, "160k": 4}
 
 
 def test_config_crosses_to_the_workers_as_it_is(params):
