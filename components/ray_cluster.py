@@ -11,9 +11,12 @@ import os
 LOCAL_RAY_OPTIONS = {"dashboard_host": "127.0.0.1"}
 
 
-# Ray Train's preemption watcher (an actor process per run, ~2 s of CPU each) polls for nodes a cloud
-# provider drains; a Ray on one machine has none. Off on the clusters we start; theirs decide elsewhere.
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# On the clusters we start (theirs decide elsewhere):
+# - Ray Train's preemption watcher (an actor process per run, ~2 s of CPU each) polls for nodes a cloud
+#   provider drains; a Ray on one machine has none.
+# - Ray's log monitor looks for new worker log files every 0.5 s, not every 0.1 s: it globs and stats every
+#   file of the session's logs folder each time (4.5 ms at 400 files, as many as the main job leaves).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
 
 # What start_local_ray changed in os.environ, restored by shutdown_ray.
 _ENV_BEFORE_LOCAL_RAY: dict[str, str | None] = {}
