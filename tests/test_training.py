@@ -305,3 +305,18 @@ def test_the_run_identity_is_what_changes_the_result(tmp_path, edited, fresh):
     with open(tmp_path / edited, "a") as f:
         f.write("\nprint('an edit')\n")
     assert (code_hash(tmp_path, deps) != before) is fresh
+
+
+def test_driver_and_controller_do_not_import_the_training_loop():
+    """The function Ray Train's controller and the driver unpickle / reference lives in trainer.py and
+    imports the loop (the data pipeline: albumentations, cv2) only when a worker calls it."""
+    import ray.cloudpickle
+
+    from components.training.trainer import train_loop_per_worker
+
+    probe = ("import sys, pickle, pipeline.train, pipeline.tune, components.training.trainer; "
+             "pickle.loads(sys.stdin.buffer.read()); "
+             "print(sorted(m for m in ('components.training.loop', 'albumentations', 'cv2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], input=ray.cloudpickle.dumps(train_loop_per_worker),
+                         capture_output=True, check=True).stdout.decode()
+    assert out.strip() == "[]"
