@@ -1,7 +1,8 @@
 """The per-worker training loop Ray Train runs on every DDP rank (torchvision's references/segmentation
 train.py, iteration-based, with the Ray parts in plain sight: get_checkpoint, prepare_model, report).
 
-TorchTrainer hands it {"cfg": TrainConfig, "run": RunInfo, "hooks": LoopHooks or None}.
+TorchTrainer hands `run_worker` (through components.training.trainer.train_loop_per_worker, which imports
+this module in the worker only) {"cfg": TrainConfig, "run": RunInfo, "hooks": LoopHooks or None}.
 """
 
 from __future__ import annotations
