@@ -2,7 +2,8 @@
 
 Each trial is a function trainable that builds and fits one TorchTrainer (the train stage's, with
 `TuneReportCallback`, so rank 0's evaluations reach Tune and ASHA). The driver writes, under tune/<exp>/:
-    best_params.yaml   the best trial's schedule; `train` applies it when train.use_tuned is true
+    best_params.yaml   the best trial's schedule; stage train_tuned (`dnlseg train <exp> --tuned`) trains
+                       the experiment again on it, as `<exp>-tuned`
     trials.csv         one row per trial: its params, best mIoU, iterations run, stopped early?
     trials.png         best mIoU against learning rate and against iterations run
 
@@ -55,7 +56,7 @@ def run_trial(config: dict, setup: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from components.tracking import open_run
-    from components.training.trainer import NonFiniteLossError, build_trainer, log_interval, run_exists
+    from components.training.trainer import build_trainer, log_interval, run_exists
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(setup["base"], config)
@@ -71,7 +72,15 @@ def run_trial(config: dict, setup: dict) -> None:
     # the trial as failed, not as stopped early, and keeps it out of the best trial.
     stopped = (result.return_value or {}).get("stopped")
     if stopped:
-        raise NonFiniteLossError(f"trial {trial_id} (lr {cfg.lr:g}): {stopped.split(': stopping')[0]}")
+        raise non_finite_trial_error(trial_id, cfg, stopped)
+
+
+def non_finite_trial_error(trial_id: str, cfg: TrainConfig, stopped: str):
+    """A trial's one-line failure for a NaN/inf stop: which trial, its learning rate, the loss and iteration
+    (`stopped` is the loop's message; what it says about checkpoints is the train stage's business)."""
+    from components.training.trainer import NonFiniteLossError
+
+    return NonFiniteLossError(f"trial {trial_id} (lr {cfg.schedule.lr:g}): {stopped.split(': stopping')[0]}")
 
 
 def _trial_rows(result) -> list[dict]:
@@ -113,7 +122,7 @@ def write_best_params(path: Path, cfg: TrainConfig, settings: TuneSettings, best
             "mode": settings.mode, "trial_id": best["trial_id"], settings.metric: best[key],
             "iteration": best["best_iteration"],
             "params": {k: best[k] for k in tuning.TUNABLE if k in settings.space}}
-    atomic_write_text(path, "# written by `dnlseg tune`; applied by `dnlseg train` when train.use_tuned is true\n"
+    atomic_write_text(path, "# written by `dnlseg tune`; `dnlseg train <exp> --tuned` trains on it\n"
                  + yaml.safe_dump(data, sort_keys=False))
     return data
 
