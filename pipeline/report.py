@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
+from markdown_it import MarkdownIt
+
 from components.console import warn
 from components.data import get_dataset
 from pipeline.config import Params, eval_metrics_file, model_file, train_metrics_file
@@ -239,55 +241,27 @@ def _measured_line(name: str, ev: dict, trained: dict | None) -> str:
 
 
 def markdown_to_html(text: str, title: str = "DNLNet results") -> str:
-    """The small markdown subset build_markdown writes: headings, pipe tables, bullets, paragraphs, links,
-    `code` and **bold**."""
-    from components.evaluation.table import parse_markdown_tables
-
-    def plain(s: str) -> str:
-        s = html.escape(s, quote=False)
-        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-        return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
-
-    def inline(s: str) -> str:
-        # Links first, on the raw text, so their URLs are escaped exactly once.
-        out, last = [], 0
-        for m in re.finditer(r"\[([^\]]+)\]\(([^)\s]+)\)", s):
-            out += [plain(s[last:m.start()]), f'<a href="{html.escape(m.group(2))}">{plain(m.group(1))}</a>']
-            last = m.end()
-        return "".join(out) + plain(s[last:])
-
-    out, lines, i = [], text.splitlines(), 0
-    tables = iter(parse_markdown_tables(text))
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("|"):
-            table = next(tables)
-            out.append("<table>\n<tr>" + "".join(f"<th>{inline(h)}</th>" for h in table.header) + "</tr>")
-            out += ["<tr>" + "".join(f"<td{' class=num' if NUMERIC.fullmatch(c) else ''}>{inline(c)}</td>"
-                                     for c in row) + "</tr>" for row in table.rows]
-            out.append("</table>")
-            i += 2 + len(table.rows)
-            continue
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("<ul>\n" + "\n".join(items) + "\n</ul>")
-            continue
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-        i += 1
-    style = ("body{font-family:sans-serif;margin:2em;max-width:110em}"
-             "table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}"
-             "td.num{text-align:right;white-space:nowrap}code{background:#f3f3f3;padding:0 .2em}")
+    """The page in HTML: CommonMark with pipe tables (markdown-it-py), raw HTML in the text escaped, not
+    passed through; number cells right-aligned."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    md.core.ruler.push("numeric_cells", _mark_numeric_cells)
     head = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n")
-    return head + "\n".join(out) + "\n</body>\n</html>\n"
+            f"<title>{html.escape(title)}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n")
+    return head + md.render(text) + "</body>\n</html>\n"
+
+
+PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:110em}"
+              "table{border-collapse:collapse;margin:1em 0}"
+              "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}"
+              "td.num{text-align:right;white-space:nowrap}code{background:#f3f3f3;padding:0 .2em}")
+
+
+def _mark_numeric_cells(state) -> None:
+    """class="num" on every table cell holding a number or '-' (markdown-it core rule)."""
+    tokens = state.tokens
+    for i, token in enumerate(tokens[:-1]):
+        if token.type == "td_open" and NUMERIC.fullmatch(tokens[i + 1].content.strip()):
+            token.attrSet("class", "num")
 
 
 def write_report(params: Params, *, out_root: Path | str | None = None) -> Path:
