@@ -41,7 +41,8 @@ class MlflowServer:
                "--artifacts-destination", self.artifacts_destination, "--workers", "1"]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            # S603: an argv built here (this venv's mlflow, the store's paths), no shell
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,  # noqa: S603
                                          start_new_session=True)
         return self
 

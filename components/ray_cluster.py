@@ -79,7 +79,7 @@ def run_with_local_ray(command: list[str]) -> int:
     if started:
         start_local_ray()   # sets RAY_ADDRESS / RAY_API_SERVER_ADDRESS / RAY_AUTH_MODE for the child
     try:
-        with subprocess.Popen(command) as child:
+        with subprocess.Popen(command) as child:  # noqa: S603 - the user's own command (`dnlseg with-ray -- ...`)
             try:
                 return child.wait()
             except KeyboardInterrupt:   # Ctrl-C reached the child too: let it stop cleanly first

@@ -176,9 +176,9 @@ def fetch(spec: str, *, root: str | os.PathLike, cache_dir: str | os.PathLike | 
 
 
 def _download(url: str, dest: Path, prefix: str | None, *, progress: bool, timeout: float) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": "dnlseg-weights"})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+    request = urllib.request.Request(url, headers={"User-Agent": "dnlseg-weights"})  # noqa: S310 - http(s) only
+    try:   # S310: only http(s) URLs get here (resolve() refuses any other scheme)
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
     except urllib.error.HTTPError as e:
         e.close()
         raise _fail(url, f"HTTP {e.code}" + (f" {e.reason}" if e.reason else "")) from None

@@ -21,7 +21,7 @@ from conftest import EXPERIMENT, REPO, VENV_BIN, as_params
 
 from pipeline.cli import main
 
-SECRET = "hunter2-do-not-echo"
+SECRET = "hunter2-do-not-echo"  # noqa: S105 - a fake secret the test checks is never echoed
 EXP = ["experiments", EXPERIMENT]
 CASES = {
     "unknown_backbone": (EXP + ["backbone"], "R-18", f"experiments.{EXPERIMENT}.backbone: expected one of"),

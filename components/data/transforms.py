@@ -210,4 +210,4 @@ def seed_transform(transform, seed: int | np.random.SeedSequence) -> None:
     if transform is None or not hasattr(transform, "set_random_state"):
         return
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    transform.set_random_state(np.random.default_rng(ss), random.Random(int(ss.generate_state(1)[0])))
+    transform.set_random_state(np.random.default_rng(ss), random.Random(int(ss.generate_state(1)[0])))  # noqa: S311 - augmentation, not cryptography
