@@ -1,4 +1,5 @@
-"""Cross entropy reduced as mmseg's CrossEntropyLoss (spec section 1, Loss)."""
+"""Cross entropy reduced as mmseg's CrossEntropyLoss: the pixels' sum divided by ALL pixels, ignored ones
+included (avg_non_ignore=False; PyTorch's mean divides by the valid pixels only)."""
 
 from __future__ import annotations
 

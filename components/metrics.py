@@ -1,4 +1,9 @@
-"""Segmentation metrics exactly as mmseg's IoUMetric (spec section 4).
+"""Segmentation metrics exactly as mmseg's IoUMetric.
+
+Pixels whose ground truth is 255 are dropped; per class c, intersect, pred, label and union = pred + label -
+intersect are counted. aAcc = Σintersect / Σlabel, IoU_c = intersect_c / union_c, Acc_c = intersect_c /
+label_c; mIoU and mAcc are nan-means (a class with union 0 is left out, one predicted but absent scores 0),
+in percent.
 
 Counts are summed over the whole dataset before any ratio is taken, so the result does not depend on
 how images are batched or split across workers: merging workers is an all-reduce of the counts.

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (spec section 3)."""
+"""Learning-rate schedules: mmseg's poly decay, lr = (base - min)(1 - t/T)^0.9 + min, per iteration."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def poly_lr(it: int, max_iters: int, base_lr: float, power: float = 0.9, min_lr:
 
 @dataclass(frozen=True)
 class Schedule:
-    """SGD with mmseg's poly decay (spec section 3): the settings a Tune sweep may change.
+    """SGD with mmseg's poly decay (the seed's: lr 0.01, momentum 0.9, weight decay 5e-4, power 0.9, min_lr
+    1e-4, no warmup): the settings a Tune sweep may change.
 
     The table's schedules (40k / 80k / 160k) differ only in max_iters; they are declared once, in
     params.yaml's `schedules:`, and an experiment names one.

@@ -1,4 +1,6 @@
-"""The disentangled non-local block against hand-computed numbers and the spec's formula."""
+"""The disentangled non-local block against hand-computed numbers and its formula: out = x + conv_out(y + u),
+y = softmax(θ̂ᵀφ̂ / √256 / 0.05) · g (θ̂, φ̂ whitened: their mean over positions subtracted),
+u = softmax(conv_mask(x)) · g broadcast over positions, one shared conv_out."""
 
 import math
 import subprocess
@@ -67,7 +69,7 @@ def test_two_position_example_by_hand(attention):
 
 
 def _reference_dnl(x, wg, bg, wt, bt, wp, bp, wm, bm, wo, temperature, divisor=None):
-    """The spec's formula in float64 numpy (conv_out BN in its init-free form: plain 1x1 conv)."""
+    """That formula in float64 numpy (conv_out BN in its init-free form: plain 1x1 conv)."""
     n, c, h, w = x.shape
     xs = x.reshape(n, c, h * w)
     g = np.einsum("oc,ncl->nol", wg, xs) + bg[None, :, None]

@@ -359,7 +359,7 @@ def test_eval_settings_profile_override_and_errors():
     evaluate = {"fps_images": 200, "fps_warmup": 5, "profiles": {"sample": {"fps_images": 6, "fps_warmup": 1}}}
     s = eval_settings(evaluate, profile="sample")
     assert (s.fps_images, s.fps_warmup, s.flip) == (6, 1, True)
-    assert s.ms_ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # spec section 2, params.yaml's evaluate.ms_ratios
+    assert s.ms_ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # mmseg's ms+flip ratios, params.yaml's evaluate.ms_ratios
     assert eval_settings(evaluate, "reference").fps_images == 200
     with pytest.raises(ConfigError, match=r"evaluate\.ms_ratios: expected a list of positive numbers"):
         eval_settings({"ms_ratios": "0.5"})

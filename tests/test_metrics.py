@@ -1,4 +1,4 @@
-"""IoU metrics against hand-computed counts (spec section 4)."""
+"""IoU metrics against hand-computed counts (mmseg's IoUMetric: counts summed over the dataset, then ratios)."""
 
 import math
 

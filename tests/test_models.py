@@ -12,7 +12,7 @@ from components.models import build_dnlnet
 from components.models.resnet import ResNetV1c
 from components.models.segmentor import DNLNet
 
-# Copy of shared/reference/mmseg-dnl-r50-d8-keys.txt: the state_dict of mmseg 1.2.2's
+# The state_dict of mmseg 1.2.2's
 # dnlnet_r50-d8 Cityscapes model (name, shape, dtype per line).
 KEY_FILE = Path(__file__).parent / "data" / "mmseg-dnl-r50-d8-keys.txt"
 

@@ -27,7 +27,7 @@ from pipeline.prepare import prepare_dataset
 
 CS = {"train": 3, "val": 2, "height": 64, "width": 128}
 ADE = {"train": 3, "val": 2, "height": 64, "width": 64}
-# spec section 2: labelId -> trainId
+# Cityscapes' labelId -> trainId (cityscapesscripts' labels.py): these 19 ids -> 0..18, every other -> 255
 SPEC_TRAIN_IDS = {
     lid: tid
     for tid, lid in enumerate([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33])
@@ -110,7 +110,7 @@ def test_cityscapes_labels_equal_json2labelImg_train_ids(sample, tmp_path):
             assert (int(row["height"]), int(row["width"])) == (CS["height"], CS["width"])
             # hardlinked: same filesystem, no copy
             assert os.stat(split_dir / row["image"]).st_ino == os.stat(source_image).st_ino
-    # the same train ids, independently, from the labelIds PNGs through the spec's table
+    # the same train ids, independently, from the labelIds PNGs through that table
     train_ids = [
         np.asarray(Image.open(p))
         for p in sorted((tmp_path / "prepared" / "cityscapes" / "train" / "labels").rglob("*.png"))

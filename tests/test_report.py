@@ -17,7 +17,8 @@ from components.tracking import artifact_location
 from pipeline.config import read_raw
 from pipeline.report import compare_url, write_report
 
-# The seed's published numbers, typed in from shared/reference/seed-dnlnet-results.md:
+# The seed's published numbers (mmseg's DNLNet results table; the committed copy is
+# components/evaluation/seed_dnlnet_results.md), typed in by hand:
 # config -> (Method, Backbone, Crop Size, Lr schd, Mem (GB), Inf time (fps), mIoU, mIoU(ms+flip))
 PUBLISHED = {
     "dnl_r50-d8_512x1024_40k_cityscapes":

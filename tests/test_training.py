@@ -148,7 +148,7 @@ def image_of(pred: torch.Tensor) -> torch.Tensor:
     return pred.float()[None, None].expand(1, 3, *pred.shape).clone()
 
 
-# label / prediction of one 2x4 image, 3 classes, one ignored pixel. By hand (spec section 4):
+# label / prediction of one 2x4 image, 3 classes, one ignored pixel. By hand (mmseg's IoUMetric, gt 255 dropped):
 # class 0: I=1 P=2 L=2 U=3 -> IoU 1/3, Acc 1/2; class 1: I=3 P=4 L=3 U=4 -> 3/4, 1;
 # class 2: I=1 P=1 L=2 U=2 -> 1/2, 1/2; aAcc = 5/7.
 HAND_LABEL = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])

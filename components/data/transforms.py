@@ -1,6 +1,6 @@
 """mmseg's training and test pipelines, built from albumentations 2.0.8 transforms.
 
-Train (spec section 2): RandomResize ratio U[0.5, 2.0] of `scale`, keep ratio -> RandomCrop to
+Train (mmseg's DNLNet configs): RandomResize ratio U[0.5, 2.0] of `scale`, keep ratio -> RandomCrop to
 `crop_size` with cat_max_ratio -> HorizontalFlip p .5 -> PhotoMetricDistortion -> Normalize -> Pad to
 `crop_size` (image 0, label 255). Test: keep-ratio resize to `scale` -> Normalize; the label is left at
 full resolution (metrics compare logits resized back to it).

@@ -1,4 +1,4 @@
-"""Label maps at the ORIGINAL image size, as mmseg's test pipeline produces them (spec section 2).
+"""Label maps at the ORIGINAL image size, as mmseg's test pipeline produces them (logits resized back, then argmax).
 
 The image goes in at the size the test transform resized it to; the scores (logits for one pass,
 averaged softmax probabilities for ms+flip) are bilinearly resized to the ground truth's size and only

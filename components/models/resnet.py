@@ -1,7 +1,8 @@
-"""ResNetV1c with dilated (D8) stages, as mmseg's ResNetV1c (spec section 1).
+"""ResNetV1c with dilated (D8) stages, as mmseg's ResNetV1c.
 
 V1c = deep stem (three 3x3 convs instead of one 7x7) + stride on the 3x3 conv of the bottleneck.
-D8 = stages 3 and 4 keep stride 8 and grow their receptive field by dilation instead.
+D8 = stages 3 and 4 keep stride 8 and grow their receptive field by dilation instead (strides 1, 2, 1, 1,
+dilations 1, 1, 2, 4; contract_dilation: the first block of a dilated stage uses half its dilation).
 State-dict names follow mmseg (`stem.N`, `layerK.B.convI` / `bnI`, `downsample.0/1`) so the
 ImageNet `resnet50_v1c` / `resnet101_v1c` weights and mmseg checkpoints load unchanged.
 """

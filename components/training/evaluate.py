@@ -1,6 +1,7 @@
 """Distributed validation: every rank predicts its own shard, the IoU counts are summed over ranks.
 
-Summing counts (not averaging per-rank mIoU) gives exactly the single-process result (spec section 4).
+Summing counts (not averaging per-rank mIoU) gives exactly the single-process result: mmseg's IoUMetric
+sums the per-class intersection / union / label pixel counts over the whole dataset before any ratio.
 """
 
 from __future__ import annotations
