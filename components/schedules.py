@@ -1,10 +1,8 @@
-"""Learning-rate schedules (spec section 3)."""
+"""Learning-rate schedules: mmseg's poly decay of SGD's learning rate, with an optional linear warmup."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import dataclass
+from components.validated import Frozen, NonNegative, NonNegativeInt, Positive, PositiveInt
 
 
 def poly_lr(it: int, max_iters: int, base_lr: float, power: float = 0.9, min_lr: float = 1e-4,
@@ -23,22 +21,26 @@ def poly_lr(it: int, max_iters: int, base_lr: float, power: float = 0.9, min_lr:
     return lr
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """SGD with mmseg's poly decay (spec section 3): the settings a Tune sweep may change.
+class SGD(Frozen):
+    """SGD with mmseg's poly decay, as params.yaml's `train:` sets it for every experiment."""
+
+    lr: Positive
+    momentum: NonNegative
+    weight_decay: NonNegative
+    poly_power: NonNegative
+    min_lr: NonNegative
+    warmup_iters: NonNegativeInt
+    warmup_ratio: Positive
+
+
+class Schedule(SGD):
+    """SGD plus the number of iterations: the settings a Tune sweep may change.
 
     The table's schedules (40k / 80k / 160k) differ only in max_iters; they are declared once, in
     params.yaml's `schedules:`, and an experiment names one.
     """
 
-    lr: float
-    max_iters: int
-    poly_power: float
-    warmup_iters: int
-    weight_decay: float
-    momentum: float
-    min_lr: float
-    warmup_ratio: float
+    max_iters: PositiveInt
 
     def lr_at(self, it: int) -> float:
         """The learning rate of iteration `it` (counted from 0)."""
@@ -48,5 +50,4 @@ class Schedule:
 
 def schedule_field_types() -> dict[str, type]:
     """{field: int | float} of Schedule: what a sweep may set, and how its values are typed."""
-    hints = typing.get_type_hints(Schedule)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Schedule)}
+    return {name: f.annotation for name, f in Schedule.model_fields.items()}
