@@ -13,7 +13,16 @@ from typing import Literal
 from components.backbones import get_backbone
 from components.data.datasets import get_dataset
 from components.schedules import Schedule
-from components.validated import Frozen, NonNegative, NonNegativeInt, Pair, Positive, PositiveInt, Resources
+from components.validated import (
+    Frozen,
+    NonNegative,
+    NonNegativeInt,
+    Pair,
+    Positive,
+    PositiveInt,
+    PositiveIntOrNull,
+    Resources,
+)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -31,8 +40,8 @@ class Recipe(Frozen):
     test_stride: Pair                   # slide stride (h, w)
     batch_size: PositiveInt             # global
     evals_per_run: PositiveInt          # evaluate + checkpoint this many times per run
-    eval_every: PositiveInt | None = None      # iterations between evaluations; None: max_iters // evals_per_run
-    val_max_images: PositiveInt | None = None  # None: the whole val split
+    eval_every: PositiveIntOrNull = None      # iterations between evaluations; None: max_iters // evals_per_run
+    val_max_images: PositiveIntOrNull = None  # None: the whole val split
     aux_weight: NonNegative
     avg_non_ignore: bool
     cat_max_ratio: Positive
@@ -50,7 +59,7 @@ class Execution(Frozen):
     num_workers: PositiveInt
     use_gpu: bool
     resources_per_worker: Resources = {}
-    micro_batch_size: PositiveInt | None = None    # per forward per worker; None: batch_size / num_workers
+    micro_batch_size: PositiveIntOrNull = None    # per forward per worker; None: batch_size / num_workers
     loader_workers: NonNegativeInt = 0
     max_failures: NonNegativeInt = 0
     ray_address: str | None = None                 # None: a local Ray

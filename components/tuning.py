@@ -184,7 +184,7 @@ def read_best_params(path: Path | str) -> dict:
 
 
 def apply_tuned(cfg, path: Path | str):
-    """`cfg` (a TrainConfig) with the schedule from best_params.yaml. It must have been tuned for the same
+    """`cfg` (a RunConfig) with the schedule from best_params.yaml. It must have been tuned for the same
     experiment and profile. A tuned max_iters keeps the number of evaluations per run (evals_per_run)."""
     data = read_best_params(path)
     for field, ours in (("experiment", cfg.name), ("profile", cfg.profile)):

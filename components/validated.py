@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, model_validator
 
 __all__ = ["FieldError", "Frozen", "StrictBool", "number", "Pair", "Positive", "PositiveInt", "NonNegative",
-           "NonNegativeInt", "Resources"]
+           "NonNegativeInt", "PositiveIntOrNull", "Resources"]
 
 
 class FieldError(ValueError):
@@ -84,6 +84,7 @@ def _resources(value):
 
 Positive = number(strict=True)
 PositiveInt = number(integer=True, strict=True)
+PositiveIntOrNull = number(integer=True, strict=True, nullable=True)   # null: inherit / all / skip
 NonNegative = number()
 NonNegativeInt = number(integer=True)
 Pair = Annotated[tuple[int, int], BeforeValidator(_pair)]            # sizes: (h, w) or (w, h)

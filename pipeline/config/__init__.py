@@ -20,8 +20,22 @@ from components.experiment import Execution, Location, Recipe, RunConfig
 from components.schedules import Schedule
 from components.validated import FieldError, Frozen
 from components.weights import default_cache_dir
-from pipeline.config.settings import (Data, Downloads, EvalSettings, Evaluate, Experiment, Imported, Profile,
-                                      Report, Sample, ScheduleLength, Storage, Tracking, Train, Tune)
+from pipeline.config.settings import (
+    Data,
+    Downloads,
+    EvalSettings,
+    Evaluate,
+    Experiment,
+    Imported,
+    Profile,
+    Report,
+    Sample,
+    ScheduleLength,
+    Storage,
+    Tracking,
+    Train,
+    Tune,
+)
 
 __all__ = ["ConfigError", "EvalSettings", "Params", "RunConfig", "Tune", "load", "parse"]
 

@@ -19,8 +19,19 @@ from components.data.datasets import dataset_names
 from components.experiment import Precision
 from components.schedules import SGD
 from components.tuning import check_space
-from components.validated import (FieldError, Frozen, NonNegative, NonNegativeInt, Pair, Positive, PositiveInt,
-                                  Resources, StrictBool, number)
+from components.validated import (
+    FieldError,
+    Frozen,
+    NonNegative,
+    NonNegativeInt,
+    Pair,
+    Positive,
+    PositiveInt,
+    PositiveIntOrNull,
+    Resources,
+    StrictBool,
+    number,
+)
 
 # A key with one of these in its name is a credential: it belongs in the environment, not in params.yaml.
 CREDENTIAL_WORDS = ("secret", "password", "token", "access_key", "credential", "session")
@@ -50,10 +61,10 @@ class Profile(Frozen):
     """How the table's experiments run: `sample` on a 2-core CPU, `reference` as the seed did."""
 
     size_scale: Positive                    # crop size, resize scale and slide window x this
-    max_iters: PositiveInt | None = None    # every experiment's iterations; None: its schedule x schedule_scale
+    max_iters: PositiveIntOrNull = None    # every experiment's iterations; None: its schedule x schedule_scale
     schedule_scale: Positive = 1.0
-    batch_size: PositiveInt | None = None   # global; None: the experiment's
-    micro_batch_size: PositiveInt | None = None
+    batch_size: PositiveIntOrNull = None   # global; None: the experiment's
+    micro_batch_size: PositiveIntOrNull = None
     num_workers: PositiveInt
     use_gpu: StrictBool
     resources_per_worker: Resources = {}
@@ -61,7 +72,7 @@ class Profile(Frozen):
     pretrained: Literal["imagenet", "none"]
     precision: Precision
     evals_per_run: PositiveInt
-    val_max_images: PositiveInt | None = None
+    val_max_images: PositiveIntOrNull = None
 
     @model_validator(mode="after")
     def _fp16_on_gpu(self):
@@ -137,7 +148,7 @@ class DatasetSource(Frozen):
 
 class Data(Frozen):
     prepared_dir: RepoPath
-    prepare_workers: PositiveInt | None = None   # None: all cores
+    prepare_workers: PositiveIntOrNull = None   # None: all cores
     datasets: dict[str, DatasetSource]
 
     @field_validator("datasets")
@@ -181,14 +192,14 @@ class EvalSettings(Frozen):
 
     ms_ratios: tuple[Positive, ...]              # of the test scale, each with and without flip
     flip: StrictBool
-    max_images: PositiveInt | None = None   # None: the whole val split
-    fps_images: PositiveInt | None = None   # the seed: 200 images, the first fps_warmup not timed; None: skip
+    max_images: PositiveIntOrNull = None   # None: the whole val split
+    fps_images: PositiveIntOrNull = None   # the seed: 200 images, the first fps_warmup not timed; None: skip
     fps_warmup: NonNegativeInt = 0
     overlays: NonNegativeInt                # val images drawn as image | ground truth | prediction
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"   # the seed's; auto: fp16 on CUDA, bf16 on CPU
     fold_bn: StrictBool = True              # BatchNorm folded into the convs (exact in fp32)
-    cpu_threads: PositiveInt | None = None  # torch's CPU threads; None: every core
+    cpu_threads: PositiveIntOrNull = None  # torch's CPU threads; None: every core
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -243,7 +254,8 @@ class Imported(Frozen):
 
             links = {row.config: row.model_url for row in parse_seed_table()}
             if data.get("experiment") not in links:
-                raise FieldError("source", f"the results table has no released checkpoint of {data.get('experiment')!r}")
+                raise FieldError("source", f"the results table has no released checkpoint of "
+                                           f"{data.get('experiment')!r}")
             data = {**data, "source": links[data["experiment"]]}
         return data
 
@@ -273,9 +285,9 @@ class Asha(Frozen):
 class TrialResources(Frozen):
     driver_cpu: NonNegative = 0
     driver_memory_gb: NonNegative = 0
-    num_workers: PositiveInt | None = None               # None: the profile's
+    num_workers: PositiveIntOrNull = None               # None: the profile's
     resources_per_worker: Resources | None = None        # None: the profile's
-    max_concurrent_trials: PositiveInt | None = None     # None: as many as the cluster holds now
+    max_concurrent_trials: PositiveIntOrNull = None     # None: as many as the cluster holds now
 
     @model_validator(mode="after")
     def _bundle(self):
@@ -299,7 +311,7 @@ class Tune(Frozen):
     metric: Literal["mIoU", "mAcc", "aAcc"] = "mIoU"
     mode: Literal["max", "min"] = "max"
     space: dict
-    eval_interval: PositiveInt | None = None    # iterations between evaluations in every trial; None: the profile's
+    eval_interval: PositiveIntOrNull = None    # iterations between evaluations in every trial; None: the profile's
     scheduler: Asha = Asha()
     resources_per_trial: TrialResources = TrialResources(driver_memory_gb=0.25)
 
