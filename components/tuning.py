@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from components.schedules import schedule_field_types
+from components.experiment import schedule_field_types
 
 # What a sweep may change: the fields of a Schedule, with their types.
 TUNABLE = schedule_field_types()

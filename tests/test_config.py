@@ -153,7 +153,8 @@ def test_invalid_params_name_the_key(raw, path, value, message):
         (["tune", "resources_per_trial", "driver_gpu"], 1, "tune.resources_per_trial.driver_gpu: unknown key "
                                                            "(did you mean driver_cpu?)"),
         (["trian"], {}, "trian: unknown key (did you mean train?)"),
-        (["tune", "scheduler", "grace_periods"], 1, "tune.scheduler.grace_periods: unknown key (did you mean grace_period?)"),
+        (["tune", "scheduler", "grace_periods"], 1,
+         "tune.scheduler.grace_periods: unknown key (did you mean grace_period?)"),
         (["storage", "endpoint"], "http://x", "storage.endpoint: unknown key (did you mean endpoint_url?)"),
     ],
 )

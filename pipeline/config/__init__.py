@@ -16,9 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import PrivateAttr, ValidationError, model_validator
 
-from components.experiment import Execution, Location, Recipe, RunConfig
-from components.schedules import Schedule
-from components.validated import FieldError, Frozen
+from components.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
 from components.weights import default_cache_dir
 from pipeline.config.settings import (
     Data,

@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, StrictBool, ValidationInfo, field_validator, model_validator
 
 from components.backbones import BACKBONES
 from components.data.datasets import dataset_names
-from components.experiment import Precision
-from components.schedules import SGD
-from components.tuning import check_space
-from components.validated import (
+from components.experiment import (
+    SGD,
     FieldError,
     Frozen,
     NonNegative,
@@ -28,10 +26,11 @@ from components.validated import (
     Positive,
     PositiveInt,
     PositiveIntOrNull,
+    Precision,
     Resources,
-    StrictBool,
     number,
 )
+from components.tuning import check_space
 
 # A key with one of these in its name is a credential: it belongs in the environment, not in params.yaml.
 CREDENTIAL_WORDS = ("secret", "password", "token", "access_key", "credential", "session")
