@@ -185,7 +185,7 @@ def tune_experiment(params: Params, name: str | None = None, *, profile: str | N
     cfg = params.experiment(name, profile)
     probe = sweep_base(cfg, settings, cfg.location.storage_path)
     # Bad input fails here, in one line each, before Ray starts (as in the train stage).
-    plan_batches(probe.batch_size, probe.num_workers, probe.micro_batch_size)
+    plan_batches(probe.recipe.batch_size, probe.execution.num_workers, probe.execution.micro_batch_size)
     cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
     with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
         preflight(cfg)

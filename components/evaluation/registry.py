@@ -41,8 +41,7 @@ class ModelSpec:
     @classmethod
     def of(cls, cfg) -> ModelSpec:
         """The spec of a resolved experiment (components.experiment.RunConfig)."""
-        return cls(experiment=cfg.name, depth=cfg.depth, num_classes=cfg.num_classes,
-                   **{f: getattr(cfg.recipe, f) for f in _FIELDS if f not in ("experiment", "depth", "num_classes")})
+        return cls(experiment=cfg.name, **{f: getattr(cfg.recipe, f) for f in _FIELDS if f != "experiment"})
 
     @classmethod
     def from_json(cls, data: dict) -> ModelSpec:

@@ -189,7 +189,7 @@ class ScheduleLength(Frozen):
 class EvalSettings(Frozen):
     """`evaluate:` with `evaluate.profiles.<profile>` laid over it."""
 
-    ms_ratios: tuple[Positive, ...]              # of the test scale, each with and without flip
+    ms_ratios: tuple[float, ...]              # of the test scale, each with and without flip
     flip: StrictBool
     max_images: PositiveIntOrNull = None   # None: the whole val split
     fps_images: PositiveIntOrNull = None   # the seed: 200 images, the first fps_warmup not timed; None: skip
@@ -200,10 +200,16 @@ class EvalSettings(Frozen):
     fold_bn: StrictBool = True              # BatchNorm folded into the convs (exact in fp32)
     cpu_threads: PositiveIntOrNull = None  # torch's CPU threads; None: every core
 
+    @field_validator("ms_ratios", mode="before")
+    @classmethod
+    def _ratios(cls, value):
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in value)):
+            raise ValueError(f"expected a list of positive numbers like [0.5, 0.75, 1.0], got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self):
-        if not self.ms_ratios:
-            raise FieldError("ms_ratios", "expected a list of positive numbers like [0.5, 0.75, 1.0], got []")
         if self.precision == "fp16" and self.device == "cpu":
             raise FieldError("precision", "fp16 needs a GPU (use bf16 on CPU)")
         if self.fps_images is not None and self.fps_images <= self.fps_warmup:
