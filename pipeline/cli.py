@@ -77,6 +77,12 @@ def _predict(args, params: Params) -> None:
         print(path)
 
 
+def _show(args, params: Params) -> None:
+    from pipeline.show import show
+
+    print(show(params, args.experiment, args.profile, as_json=args.json))
+
+
 def _with_ray(args, params: Params) -> int:
     from components.ray_cluster import run_with_local_ray
 
@@ -126,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="single-scale and ms+flip evaluation of a trained experiment")
     p.add_argument("experiment")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("show", help="an experiment's resolved settings, run name, DVC stages and outputs")
+    p.add_argument("experiment")
+    p.add_argument("--profile", default=None, help="a profile of params.yaml (default: its `profile`)")
+    p.add_argument("--json", action="store_true", help="machine-readable: the whole resolved config, nested")
+    p.set_defaults(func=_show)
 
     p = sub.add_parser("report", help="reports/results.md + .html beside the published numbers; register champions")
     p.set_defaults(func=_report)

@@ -2,6 +2,7 @@
 whatever the profile, unknown keys are refused, and the registries agree with params.yaml and dvc.yaml."""
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -276,3 +277,48 @@ def test_code_deps_of_a_stage_exist_and_cover_what_it_imports(stage, modules):
     ours = {f for f in files if f.startswith(str(CODE_ROOT)) and "/.venv" not in f} - package_inits
     uncovered = sorted(f for f in ours if not any(f.startswith(str(CODE_ROOT / d)) for d in deps))
     assert not uncovered, f"stage {stage} imports code outside its dvc.yaml deps: {uncovered}"
+
+
+# --- dnlseg show -----------------------------------------------------------------------------------
+
+def test_show_json_is_the_whole_resolved_recipe_of_the_profile(capsys):
+    from pipeline.cli import main
+
+    assert main(["--params", str(REPO / "params.yaml"), "show", R50, "--profile", "reference", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    config = shown["config"]
+    assert config["execution"]["num_workers"] == 4 and config["recipe"]["crop_size"] == [512, 1024]
+    assert config["schedule"]["max_iters"] == 40000 and config["schedule"]["lr"] == 0.01
+    assert config["execution"]["micro_batch_size"] is None and shown["evaluate"]["fps_images"] == 200
+    # every field of the resolved config, nested as the config is
+    assert config == parse(read_raw(REPO / "params.yaml"), REPO).experiment(R50, "reference").model_dump(mode="json")
+    assert shown["stages"][:2] == [f"train@{R50}", f"evaluate@{R50}"] and "train_tuned" in shown["stages"]
+    assert shown["outputs"]["model"] == str(REPO / "models" / R50 / "model.pt")
+    # the reference profile starts from ImageNet weights: without their sha256 there is no identity yet
+    assert shown["run_name"] is None and "dnlseg weights R-50-D8" in shown["run_name_unknown"]
+
+
+def test_show_names_the_run_as_the_train_stage_would(make_params, tiny_data, tmp_path, capsys):
+    from components.training.data_sync import manifest_hash
+    from components.training.identity import code_hash, run_name
+    from pipeline.cli import main
+    from pipeline.config import CODE_ROOT, code_deps
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params(tmp_path / "work")))
+    assert main(["--params", str(tmp_path / "params.yaml"), "show", R50]) == 0
+    text = capsys.readouterr().out
+    cfg = load(tmp_path / "params.yaml").experiment(R50)
+    name = run_name(cfg, manifest_hash(tiny_data / "cityscapes"), code_hash(CODE_ROOT, code_deps("train")))
+    assert f"run name: {name}" in text and "lr: 0.01" in text and "tune, train_tuned" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "dnl_nope"], "params.yaml: experiments: unknown experiment 'dnl_nope'"),
+    (["show", R50, "--profile", "huge"], "params.yaml: profile: expected one of reference, sample, got 'huge'"),
+])
+def test_show_unknown_experiment_or_profile_is_one_line_exit_2(argv, message, capsys):
+    from pipeline.cli import main
+
+    assert main(["--params", str(REPO / "params.yaml"), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dnlseg show: error: ") and message in lines[0]
