@@ -66,7 +66,7 @@ def check_space(space: dict) -> dict:
 
 
 def search_space(space: dict) -> dict:
-    """`tune.space` as a Ray Tune param_space. (randint's high is inclusive here, as written in YAML.)"""
+    """`tune.space` (validated once: check_space) as a Ray Tune param_space (randint's high inclusive, as in YAML)."""
     from ray import tune
 
     make = {"loguniform": lambda a: tune.loguniform(a[0], a[1]),
@@ -74,7 +74,7 @@ def search_space(space: dict) -> dict:
             "randint": lambda a: tune.randint(a[0], a[1] + 1),
             "choice": tune.choice, "grid": tune.grid_search}
     out = {}
-    for key, spec in check_space(space).items():
+    for key, spec in space.items():   # validated once, with params.yaml (tune.space)
         if isinstance(spec, dict):
             kind, args = next(iter(spec.items()))
             out[key] = make[kind](list(args))
