@@ -213,10 +213,10 @@ def sweep_params(make_params, work: Path, lrs: list[float], max_iters: int, eval
     params = make_params(work, max_iters=max_iters, evals_per_run=evals, num_workers=1,
                          resources_per_worker={"CPU": 2})
     params["tune"] = {"experiment": EXPERIMENT, "num_samples": 1, "seed": 0, "metric": "aAcc", "mode": "max",
-                      "space": {"lr": {"grid": lrs}}, "eval_interval": 0,
+                      "space": {"lr": {"grid": lrs}}, "eval_interval": None,
                       "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                      "resources_per_trial": {"driver_cpu": 0, "driver_memory_gb": 0.25, "num_workers": 0,
-                                              "resources_per_worker": {}}}
+                      "resources_per_trial": {"driver_cpu": 0, "driver_memory_gb": 0.25, "num_workers": None,
+                                              "resources_per_worker": None}}
     return params
 
 
