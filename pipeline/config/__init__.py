@@ -18,22 +18,8 @@ from pydantic import PrivateAttr, ValidationError, model_validator
 
 from components.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
 from components.weights import default_cache_dir
-from pipeline.config.settings import (
-    Data,
-    Downloads,
-    EvalSettings,
-    Evaluate,
-    Experiment,
-    Imported,
-    Profile,
-    Report,
-    Sample,
-    ScheduleLength,
-    Storage,
-    Tracking,
-    Train,
-    Tune,
-)
+from pipeline.config import settings as section
+from pipeline.config.settings import EvalSettings, Tune
 
 __all__ = ["ConfigError", "EvalSettings", "Params", "RunConfig", "Tune", "load", "parse"]
 
@@ -59,19 +45,19 @@ def _one_of(values) -> str:
 
 class Params(Frozen):
     profile: str
-    profiles: dict[str, Profile]
-    data: Data
-    sample: Sample
-    train: Train
-    downloads: Downloads = Downloads()
-    tracking: Tracking = Tracking()
-    storage: Storage = Storage()
-    schedules: dict[str, ScheduleLength]
-    experiments: dict[str, Experiment]
-    evaluate: Evaluate
-    imported_checkpoints: dict[str, Imported] = {}
-    report: Report = Report()
-    tune: Tune
+    profiles: dict[str, section.Profile]
+    data: section.Data
+    sample: section.Sample
+    train: section.Train
+    downloads: section.Downloads = section.Downloads()
+    tracking: section.Tracking = section.Tracking()
+    storage: section.Storage = section.Storage()
+    schedules: dict[str, section.ScheduleLength]
+    experiments: dict[str, section.Experiment]
+    evaluate: section.Evaluate
+    imported_checkpoints: dict[str, section.Imported] = {}
+    report: section.Report = section.Report()
+    tune: section.Tune
     _root: Path = PrivateAttr()
 
     @model_validator(mode="after")
@@ -109,7 +95,7 @@ class Params(Frozen):
         return {name: Path(d.source) for name, d in self.data.datasets.items()}
 
     @property
-    def imported(self) -> dict[str, Imported]:
+    def imported(self) -> dict[str, section.Imported]:
         return self.imported_checkpoints
 
     @property
