@@ -210,7 +210,7 @@ def preflight_disk(cfg, run_dir: str, *, out_root: Path | str | None = None, run
     out_root/models/<exp>/model.pt (temp + rename) and, with a local MLflow store, MLflow's copy of it."""
     weights, checkpoint = weight_bytes(cfg.depth, cfg.num_classes)
     needs = [(Path(tempfile.gettempdir()), concurrent * checkpoint, "staging checkpoints")]
-    if "://" not in cfg.storage_path:
+    if "://" not in cfg.location.storage_path:
         kept = (2 * runs + concurrent) * checkpoint - _bytes_under(Path(run_dir))
         needs.append((Path(run_dir), max(concurrent * checkpoint, kept), "checkpoints"))
     if out_root is not None:
@@ -230,15 +230,15 @@ def _raise(problems: list[str]) -> None:
 
 def preflight(cfg, *, data: bool = True, tracking: bool = True, storage: bool = True,
               storage_path: str | None = None) -> None:
-    """Data prepared, tracking reachable, storage writable for TrainConfig `cfg`; PreflightError if not."""
+    """Data prepared, tracking reachable, storage writable for RunConfig `cfg`; PreflightError if not."""
     problems = []
     if data:
-        problems += check_data(cfg.data_dir, cfg.dataset)
+        problems += check_data(cfg.location.data_dir, cfg.recipe.dataset)
     if tracking:
         problems += check_tracking(cfg.tracking_uri)
     if storage:
-        problems += check_storage(storage_path or cfg.storage_path, cfg.storage_endpoint_url,
-                                  cfg.storage_region)
+        problems += check_storage(storage_path or cfg.location.storage_path, cfg.location.endpoint_url,
+                                  cfg.location.region)
     _raise(problems)
 
 
@@ -248,7 +248,8 @@ def preflight_ray(cfg, driver: dict | None = None, num_workers: int | None = Non
     import ray
 
     problems = check_ray_resources(
-        num_workers or cfg.num_workers, resources_per_worker or cfg.resources_per_worker, cfg.use_gpu,
+        num_workers or cfg.execution.num_workers, resources_per_worker or cfg.execution.resources_per_worker,
+        cfg.execution.use_gpu,
         cluster=ray.cluster_resources(), nodes=[n["Resources"] for n in ray.nodes() if n.get("Alive")],
         where=f"profiles.{cfg.profile}", driver=driver)
     if problems and os.environ.get("DNLSEG_RAY_AUTOSCALING") == "1":

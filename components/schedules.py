@@ -1,10 +1,6 @@
-"""Learning-rate schedules: mmseg's poly decay, lr = (base - min)(1 - t/T)^0.9 + min, per iteration."""
+"""Learning-rate schedules: mmseg's poly decay, lr = (base - min)(1 - t/T)^power + min, with an optional warmup."""
 
 from __future__ import annotations
-
-import dataclasses
-import typing
-from dataclasses import dataclass
 
 
 def poly_lr(it: int, max_iters: int, base_lr: float, power: float = 0.9, min_lr: float = 1e-4,
@@ -21,33 +17,3 @@ def poly_lr(it: int, max_iters: int, base_lr: float, power: float = 0.9, min_lr:
     if warmup_iters > 0 and it < warmup_iters:
         lr *= warmup_ratio + (1 - warmup_ratio) * it / warmup_iters
     return lr
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """SGD with mmseg's poly decay (the seed's: lr 0.01, momentum 0.9, weight decay 5e-4, power 0.9, min_lr
-    1e-4, no warmup): the settings a Tune sweep may change.
-
-    The table's schedules (40k / 80k / 160k) differ only in max_iters; they are declared once, in
-    params.yaml's `schedules:`, and an experiment names one.
-    """
-
-    lr: float
-    max_iters: int
-    poly_power: float
-    warmup_iters: int
-    weight_decay: float
-    momentum: float
-    min_lr: float
-    warmup_ratio: float
-
-    def lr_at(self, it: int) -> float:
-        """The learning rate of iteration `it` (counted from 0)."""
-        return poly_lr(it, self.max_iters, self.lr, self.poly_power, self.min_lr, self.warmup_iters,
-                       self.warmup_ratio)
-
-
-def schedule_field_types() -> dict[str, type]:
-    """{field: int | float} of Schedule: what a sweep may set, and how its values are typed."""
-    hints = typing.get_type_hints(Schedule)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Schedule)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from components.schedules import schedule_field_types
+from components.experiment import schedule_field_types
 
 # What a sweep may change: the fields of a Schedule, with their types.
 TUNABLE = schedule_field_types()
@@ -66,7 +66,7 @@ def check_space(space: dict) -> dict:
 
 
 def search_space(space: dict) -> dict:
-    """`tune.space` as a Ray Tune param_space. (randint's high is inclusive here, as written in YAML.)"""
+    """`tune.space` (validated once: check_space) as a Ray Tune param_space (randint's high inclusive, as in YAML)."""
     from ray import tune
 
     make = {"loguniform": lambda a: tune.loguniform(a[0], a[1]),
@@ -74,7 +74,7 @@ def search_space(space: dict) -> dict:
             "randint": lambda a: tune.randint(a[0], a[1] + 1),
             "choice": tune.choice, "grid": tune.grid_search}
     out = {}
-    for key, spec in check_space(space).items():
+    for key, spec in space.items():   # validated once, with params.yaml (tune.space)
         if isinstance(spec, dict):
             kind, args = next(iter(spec.items()))
             out[key] = make[kind](list(args))
@@ -184,7 +184,7 @@ def read_best_params(path: Path | str) -> dict:
 
 
 def apply_tuned(cfg, path: Path | str):
-    """`cfg` (a TrainConfig) with the schedule from best_params.yaml. It must have been tuned for the same
+    """`cfg` (a RunConfig) with the schedule from best_params.yaml. It must have been tuned for the same
     experiment and profile. A tuned max_iters keeps the number of evaluations per run (evals_per_run)."""
     data = read_best_params(path)
     for field, ours in (("experiment", cfg.name), ("profile", cfg.profile)):

@@ -21,11 +21,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 def _sample(args, params: Params) -> None:
     from components.sample import SAMPLE_DATASETS, generate_sample
 
-    if set(params.sample) != set(SAMPLE_DATASETS):
+    sizes = params.sample.sizes()
+    if set(sizes) != set(SAMPLE_DATASETS):
         raise ConfigError(f"params.yaml: sample: expected an entry for each of {', '.join(SAMPLE_DATASETS)} "
-                          f"(the datasets components/sample generates), got {', '.join(params.sample) or 'none'}")
-    generate_sample(Path(args.out), seed=params.sample_seed, archives=args.archives,
-                    **{name: size.as_dict() for name, size in params.sample.items()})
+                          f"(the datasets components/sample generates), got {', '.join(sizes) or 'none'}")
+    generate_sample(Path(args.out), seed=params.sample.seed, archives=args.archives,
+                    **sizes)
 
 
 def _prepare(args, params: Params) -> None:
@@ -35,7 +36,7 @@ def _prepare(args, params: Params) -> None:
         raise ConfigError(f"params.yaml: data.datasets: no entry for {args.dataset!r} "
                           f"(has: {', '.join(params.sources)})")
     prepare_dataset(args.dataset, params.sources[args.dataset], params.prepared_dir / args.dataset,
-                    params.root / "metrics" / "data" / f"{args.dataset}.json", workers=params.prepare_workers)
+                    params.root / "metrics" / "data" / f"{args.dataset}.json", workers=params.data.prepare_workers or 0)
 
 
 def _weights(args, params: Params) -> None:
@@ -74,6 +75,12 @@ def _predict(args, params: Params) -> None:
     for path in predict(params, [Path(p) for p in args.inputs], Path(args.out), args.model,
                         experiment=args.experiment):
         print(path)
+
+
+def _show(args, params: Params) -> None:
+    from pipeline.show import show
+
+    print(show(params, args.experiment, args.profile, as_json=args.json))
 
 
 def _with_ray(args, params: Params) -> int:
@@ -125,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="single-scale and ms+flip evaluation of a trained experiment")
     p.add_argument("experiment")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("show", help="an experiment's resolved settings, run name, DVC stages and outputs")
+    p.add_argument("experiment")
+    p.add_argument("--profile", default=None, help="a profile of params.yaml (default: its `profile`)")
+    p.add_argument("--json", action="store_true", help="machine-readable: the whole resolved config, nested")
+    p.set_defaults(func=_show)
 
     p = sub.add_parser("report", help="reports/results.md + .html beside the published numbers; register champions")
     p.set_defaults(func=_report)

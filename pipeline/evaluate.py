@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from components.console import warn
-from components.experiment import TrainConfig
+from components.experiment import RunConfig, flat_settings
 from pipeline.config import ConfigError, Params, eval_metrics_file, plots_dir
 
 
@@ -100,15 +100,15 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
     with cpu_threads(settings.cpu_threads):
         device = _device(settings.device)
         model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
-                                 align_corners=cfg.align_corners, attention=cfg.attention, device=device,
-                                 channels_last=cfg.channels_last, fold_bn=settings.fold_bn)
+                                 align_corners=cfg.recipe.align_corners, attention=cfg.recipe.attention, device=device,
+                                 channels_last=cfg.recipe.channels_last, fold_bn=settings.fold_bn)
         precision = settings.precision_on(device)
         use_precision(precision)
-        names, colours = cfg.class_names, get_dataset(cfg.dataset).palette
-        dataset = SegmentationDataset(Path(cfg.data_dir) / "val", build_test_transform(scale=cfg.scale),
+        names, colours = cfg.class_names, get_dataset(cfg.recipe.dataset).palette
+        dataset = SegmentationDataset(Path(cfg.location.data_dir) / "val", build_test_transform(scale=cfg.recipe.scale),
                                       max_images=settings.max_images)
 
-        single = InferenceSetting(cfg.test_mode, cfg.test_crop, cfg.test_stride)
+        single = InferenceSetting(cfg.recipe.test_mode, cfg.recipe.test_crop, cfg.recipe.test_stride)
         tests = {"single_scale": single, "ms_flip": ms_flip_setting(single, settings.ms_ratios, settings.flip)}
         save = None
         if predictions_dir is not None:
@@ -116,20 +116,21 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
                 save_label_png(Path(predictions_dir) / setting / f"{index:05d}.png", pred.numpy(), colours)
 
         device_text = describe_device(device)   # with the threads the evaluation runs on
-        print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.test_mode} at scale {list(cfg.scale)}, "
+        print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.recipe.test_mode} at scale "
+              f"{list(cfg.recipe.scale)}, "
               f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {device_text}, "
               f"{precision}{', BN folded' if settings.fold_bn else ''}",
               flush=True)
         batches = ((img[None], label[None]) for img, label in dataset)
         results = evaluate_split(model, batches, cfg.num_classes, tests, device, keep_samples=settings.overlays,
-                                 channels_last=cfg.channels_last, precision=precision, on_prediction=save)
+                                 channels_last=cfg.recipe.channels_last, precision=precision, on_prediction=save)
         speed = None
         if settings.fps_images:
             speed = measure_fps(model, _ValImages(dataset, len(dataset)), device, single, settings.fps_images,
-                                settings.fps_warmup, channels_last=cfg.channels_last, precision=precision)
+                                settings.fps_warmup, channels_last=cfg.recipe.channels_last, precision=precision)
             speed = {**{k: v for k, v in speed.items() if k != "timed_seconds"}, "fps": round(speed["fps"], 4),
-                     "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.test_mode,
-                     "scale": list(cfg.scale)}
+                     "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.recipe.test_mode,
+                     "scale": list(cfg.recipe.scale)}
 
     tracker, experiment_id = _open_tracking(cfg, name, imported, source)
     client, run_id = (tracker.client, tracker.run_id) if tracker else (None, None)
@@ -142,11 +143,11 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
 
     summary = {
         "experiment": name,
-        "dataset": cfg.dataset,
+        "dataset": cfg.recipe.dataset,
         "profile": cfg.profile,
         "checkpoint": source if imported else _display_path(checkpoint, out_root),
         "imported": imported,
-        "backbone": cfg.backbone,
+        "backbone": cfg.recipe.backbone,
         "train": _trained_as(params, name, cfg, imported),
         "iteration": meta.get("iteration"),
         "split": "val",
@@ -154,8 +155,8 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
         "device": device_text,
         "dtype": precision,   # autocast of the convs and matmuls (fp32: none)
         "bn_folded": settings.fold_bn,
-        "test": {"mode": cfg.test_mode, "scale": list(cfg.scale), "crop": list(cfg.test_crop),
-                 "stride": list(cfg.test_stride), "align_corners": cfg.align_corners},
+        "test": {"mode": cfg.recipe.test_mode, "scale": list(cfg.recipe.scale), "crop": list(cfg.recipe.test_crop),
+                 "stride": list(cfg.recipe.test_stride), "align_corners": cfg.recipe.align_corners},
         "single_scale": _percent(results["single_scale"].metrics(), names),
         "ms_flip": {"ratios": list(settings.ms_ratios), "flip": settings.flip,
                     **_percent(results["ms_flip"].metrics(), names)},
@@ -175,14 +176,14 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
     return summary
 
 
-def _trained_as(params: Params, name: str, cfg: TrainConfig, imported: bool) -> dict:
+def _trained_as(params: Params, name: str, cfg: RunConfig, imported: bool) -> dict:
     """Crop and schedule of the checkpoint, for the table's Crop Size / Lr schd columns: what this
     pipeline ran (profile applied), or for an imported checkpoint the experiment's own (the release's)."""
     if imported:
         exp = params.experiments[params.imported[name].experiment]
-        return {"crop_size": list(exp.crop_size), "max_iters": params.schedules[exp.schedule],
+        return {"crop_size": list(exp.crop_size), "max_iters": params.schedules[exp.schedule].max_iters,
                 "batch_size": exp.batch_size}
-    return {"crop_size": list(cfg.crop_size), "max_iters": cfg.max_iters, "batch_size": cfg.batch_size}
+    return {"crop_size": list(cfg.recipe.crop_size), "max_iters": cfg.max_iters, "batch_size": cfg.recipe.batch_size}
 
 
 # --- outputs ----------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _write_pictures(folder: Path, dataset, results: dict, names, colours, title:
     return paths
 
 
-def _open_tracking(cfg: TrainConfig, name: str, imported: bool, source: str):
+def _open_tracking(cfg: RunConfig, name: str, imported: bool, source: str):
     """The MLflow run to log into: the experiment's training run; for imported checkpoints (or when no
     training run is found) a run of the evaluation's own, found again by its deterministic name on the
     next evaluation."""
@@ -246,20 +247,20 @@ def _open_tracking(cfg: TrainConfig, name: str, imported: bool, source: str):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=cfg.tracking_uri)
-        run_id = None if imported else find_training_run(client, cfg.dataset, name)
+        run_id = None if imported else find_training_run(client, cfg.recipe.dataset, name)
         if run_id is not None:
             logger = RunLogger(cfg.tracking_uri, run_id, who=f"evaluate {name}", client=client)
         else:
             if not imported:
-                warn(f"[evaluate] {name}: no training run found in MLflow experiment {cfg.dataset!r}; "
+                warn(f"[evaluate] {name}: no training run found in MLflow experiment {cfg.recipe.dataset!r}; "
                      f"logging into an evaluation run")
             tags = {"experiment": name, "dvc_stage": f"evaluate@{name}", "profile": cfg.profile,
                     "imported_checkpoint": source if imported else ""}
-            logger = open_run(cfg.tracking_uri, cfg.dataset, run_name=f"{name}-eval", resume=True, tags=tags,
-                              params=cfg.to_flat_dict())
+            logger = open_run(cfg.tracking_uri, cfg.recipe.dataset, run_name=f"{name}-eval", resume=True, tags=tags,
+                              params=flat_settings(cfg))
             if logger.run_id is None:
                 return None, None
-        return logger, mark_training_experiment(client, cfg.dataset)
+        return logger, mark_training_experiment(client, cfg.recipe.dataset)
     except Exception as e:  # noqa: BLE001 - eval.json is the stage's output; tracking is a copy of it
         warn(f"[evaluate] warning: MLflow at {redact(cfg.tracking_uri)} unavailable "
              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); eval.json is still written")
@@ -282,7 +283,7 @@ def eval_metrics(summary: dict) -> dict:
     return metrics
 
 
-def _log_to_mlflow(tracker, cfg: TrainConfig, summary: dict, checkpoint: Path, metrics_path: Path,
+def _log_to_mlflow(tracker, cfg: RunConfig, summary: dict, checkpoint: Path, metrics_path: Path,
                    plots: dict, single) -> None:
     from components.evaluation.registry import ModelSpec, ensure_model_file, log_model_config
 

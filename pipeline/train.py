@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from components.experiment import TrainConfig
+from components.experiment import RunConfig, flat_settings
 from components.training.identity import code_hash
 from components.training.trainer import NonFiniteLossError
 from pipeline.config import CODE_ROOT, Params, code_deps, model_file, plots_dir, train_metrics_file, tune_dir
@@ -40,18 +40,18 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
 
     cfg, stage = params.experiment(name, profile), f"train@{name}"
     if tuned:   # a missing or mismatched file fails in one line saying how to get it
-        cfg = apply_tuned(cfg, tune_dir(params.root, name) / "best_params.yaml").with_overrides(name=f"{name}-tuned")
+        cfg = apply_tuned(cfg, tune_dir(params.root, name) / "best_params.yaml").updated(name=f"{name}-tuned")
         stage = "train_tuned"
     # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
     # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
-    plan_batches(cfg.batch_size, cfg.num_workers, cfg.micro_batch_size)
+    plan_batches(cfg.recipe.batch_size, cfg.execution.num_workers, cfg.execution.micro_batch_size)
     cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
-    with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
+    with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
         preflight(cfg)
         return _train(cfg, stage, Path(out_root or params.root), hooks, params.root, weights)
 
 
-def write_outputs(latest, cfg: TrainConfig, out_root: Path, repo: Path) -> dict:
+def write_outputs(latest, cfg: RunConfig, out_root: Path, repo: Path) -> dict:
     """models/, metrics/ and plots/ of the experiment from the run's final checkpoint `latest`: the final
     model is the table's model (as mmseg's, the last iteration), never the best of the validation
     checkpoints, which would pick on the split the table reports; the best validation figure is kept,
@@ -78,11 +78,11 @@ def write_outputs(latest, cfg: TrainConfig, out_root: Path, repo: Path) -> dict:
     else:
         _restore_dropped_weights(latest, expected, model_path, repo)
     atomic_write_text(curve_path, read_checkpoint_text(latest, "curve.csv"))
-    images = cfg.max_iters * cfg.batch_size
+    images = cfg.max_iters * cfg.recipe.batch_size
     metrics = {
         "final": {k: summary[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},   # models/<exp>/model.pt
         "best_val": {k: best[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},   # for reference only
-        "precision": cfg.precision, "pretrained": cfg.pretrained,
+        "precision": cfg.recipe.precision, "pretrained": cfg.recipe.pretrained,
         "train_time_s": round(summary["train_time_s"], 1),
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
@@ -141,7 +141,7 @@ class DamagedCheckpointError(RuntimeError):
     """A finished run's final model file does not match its recorded sha256."""
 
 
-def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weights: Path | None) -> dict:
+def _train(cfg: RunConfig, stage: str, out_root: Path, hooks, repo: Path, weights: Path | None) -> dict:
     from components.console import warn
     from components.preflight import preflight_disk, preflight_ray
     from components.ray_cluster import connect_ray, shutdown_ray
@@ -152,25 +152,25 @@ def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weig
     from components.training.trainer import RunInfo, build_trainer, describe_init, log_interval, run_exists
     from components.weights import publish
 
-    data_hash, code = manifest_hash(cfg.data_dir), code_hash(CODE_ROOT, code_deps("train"))
+    data_hash, code = manifest_hash(cfg.location.data_dir), code_hash(CODE_ROOT, code_deps("train"))
     ray_name = run_name(cfg, data_hash, code)
-    run_uri = f"{cfg.storage_path.rstrip('/')}/{ray_name}"
-    resuming = run_exists(cfg.storage_path, ray_name)
+    run_uri = f"{cfg.location.storage_path.rstrip('/')}/{ray_name}"
+    resuming = run_exists(cfg.location.storage_path, ray_name)
     final = finished_checkpoint(run_uri, cfg.max_iters) if resuming else None
-    flat = cfg.to_flat_dict()
+    flat = flat_settings(cfg)
     commit = git_commit(repo)
     tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": stage,
             "dataset_manifest_sha256": data_hash, "code_sha256": code, "experiment": cfg.name, "profile": cfg.profile}
 
     def tracked_run():
-        tracker = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=ray_name, resume=resuming,
+        tracker = open_run(cfg.tracking_uri, experiment=cfg.recipe.dataset, run_name=ray_name, resume=resuming,
                            params=flat, tags=tags)
         tracker.log_text(yaml.safe_dump(flat_params(flat), sort_keys=False), "config.yaml")
         return tracker
 
     tic = time.perf_counter()
     if final is not None:   # finished before (the stage forced, or only execution settings changed)
-        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.storage_path} finished already: its "
+        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} finished already: its "
               f"outputs from the final checkpoint, no training", flush=True)
         try:
             outputs = write_outputs(final, cfg, out_root, repo)
@@ -184,18 +184,19 @@ def _train(cfg: TrainConfig, stage: str, out_root: Path, hooks, repo: Path, weig
                     "start_iteration": cfg.max_iters, "median_step_s": None, "mlflow_failures": 0,
                     "driver_mlflow_failures": tracker.failures}
     preflight_disk(cfg, run_uri, out_root=out_root)
-    started_ray = connect_ray(cfg.ray_address)
+    started_ray = connect_ray(cfg.execution.ray_address)
     try:
         preflight_ray(cfg)
-        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.storage_path} "
-              f"({'resuming' if resuming else 'new'}), {cfg.num_workers} workers, profile {cfg.profile}, "
-              f"{cfg.precision}, {describe_init(cfg)}", flush=True)
+        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
+              f"({'resuming' if resuming else 'new'}), {cfg.execution.num_workers} workers, profile {cfg.profile}, "
+              f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)
         tracker = tracked_run()
         try:
             run = RunInfo(mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
-                          data_uri=publish_dataset(cfg.data_dir, cfg.storage_path, data_hash),
+                          data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
                           pretrained_path=str(weights) if weights else None,
-                          pretrained_uri=publish(weights, cfg.storage_path, cfg.pretrained_sha256) if weights else None)
+                          pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)
+                          if weights else None)
             result = build_trainer(cfg, ray_name, run, hooks=hooks).fit()
             worker = result.return_value or {}
             tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
@@ -257,7 +258,7 @@ def _worker_data_error(error: BaseException):
     return None
 
 
-def _non_finite_error(cfg: TrainConfig, message: str, result, tracker) -> NonFiniteLossError:
+def _non_finite_error(cfg: RunConfig, message: str, result, tracker) -> NonFiniteLossError:
     """The stage's error for a NaN/inf stop: what happened and which checkpoint is kept where."""
     latest = result.checkpoint
     from components.training.trainer import read_checkpoint_text

@@ -25,21 +25,22 @@ from pathlib import Path
 import yaml
 
 from components import tuning
-from components.experiment import TrainConfig
-from pipeline.config import CODE_ROOT, ConfigError, Params, TuneSettings, code_deps, tune_dir
+from components.experiment import RunConfig, flat_settings
+from pipeline.config import CODE_ROOT, ConfigError, Params, Tune, code_deps, tune_dir
 
 
-def sweep_base(cfg: TrainConfig, settings: TuneSettings, trials_storage: str) -> TrainConfig:
+def sweep_base(cfg: RunConfig, settings: Tune, trials_storage: str) -> RunConfig:
     """The config every trial starts from: the sweep's workers, a common evaluation interval (ASHA's
     rungs then compare trials after the same number of iterations), the trials' Train runs storage."""
-    return cfg.with_overrides(
-        num_workers=settings.num_workers or cfg.num_workers,
-        resources_per_worker=settings.resources_per_worker or cfg.resources_per_worker,
-        eval_every=settings.eval_interval or cfg.eval_interval,
-        storage_path=trials_storage)
+    trial = settings.resources_per_trial
+    return cfg.updated(
+        execution={"num_workers": trial.num_workers or cfg.execution.num_workers,
+                   "resources_per_worker": trial.resources_per_worker or cfg.execution.resources_per_worker},
+        recipe={"eval_every": settings.eval_interval or cfg.eval_interval},
+        location={"storage_path": trials_storage})
 
 
-def trial_config(base: TrainConfig, sampled: dict) -> TrainConfig:
+def trial_config(base: RunConfig, sampled: dict) -> RunConfig:
     return base.with_schedule(**{k: tuning.TUNABLE[k](v) for k, v in sampled.items()})
 
 
@@ -64,8 +65,8 @@ def run_trial(config: dict, setup: dict) -> None:
     tags = {**setup["tags"], "tune.trial_id": trial_id}
     if setup["parent_run_id"]:
         tags["mlflow.parentRunId"] = setup["parent_run_id"]   # what makes the MLflow UI nest it
-    tracker = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=name,
-                       resume=run_exists(cfg.storage_path, name), params=cfg.to_flat_dict(), tags=tags)
+    tracker = open_run(cfg.tracking_uri, experiment=cfg.recipe.dataset, run_name=name,
+                       resume=run_exists(cfg.location.storage_path, name), params=flat_settings(cfg), tags=tags)
     run = dataclasses.replace(setup["run"], mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg))
     result = build_trainer(cfg, name, run, callbacks=[TuneReportCallback()]).fit()
     # The loop ends cleanly on a NaN/inf loss (so Ray does not retry it): raising here makes Tune record
@@ -90,7 +91,7 @@ def _trial_rows(result) -> list[dict]:
     return [r for r in frame.to_dict("records") if r.get("iteration") == r.get("iteration")]   # not NaN
 
 
-def collect_trials(results, base: TrainConfig, settings: TuneSettings) -> list[dict]:
+def collect_trials(results, base: RunConfig, settings: Tune) -> list[dict]:
     """One dict per trial: id, its schedule (lr and max_iters always), and what it achieved."""
     columns = [k for k in tuning.TUNABLE if k in settings.space or k in ("lr", "max_iters")]
     trials = []
@@ -114,7 +115,7 @@ def write_trials_csv(path: Path, trials: list[dict]) -> None:
     atomic_write_text(path, out.getvalue())
 
 
-def write_best_params(path: Path, cfg: TrainConfig, settings: TuneSettings, best: dict, sweep: str) -> dict:
+def write_best_params(path: Path, cfg: RunConfig, settings: Tune, best: dict, sweep: str) -> dict:
     from components.atomic import atomic_write_text
 
     key = f"best_{settings.metric}"
@@ -156,7 +157,7 @@ def plot_trials(path: Path, trials: list[dict], metric: str) -> None:
         plt.close(fig)
 
 
-def _finish_child_runs(cfg: TrainConfig, sweep: str, parent_run_id: str | None, trials: list[dict],
+def _finish_child_runs(cfg: RunConfig, sweep: str, parent_run_id: str | None, trials: list[dict],
                        metric: str) -> None:
     """The driver closes each trial's MLflow child: final metrics, status. (An ASHA-stopped trial's
     process is ended by Tune, so it cannot close its own run; a trial that failed before it opened one
@@ -167,7 +168,7 @@ def _finish_child_runs(cfg: TrainConfig, sweep: str, parent_run_id: str | None, 
         tags = {"tune.trial_id": t["trial_id"], "tune.status": t["status"]}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        child = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=f"{sweep}-{t['trial_id']}",
+        child = open_run(cfg.tracking_uri, experiment=cfg.recipe.dataset, run_name=f"{sweep}-{t['trial_id']}",
                          resume=True, tags=tags)
         final = {"iterations_run": t["iterations_run"], "stopped_early": int(t["stopped_early"])}
         if t[f"best_{metric}"] is not None:
@@ -191,16 +192,16 @@ def tune_experiment(params: Params, name: str | None = None, *, profile: str | N
     if not name:
         raise ConfigError("params.yaml: tune.experiment: missing (or name one on the command line)")
     cfg = params.experiment(name, profile)
-    probe = sweep_base(cfg, settings, cfg.storage_path)
+    probe = sweep_base(cfg, settings, cfg.location.storage_path)
     # Bad input fails here, in one line each, before Ray starts (as in the train stage).
-    plan_batches(probe.batch_size, probe.num_workers, probe.micro_batch_size)
+    plan_batches(probe.recipe.batch_size, probe.execution.num_workers, probe.execution.micro_batch_size)
     cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
-    with scoped_env(endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)):
+    with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
         preflight(cfg)
         return _tune(cfg, settings, name, Path(out_root or params.root), params.root, weights)
 
 
-def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, repo: Path,
+def _tune(cfg: RunConfig, settings: Tune, name: str, out_root: Path, repo: Path,
           weights: Path | None) -> dict:
     from ray import tune
 
@@ -213,30 +214,32 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, r
     from components.training.trainer import RunInfo, describe_init
     from components.weights import publish
 
-    storage = f"{cfg.storage_path.rstrip('/')}/tune"
-    data_hash = manifest_hash(cfg.data_dir)
+    storage = f"{cfg.location.storage_path.rstrip('/')}/tune"
+    data_hash = manifest_hash(cfg.location.data_dir)
     sweep = sweep_name(sweep_base(cfg, settings, storage), settings.learned(), data_hash,
                        code_hash(CODE_ROOT, code_deps("tune")))
     sweep_path = f"{storage}/{sweep}"
     base = sweep_base(cfg, settings, f"{sweep_path}/train_runs")
     max_iters = tuning.largest_value(settings.space, "max_iters", base.max_iters)
     scheduler = tuning.asha_scheduler(settings.metric, settings.mode, base.eval_interval,
-                                      settings.grace_period, settings.reduction_factor, max_iters)
+                                      settings.scheduler.grace_period, settings.scheduler.reduction_factor, max_iters)
     # s3:// on a custom endpoint: an explicit filesystem, as the train stage gives Ray Train.
-    fs, fs_path = pyarrow_filesystem(storage, cfg.storage_endpoint_url, cfg.storage_region)
+    fs, fs_path = pyarrow_filesystem(storage, cfg.location.endpoint_url, cfg.location.region)
     fs_kwargs = {"storage_filesystem": fs} if "://" in storage else {}
     tune_storage = fs_path if fs_kwargs else storage
     out_dir = tune_dir(out_root, name)
 
-    started_ray = connect_ray(cfg.ray_address)
+    started_ray = connect_ray(cfg.execution.ray_address)
     try:
         import ray
 
-        preflight_ray(base, driver=settings.driver)   # one trial (its driver + workers) fits the cluster
-        demand = tuning.trial_demand(base.num_workers, worker_bundle(base.resources_per_worker, base.use_gpu),
-                                     settings.driver)
+        driver = settings.resources_per_trial.driver
+        preflight_ray(base, driver=driver)   # one trial (its driver + workers) fits the cluster
+        run_on = base.execution
+        demand = tuning.trial_demand(run_on.num_workers, worker_bundle(run_on.resources_per_worker, run_on.use_gpu),
+                                     driver)
         n_trials = settings.num_samples * _grid_size(settings.space)
-        concurrent = min(n_trials, settings.max_concurrent_trials
+        concurrent = min(n_trials, settings.resources_per_trial.max_concurrent_trials
                          or tuning.max_concurrent_trials(ray.cluster_resources(), demand))
         preflight_disk(base, sweep_path, runs=n_trials, concurrent=concurrent)
         restoring = tune.Tuner.can_restore(f"{tune_storage}/{sweep}", **fs_kwargs)
@@ -248,25 +251,27 @@ def _tune(cfg: TrainConfig, settings: TuneSettings, name: str, out_root: Path, r
         tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"tune@{name}",
                 "dataset_manifest_sha256": data_hash, "experiment": name, "profile": cfg.profile,
                 "tune.sweep": sweep}
-        sweep_params = {**base.to_flat_dict(), "tune.num_samples": settings.num_samples,
+        sweep_params = {**flat_settings(base), "tune.num_samples": settings.num_samples,
                         "tune.metric": settings.metric, "tune.mode": settings.mode,
                         "tune.seed": settings.seed,
                         "tune.space": json.dumps(settings.space, sort_keys=True),
-                        "tune.grace_period_evals": settings.grace_period,
-                        "tune.reduction_factor": settings.reduction_factor,
+                        "tune.grace_period_evals": settings.scheduler.grace_period,
+                        "tune.reduction_factor": settings.scheduler.reduction_factor,
                         "tune.max_concurrent_trials": concurrent}
         # The swept fields' base values would mislead in the parent: the children hold them.
-        parent = open_run(cfg.tracking_uri, experiment=cfg.dataset, run_name=sweep, resume=restoring,
+        parent = open_run(cfg.tracking_uri, experiment=cfg.recipe.dataset, run_name=sweep, resume=restoring,
                           params={k: v for k, v in sweep_params.items() if k not in settings.space},
                           tags=tags)
         parent.log_text(yaml.safe_dump(flat_params(sweep_params), sort_keys=False), "config.yaml")
         # What every trial's workers get besides their own MLflow run: the data and the pretrained weights.
-        run = RunInfo(manifest_sha256=data_hash, data_uri=publish_dataset(cfg.data_dir, cfg.storage_path, data_hash),
+        run = RunInfo(manifest_sha256=data_hash,
+                      data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
                       pretrained_path=str(weights) if weights else None,
-                      pretrained_uri=publish(weights, cfg.storage_path, cfg.pretrained_sha256) if weights else None)
+                      pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)
+                      if weights else None)
         setup = {"base": base, "sweep": sweep, "parent_run_id": parent.run_id, "tags": tags, "run": run}
         # The trial driver's own bundle is small: Ray Train places the workers in their own placement group.
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), settings.driver)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), driver)
         tic = time.perf_counter()
         try:
             if restoring:

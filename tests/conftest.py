@@ -114,9 +114,9 @@ def params_factory(tiny_data, mlflow_db_template):
         params["profiles"]["sample"].update({
             "size_scale": 0.0625, "max_iters": 4, "batch_size": 2, "num_workers": 2, "evals_per_run": 2,
             "use_gpu": False, "resources_per_worker": {"CPU": 1}, "loader_workers": 0, "precision": "bf16",
-            "val_max_images": 0, **profile})
+            "val_max_images": None, **profile})
         params["data"]["prepared_dir"] = str(data_root or tiny_data)
-        params["train"].update({"storage_path": str(work / "runs"), "max_failures": 0, "ray_address": ""})
+        params["train"].update({"storage_path": str(work / "runs"), "max_failures": 0, "ray_address": None})
         params["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}"}
         return params
 

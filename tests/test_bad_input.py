@@ -42,6 +42,14 @@ CASES = {
                                "train.storage_path: the URL holds credentials"),
     "endpoint_not_http": (["storage", "endpoint_url"], "ftp://127.0.0.1:9000",
                           "storage.endpoint_url: expected"),
+    "unknown_key": (["train", "lr_typo"], 0.1, "train.lr_typo: unknown key (did you mean lr?)"),
+    "wrong_type": (["profiles", "sample", "use_gpu"], "no", "profiles.sample.use_gpu: expected true or false, "
+                                                            "got 'no'"),
+    "other_profile": (["profiles", "reference", "num_workers"], 0, "profiles.reference.num_workers: expected a "
+                                                                   "positive integer, got 0"),
+    "empty_list": (["evaluate", "ms_ratios"], [], "evaluate.ms_ratios: expected a list of positive numbers"),
+    "zero_now_null": (["profiles", "sample", "micro_batch_size"], 0,
+                      "profiles.sample.micro_batch_size: expected a positive integer or null, got 0"),
 }
 
 

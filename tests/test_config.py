@@ -2,10 +2,12 @@
 whatever the profile, unknown keys are refused, and the registries agree with params.yaml and dvc.yaml."""
 
 import copy
+import json
 
 import pytest
 import yaml
 from conftest import REPO
+from pydantic import ValidationError
 
 from components.backbones import BACKBONES
 from components.data import dataset_names, get_dataset
@@ -26,16 +28,17 @@ def params(raw):
 
 def test_reference_profile_is_the_seed_settings(params):
     cfg = params.experiment("dnl_r50-d8_769x769_40k_cityscapes", profile="reference")
-    assert (cfg.crop_size, cfg.scale, cfg.test_stride) == ((769, 769), (2049, 1025), (513, 513))
-    assert cfg.align_corners and cfg.test_mode == "slide"
-    assert (cfg.max_iters, cfg.batch_size, cfg.eval_interval) == (40000, 8, 4000)
+    r = cfg.recipe
+    assert (r.crop_size, r.scale, r.test_stride) == ((769, 769), (2049, 1025), (513, 513))
+    assert r.align_corners and r.test_mode == "slide"
+    assert (cfg.max_iters, r.batch_size, cfg.eval_interval) == (40000, 8, 4000)
     s = cfg.schedule
     assert (s.lr, s.momentum, s.weight_decay) == (0.01, 0.9, 5e-4)
     assert (s.poly_power, s.min_lr) == (0.9, 1e-4)
-    assert (cfg.aux_weight, cfg.avg_non_ignore, s.warmup_iters) == (0.4, False, 0)
+    assert (r.aux_weight, r.avg_non_ignore, s.warmup_iters) == (0.4, False, 0)
     ade = params.experiment("dnl_r101-d8_512x512_160k_ade20k", profile="reference")
-    assert (ade.num_classes, ade.depth, ade.batch_size, ade.max_iters) == (150, 101, 16, 160000)
-    assert ade.scale == (2048, 512) and not ade.align_corners and ade.test_mode == "whole"
+    assert (ade.num_classes, ade.depth, ade.recipe.batch_size, ade.max_iters) == (150, 101, 16, 160000)
+    assert ade.recipe.scale == (2048, 512) and not ade.recipe.align_corners and ade.recipe.test_mode == "whole"
 
 
 def test_the_matrix_covers_the_results_table(params):
@@ -44,29 +47,30 @@ def test_the_matrix_covers_the_results_table(params):
     for name in names:
         cfg = params.experiment(name, profile="reference")
         # the name encodes backbone, crop, schedule and dataset exactly as the seed's config names do
-        crop = f"{cfg.crop_size[0]}x{cfg.crop_size[1]}"
-        assert name == f"dnl_r{cfg.depth}-d8_{crop}_{cfg.max_iters // 1000}k_{cfg.dataset}"
+        crop = f"{cfg.recipe.crop_size[0]}x{cfg.recipe.crop_size[1]}"
+        assert name == f"dnl_r{cfg.depth}-d8_{crop}_{cfg.max_iters // 1000}k_{cfg.recipe.dataset}"
         assert params.experiments[name].schedule == f"{cfg.max_iters // 1000}k"
 
 
 def test_sample_profile_scales_sizes_and_iterations(raw, params):
     cfg = params.experiment(R50, profile="sample")
     s = raw["profiles"]["sample"]["size_scale"]
-    assert cfg.crop_size == (round(512 * s), round(1024 * s)) and cfg.scale == (round(2048 * s), round(1024 * s))
+    assert cfg.recipe.crop_size == (round(512 * s), round(1024 * s))
+    assert cfg.recipe.scale == (round(2048 * s), round(1024 * s))
     scale = raw["profiles"]["sample"]["schedule_scale"]
-    assert raw["profiles"]["sample"]["max_iters"] == 0 and cfg.max_iters == round(40000 * scale) == 1
+    assert raw["profiles"]["sample"]["max_iters"] is None and cfg.max_iters == round(40000 * scale) == 1
     # Every row stays a distinct run: the 40k / 80k / 160k rows keep their proportions.
     iters = {params.experiments[n].schedule: params.experiment(n, "sample").max_iters for n in params.experiments}
     assert iters == {"40k": 1, "80k": 2, "160k": 4}
 
 
 def test_config_crosses_to_the_workers_as_it_is(params):
-    """The training config is one frozen dataclass: tuples stay tuples through a copy by reduction (the
+    """The training config is one frozen model: tuples stay tuples through a copy by reduction (the
     protocol Ray's cloudpickle uses to send it)."""
     cfg = params.experiment(R50)
     again = copy.deepcopy(cfg)
-    assert again == cfg and isinstance(again.crop_size, tuple) and again.schedule.lr == 0.01
-    with pytest.raises(AttributeError):
+    assert again == cfg and isinstance(again.recipe.crop_size, tuple) and again.schedule.lr == 0.01
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.name = "other"   # frozen
 
 
@@ -96,7 +100,8 @@ DELETE = object()
         (["schedules", "40k", "max_iters"], 0, "schedules.40k.max_iters: expected a positive integer"),
         (["train", "lr"], -0.01, "train.lr: expected a positive number, got -0.01"),
         (["train", "lr"], 0, "train.lr: expected a positive number"),
-        (["profiles", "sample", "max_iters"], -5, "profiles.sample.max_iters: expected an integer >= 0"),
+        (["profiles", "sample", "max_iters"], -5,
+         "profiles.sample.max_iters: expected a positive integer or null, got -5"),
         (["profiles", "sample", "precision"], "fp16", "profiles.sample.precision: fp16 needs use_gpu"),
         (["profile"], "huge", "profile: expected one of reference, sample"),
         (["train", "attention"], "flash", "train.attention: expected one of fused, naive"),
@@ -107,6 +112,23 @@ DELETE = object()
         (["tune", "experiment"], "nope", "tune.experiment: unknown experiment 'nope'"),
         (["imported_checkpoints"], {"x": {"experiment": "nope", "source": "a.pth"}},
          "imported_checkpoints.x.experiment: expected one of"),
+        # a value of the wrong type
+        (["train", "channels_last"], "yes", "train.channels_last: expected true or false, got 'yes'"),
+        (["train", "attention"], 3, "train.attention: expected one of fused, naive, got 3"),
+        (["tracking", "uri"], 5, "tracking.uri: expected a string, got 5"),
+        (["profiles", "sample"], [1], "profiles.sample: expected a mapping, got [1]"),
+        # an empty list where one is needed
+        (["tune", "space", "lr"], {"choice": []}, "tune.space.lr.choice: expected a non-empty list, got []"),
+        # a 0 where null now means "inherit / all / skip"
+        (["profiles", "sample", "batch_size"], 0,
+         "profiles.sample.batch_size: expected a positive integer or null, got 0"),
+        (["profiles", "sample", "val_max_images"], 0,
+         "profiles.sample.val_max_images: expected a positive integer or null"),
+        (["evaluate", "fps_images"], 0, "evaluate.fps_images: expected a positive integer or null, got 0"),
+        (["tune", "resources_per_trial", "num_workers"], 0,
+         "tune.resources_per_trial.num_workers: expected a positive integer or null, got 0"),
+        (["tune", "eval_interval"], 0, "tune.eval_interval: expected a positive integer or null, got 0"),
+        (["data", "prepare_workers"], 0, "data.prepare_workers: expected a positive integer or null, got 0"),
     ],
 )
 def test_invalid_params_name_the_key(raw, path, value, message):
@@ -130,6 +152,9 @@ def test_invalid_params_name_the_key(raw, path, value, message):
         (["tune", "resources_per_trial", "driver_gpu"], 1, "tune.resources_per_trial.driver_gpu: unknown key "
                                                            "(did you mean driver_cpu?)"),
         (["trian"], {}, "trian: unknown key (did you mean train?)"),
+        (["tune", "scheduler", "grace_periods"], 1,
+         "tune.scheduler.grace_periods: unknown key (did you mean grace_period?)"),
+        (["storage", "endpoint"], "http://x", "storage.endpoint: unknown key (did you mean endpoint_url?)"),
     ],
 )
 def test_unknown_keys_are_refused_with_the_closest_known_one(raw, path, value, message):
@@ -146,7 +171,14 @@ def test_unknown_keys_are_refused_with_the_closest_known_one(raw, path, value, m
         (["profiles", "reference", "evals_per_run"], 0, "profiles.reference.evals_per_run: expected a positive"),
         (["evaluate", "profiles", "sample", "fps_images"], 1, "evaluate.profiles.sample.fps_images: 1 must be "
                                                               "larger than fps_warmup"),
-        (["evaluate", "cpu_threads"], -1, "evaluate.cpu_threads: expected an integer >= 0, got -1"),
+        # a value only another profile uses
+        (["profiles", "reference", "resources_per_worker"], {"GPU": -1},
+         "profiles.reference.resources_per_worker: expected a mapping of Ray resources"),
+        (["profiles", "reference", "precision"], "fp8",
+         "profiles.reference.precision: expected one of fp32, bf16, fp16, got 'fp8'"),
+        (["evaluate", "profiles", "sample", "device"], "tpu", "evaluate.profiles.sample.device: expected one of auto"),
+        (["evaluate", "profiles", "huge"], {}, "evaluate.profiles.huge: not a profile"),
+        (["evaluate", "cpu_threads"], -1, "evaluate.cpu_threads: expected a positive integer or null, got -1"),
     ],
 )
 def test_every_value_is_checked_whatever_the_profile(raw, path, value, message):
@@ -178,8 +210,8 @@ def test_paths_resolve_against_the_repo_the_stage_runs_in(raw, tmp_path):
     assert params.prepared_dir == tmp_path.resolve() / "data" / "prepared"
     assert params.sources["cityscapes"] == tmp_path.resolve() / "data" / "sample" / "cityscapes"
     cfg = params.experiment(R50)
-    assert cfg.storage_path == str(tmp_path.resolve() / "runs")
-    assert cfg.data_dir == str(tmp_path.resolve() / "data" / "prepared" / "cityscapes")
+    assert cfg.location.storage_path == str(tmp_path.resolve() / "runs")
+    assert cfg.location.data_dir == str(tmp_path.resolve() / "data" / "prepared" / "cityscapes")
 
 
 # --- the registries agree with params.yaml and dvc.yaml -------------------------------------------
@@ -243,3 +275,48 @@ def test_code_deps_of_a_stage_exist_and_cover_what_it_imports(stage, modules):
     ours = {f for f in files if f.startswith(str(CODE_ROOT)) and "/.venv" not in f} - package_inits
     uncovered = sorted(f for f in ours if not any(f.startswith(str(CODE_ROOT / d)) for d in deps))
     assert not uncovered, f"stage {stage} imports code outside its dvc.yaml deps: {uncovered}"
+
+
+# --- dnlseg show -----------------------------------------------------------------------------------
+
+def test_show_json_is_the_whole_resolved_recipe_of_the_profile(capsys):
+    from pipeline.cli import main
+
+    assert main(["--params", str(REPO / "params.yaml"), "show", R50, "--profile", "reference", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    config = shown["config"]
+    assert config["execution"]["num_workers"] == 4 and config["recipe"]["crop_size"] == [512, 1024]
+    assert config["schedule"]["max_iters"] == 40000 and config["schedule"]["lr"] == 0.01
+    assert config["execution"]["micro_batch_size"] is None and shown["evaluate"]["fps_images"] == 200
+    # every field of the resolved config, nested as the config is
+    assert config == parse(read_raw(REPO / "params.yaml"), REPO).experiment(R50, "reference").model_dump(mode="json")
+    assert shown["stages"][:2] == [f"train@{R50}", f"evaluate@{R50}"] and "train_tuned" in shown["stages"]
+    assert shown["outputs"]["model"] == str(REPO / "models" / R50 / "model.pt")
+    # the reference profile starts from ImageNet weights: without their sha256 there is no identity yet
+    assert shown["run_name"] is None and "dnlseg weights R-50-D8" in shown["run_name_unknown"]
+
+
+def test_show_names_the_run_as_the_train_stage_would(make_params, tiny_data, tmp_path, capsys):
+    from components.training.data_sync import manifest_hash
+    from components.training.identity import code_hash, run_name
+    from pipeline.cli import main
+    from pipeline.config import CODE_ROOT, code_deps
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params(tmp_path / "work")))
+    assert main(["--params", str(tmp_path / "params.yaml"), "show", R50]) == 0
+    text = capsys.readouterr().out
+    cfg = load(tmp_path / "params.yaml").experiment(R50)
+    name = run_name(cfg, manifest_hash(tiny_data / "cityscapes"), code_hash(CODE_ROOT, code_deps("train")))
+    assert f"run name: {name}" in text and "lr: 0.01" in text and "tune, train_tuned" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "dnl_nope"], "params.yaml: experiments: unknown experiment 'dnl_nope'"),
+    (["show", R50, "--profile", "huge"], "params.yaml: profile: expected one of reference, sample, got 'huge'"),
+])
+def test_show_unknown_experiment_or_profile_is_one_line_exit_2(argv, message, capsys):
+    from pipeline.cli import main
+
+    assert main(["--params", str(REPO / "params.yaml"), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dnlseg show: error: ") and message in lines[0]

@@ -51,7 +51,7 @@ def tiny_params(work: Path, data_root: Path, db_template: Path) -> dict:
     params["profiles"]["sample"].update({"size_scale": 0.03125, "use_gpu": False, "precision": "fp32"})
     params["data"]["prepared_dir"] = str(data_root)
     params["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}"}
-    params["evaluate"] = {"ms_ratios": [0.5, 1.0], "flip": True, "max_images": 0, "fps_images": 4,
+    params["evaluate"] = {"ms_ratios": [0.5, 1.0], "flip": True, "max_images": None, "fps_images": 4,
                           "fps_warmup": 1, "overlays": 1, "device": "cpu", "precision": "auto", "fold_bn": True,
                           "cpu_threads": 1}
     return params
@@ -237,7 +237,7 @@ def test_imported_checkpoint_gets_a_run_of_its_own(evaluated, tmp_path):
     digest = hashlib.sha256(wrong.read_bytes()).hexdigest()
     released = wrong.rename(tmp_path / f"dnl_released_20200904-{digest[:8]}.pth")
     params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "source": str(released)}}
-    params["evaluate"].update({"fps_images": 0, "overlays": 0, "ms_ratios": [1.0], "flip": False})
+    params["evaluate"].update({"fps_images": None, "overlays": 0, "ms_ratios": [1.0], "flip": False})
     summary = evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
     assert summary["imported"] is True and summary["speed"] is None and summary["train_memory"] is None
     assert summary["train"] == {"crop_size": [512, 1024], "max_iters": 40000, "batch_size": 8}

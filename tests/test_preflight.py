@@ -150,7 +150,7 @@ def test_a_worker_must_fit_on_one_node():
 def test_ray_check_against_the_live_cluster(ray_local, make_params, tmp_path, monkeypatch):
     cfg = as_params(make_params(tmp_path)).experiment(EXPERIMENT)     # 2 workers x 1 CPU on 2 CPUs
     preflight_ray(cfg)
-    too_big = cfg.with_overrides(num_workers=3)
+    too_big = cfg.updated(execution={"num_workers": 3})
     with pytest.raises(PreflightError, match=r"needs \{CPU: 3\}.*has \{CPU: 2\}"):
         preflight_ray(too_big)
     monkeypatch.setenv("DNLSEG_RAY_AUTOSCALING", "1")   # a cluster that adds nodes: report, go on

@@ -165,5 +165,5 @@ def test_endpoint_and_region_from_params_else_the_environment(monkeypatch):
     assert storage_settings(params) == {"endpoint_url": "https://minio.internal", "region": "us-east-2"}
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.delenv("AWS_DEFAULT_REGION")
-    empty = {"endpoint_url": "", "region": ""}
+    empty = {"endpoint_url": None, "region": None}
     assert storage_settings({"storage": dict(empty)}) == empty       # AWS itself, its default region

@@ -255,7 +255,7 @@ def test_run_name_changes_with_what_is_learned_not_where_it_runs():
     data, code = "a" * 64, "c" * 64
     name = run_name(cfg, data, code)
     assert name.startswith("dnl_r50-d8_512x1024_40k_cityscapes-") and name == run_name(cfg, data, code)
-    assert run_name(cfg.with_overrides(num_workers=8, storage_path="s3://b/x", loader_workers=4),
+    assert run_name(cfg.updated(execution={"num_workers": 8, "loader_workers": 4}, location={"storage_path": "s3://b/x"}),
                     data, code) == name
     assert run_name(cfg.with_schedule(lr=0.02), data, code) != name
     assert run_name(cfg.with_schedule(max_iters=cfg.max_iters + 1), data, code) != name

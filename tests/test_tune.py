@@ -89,7 +89,7 @@ def test_apply_tuned_overrides_the_schedule(tmp_path):
     from pipeline.config import load
 
     cfg = load().experiment(EXPERIMENT, "sample")
-    cfg = cfg.with_schedule(max_iters=16).with_overrides(evals_per_run=2)   # an evaluation every 8
+    cfg = cfg.with_schedule(max_iters=16).updated(recipe={"evals_per_run": 2})   # an evaluation every 8
     assert cfg.eval_interval == 8
     path = tmp_path / "best_params.yaml"
     path.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "sample",
@@ -97,7 +97,7 @@ def test_apply_tuned_overrides_the_schedule(tmp_path):
     tuned = tuning.apply_tuned(cfg, path)
     assert (tuned.schedule.lr, tuned.max_iters, tuned.schedule.warmup_iters) == (0.02, 8, 2)
     assert tuned.eval_interval == 4                         # still 2 evaluations per run
-    assert tuned.schedule.weight_decay == cfg.schedule.weight_decay and tuned.crop_size == cfg.crop_size
+    assert tuned.schedule.weight_decay == cfg.schedule.weight_decay and tuned.recipe == cfg.recipe
     path.write_text(yaml.safe_dump({"experiment": EXPERIMENT, "profile": "reference",
                                     "params": {"lr": 0.02}}))
     with pytest.raises(ValueError, match=r"best_params.yaml: tuned for profile 'reference', but training "
@@ -184,8 +184,6 @@ def test_repo_params_tune_section_resolves_and_bad_values_name_the_key():
 def test_sweep_name_follows_what_is_searched_not_where_it_runs():
     """The sweep's name decides restore-or-start-over: same search elsewhere restores, a changed search
     (or data) starts a fresh sweep."""
-    import dataclasses
-
     from components.training.identity import sweep_name as named
     from pipeline.config import load
 
@@ -196,10 +194,12 @@ def test_sweep_name_follows_what_is_searched_not_where_it_runs():
     cfg, settings = params.experiment(EXPERIMENT, "sample"), params.tune
     name = sweep_name(cfg, settings, "data-1")
     assert name.startswith(f"{EXPERIMENT}-tune-")
-    moved = dataclasses.replace(settings, num_workers=4, max_concurrent_trials=2, driver={"CPU": 1})
-    assert sweep_name(cfg.with_overrides(storage_path="s3://bucket/runs"), moved, "data-1") == name
-    assert sweep_name(cfg, dataclasses.replace(settings, seed=1), "data-1") != name
-    assert sweep_name(cfg, dataclasses.replace(settings, space={"lr": 0.02}), "data-1") != name
+    trial = settings.resources_per_trial.model_copy(
+        update={"num_workers": 4, "max_concurrent_trials": 2, "driver_cpu": 1})
+    moved = settings.model_copy(update={"resources_per_trial": trial})
+    assert sweep_name(cfg.updated(location={"storage_path": "s3://bucket/runs"}), moved, "data-1") == name
+    assert sweep_name(cfg, settings.model_copy(update={"seed": 1}), "data-1") != name
+    assert sweep_name(cfg, settings.model_copy(update={"space": {"lr": 0.02}}), "data-1") != name
     assert sweep_name(cfg.with_schedule(momentum=0.8), settings, "data-1") != name
     assert sweep_name(cfg, settings, "data-2") != name
     assert named(cfg, settings.learned(), "data-1", "code-2") != name   # other code: a fresh sweep
@@ -213,10 +213,10 @@ def sweep_params(make_params, work: Path, lrs: list[float], max_iters: int, eval
     params = make_params(work, max_iters=max_iters, evals_per_run=evals, num_workers=1,
                          resources_per_worker={"CPU": 2})
     params["tune"] = {"experiment": EXPERIMENT, "num_samples": 1, "seed": 0, "metric": "aAcc", "mode": "max",
-                      "space": {"lr": {"grid": lrs}}, "eval_interval": 0,
+                      "space": {"lr": {"grid": lrs}}, "eval_interval": None,
                       "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                      "resources_per_trial": {"driver_cpu": 0, "driver_memory_gb": 0.25, "num_workers": 0,
-                                              "resources_per_worker": {}}}
+                      "resources_per_trial": {"driver_cpu": 0, "driver_memory_gb": 0.25, "num_workers": None,
+                                              "resources_per_worker": None}}
     return params
 
 

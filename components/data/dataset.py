@@ -45,12 +45,12 @@ def read_manifest(split_dir: Path) -> list[dict]:
 class SegmentationDataset(Dataset):
     """Images and train-id labels of one prepared split. `transform(image=rgb_uint8, mask=label_uint8)`
     returns numpy arrays (see transforms.py); without one, the image is returned as float 0..255.
-    max_images > 0 keeps only the first max_images (a quick validation subset)."""
+    max_images (set) keeps only the first max_images (a quick validation subset)."""
 
-    def __init__(self, split_dir: Path | str, transform=None, max_images: int = 0):
+    def __init__(self, split_dir: Path | str, transform=None, max_images: int | None = None):
         self.split_dir = Path(split_dir)
         rows = read_manifest(self.split_dir)
-        self.rows = rows[:max_images] if max_images > 0 else rows
+        self.rows = rows[:max_images] if max_images else rows
         self.transform = transform
 
     def __len__(self) -> int:

@@ -40,8 +40,8 @@ class ModelSpec:
 
     @classmethod
     def of(cls, cfg) -> ModelSpec:
-        """The spec of a resolved experiment (components.experiment.TrainConfig)."""
-        return cls(experiment=cfg.name, **{f: getattr(cfg, f) for f in _FIELDS if f != "experiment"})
+        """The spec of a resolved experiment (components.experiment.RunConfig)."""
+        return cls(experiment=cfg.name, **{f: getattr(cfg.recipe, f) for f in _FIELDS if f != "experiment"})
 
     @classmethod
     def from_json(cls, data: dict) -> ModelSpec:

@@ -10,20 +10,20 @@ import torch
 from torch.utils.data import Sampler
 
 
-def plan_batches(global_batch: int, num_workers: int, micro_batch: int = 0) -> tuple[int, int]:
+def plan_batches(global_batch: int, num_workers: int, micro_batch: int | None = None) -> tuple[int, int]:
     """(images per forward per worker, accumulation steps) with per_step * workers * accum == global.
 
-    `micro_batch` caps the images one worker puts through one forward (memory); 0 = no cap, so the
+    `micro_batch` caps the images one worker puts through one forward (memory); None (or 0) = no cap, so the
     worker's whole share goes in one step. Raises ValueError when the global batch cannot be split.
     """
-    if global_batch <= 0 or num_workers <= 0 or micro_batch < 0:
+    if global_batch <= 0 or num_workers <= 0 or (micro_batch or 0) < 0:
         raise ValueError(f"batch_size ({global_batch}) and num_workers ({num_workers}) must be positive, "
                          f"micro_batch_size ({micro_batch}) >= 0")
     if global_batch % num_workers:
         raise ValueError(f"batch_size: global batch {global_batch} is not divisible by num_workers "
                          f"{num_workers}: every worker must take the same share")
     share = global_batch // num_workers
-    if micro_batch == 0 or micro_batch >= share:
+    if not micro_batch or micro_batch >= share:
         return share, 1
     if share % micro_batch:
         raise ValueError(f"micro_batch_size: {micro_batch} does not divide the per-worker share {share} "

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from components.experiment import TrainConfig
+from components.experiment import LEARNED_PARTS, Execution, Location, RunConfig, flat_settings
 
 # Code that runs the train and tune stages without changing what a run learns: the train driver, Ray
 # start-up and checks, tracking, console lines, shipping data and weights to the nodes, file writing.
@@ -20,9 +20,7 @@ ORCHESTRATION = ("pipeline/cli.py", "pipeline/train.py", "components/tracking.py
                  "components/training/identity.py")
 
 # Fields that say where and how fast a run executes, not what it learns: changing them resumes the run.
-EXECUTION_FIELDS = frozenset({"ray_address", "storage_path", "data_dir", "loader_workers",
-                              "max_failures", "num_workers", "use_gpu", "resources_per_worker",
-                              "micro_batch_size", "storage_endpoint_url", "storage_region"})
+EXECUTION_FIELDS = frozenset(Execution.model_fields) | frozenset(Location.model_fields)
 
 
 def code_hash(root: Path | str, deps: tuple[str, ...] | list[str]) -> str:
@@ -38,21 +36,21 @@ def code_hash(root: Path | str, deps: tuple[str, ...] | list[str]) -> str:
     return digest.hexdigest()
 
 
-def learned_settings(cfg: TrainConfig) -> dict:
-    """The config minus EXECUTION_FIELDS."""
-    return {k: v for k, v in cfg.to_flat_dict().items() if k not in EXECUTION_FIELDS}
+def learned_settings(cfg: RunConfig) -> dict:
+    """The config minus its execution and location (EXECUTION_FIELDS)."""
+    return flat_settings(cfg, LEARNED_PARTS)
 
 
 def _digest(blob: dict) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def run_name(cfg: TrainConfig, data_hash: str, code: str) -> str:
+def run_name(cfg: RunConfig, data_hash: str, code: str) -> str:
     """`<exp>-<8 hex>` over what the run learns: its settings, the data, the code."""
     return f"{cfg.name}-{_digest({'config': learned_settings(cfg), 'data': data_hash, 'code': code})}"
 
 
-def sweep_name(cfg: TrainConfig, tune_settings: dict, data_hash: str, code: str) -> str:
+def sweep_name(cfg: RunConfig, tune_settings: dict, data_hash: str, code: str) -> str:
     """`<exp>-tune-<8 hex>` over what a sweep finds: the base config, the sweep's settings, data, code."""
     blob = {"config": learned_settings(cfg), "tune": tune_settings, "data": data_hash, "code": code}
     return f"{cfg.name}-tune-{_digest(blob)}"

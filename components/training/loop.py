@@ -2,7 +2,7 @@
 train.py, iteration-based, with the Ray parts in plain sight: get_checkpoint, prepare_model, report).
 
 TorchTrainer hands `run_worker` (through components.training.trainer.train_loop_per_worker, which imports
-this module in the worker only) {"cfg": TrainConfig, "run": RunInfo, "hooks": LoopHooks or None}.
+this module in the worker only) {"cfg": RunConfig, "run": RunInfo, "hooks": LoopHooks or None}.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from components.console import warn
 from components.data.dataset import SegmentationDataset, build_loader
 from components.data.transforms import build_test_transform, build_train_transform
-from components.experiment import TrainConfig
+from components.experiment import RunConfig
 from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
 from components.models.speedups import use_precision
@@ -68,7 +68,7 @@ class LoopHooks:
 
 
 def run_worker(config: dict) -> dict:
-    c: TrainConfig = config["cfg"]
+    c: RunConfig = config["cfg"]
     run: RunInfo = config.get("run") or RunInfo()
     ctx = ray.train.get_context()
     # Every MLflow call of this worker gives up quickly, the system-metrics thread's too: MLflow retries
@@ -82,29 +82,30 @@ def run_worker(config: dict) -> dict:
         return train(c, run, config.get("hooks") or LoopHooks(), ctx)
 
 
-def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
+def train(c: RunConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    per_step, accum = plan_batches(c.batch_size, world, c.micro_batch_size)
-    torch.set_num_threads(max(1, int(c.resources_per_worker.get("CPU", 1))))
+    per_step, accum = plan_batches(c.recipe.batch_size, world, c.execution.micro_batch_size)
+    torch.set_num_threads(max(1, int(c.execution.resources_per_worker.get("CPU", 1))))
     torch.backends.cudnn.benchmark = True
-    use_precision(c.precision)
+    use_precision(c.recipe.precision)
     device = ray.train.torch.get_device()
 
     # Model, then the state to resume from (Ray hands every rank the latest reported checkpoint).
-    seed_everything(c.seed)
-    model = build_dnlnet(depth=c.depth, num_classes=c.num_classes, align_corners=c.align_corners,
-                         attention=c.attention, avg_non_ignore=c.avg_non_ignore, aux_weight=c.aux_weight)
+    seed_everything(c.recipe.seed)
+    model = build_dnlnet(depth=c.depth, num_classes=c.num_classes, align_corners=c.recipe.align_corners,
+                         attention=c.recipe.attention, avg_non_ignore=c.recipe.avg_non_ignore,
+                         aux_weight=c.recipe.aux_weight)
     checkpoint = ray.train.get_checkpoint()
     state = resume(checkpoint, model, rank, world, device) if checkpoint else None
     resumed = state is not None
     if not resumed:
         state = {"iteration": 0, "train_time_s": 0.0, "best": None, "curve": []}
-        if c.pretrained != "none":   # ImageNet weights, fresh runs only; every backbone key from the file
+        if c.recipe.pretrained != "none":   # ImageNet weights, fresh runs only; every backbone key from the file
             load_pretrained_backbone(model.backbone, on_this_node(run.pretrained_path, run.pretrained_uri,
-                                                                  c.pretrained_sha256))
-    if c.use_gpu:
+                                                                  c.recipe.pretrained_sha256))
+    if c.execution.use_gpu:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # BN statistics over the global batch
-    if c.channels_last:
+    if c.recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # To the device, and DDP (gloo on CPU, NCCL on GPU) when world > 1. The training call goes through
     # ddp_model(img, label) -> model.forward_train: DDP syncs gradients only for calls through its forward.
@@ -112,7 +113,7 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
     schedule = c.schedule
     optimizer = sgd(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
                     weight_decay=schedule.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=c.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=c.recipe.precision == "fp16")
     if resumed:
         optimizer.load_state_dict(state.pop("optimizer"))
         scaler.load_state_dict(state.pop("scaler"))
@@ -120,20 +121,20 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
 
     # Data: an endless seeded stream per rank that a resumed run re-enters where it stopped; the
     # augmentation seed moves with the iteration so a resumed run does not replay iteration 0's crops.
-    aug_seed = augmentation_seed(c.seed, rank, start)
+    aug_seed = augmentation_seed(c.recipe.seed, rank, start)
     seed_everything(aug_seed)
-    data_dir = local_dataset(c.data_dir, run.data_uri, run.manifest_sha256)   # downloads it on a node lacking it
+    data_dir = local_dataset(c.location.data_dir, run.data_uri, run.manifest_sha256)   # fetched on a node lacking it
     train_set = SegmentationDataset(data_dir / "train", build_train_transform(
-        scale=c.scale, crop_size=c.crop_size, cat_max_ratio=c.cat_max_ratio))
-    sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=c.seed,
+        scale=c.recipe.scale, crop_size=c.recipe.crop_size, cat_max_ratio=c.recipe.cat_max_ratio))
+    sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=c.recipe.seed,
                                          start=start * accum * per_step)
-    batches = iter(build_loader(train_set, per_step, c.loader_workers, seed=aug_seed, sampler=sampler))
-    val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=c.scale),
-                                  max_images=c.val_max_images)
-    val_loader = build_loader(Subset(val_set, shard(len(val_set), rank, world)), 1, c.loader_workers,
+    batches = iter(build_loader(train_set, per_step, c.execution.loader_workers, seed=aug_seed, sampler=sampler))
+    val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=c.recipe.scale),
+                                  max_images=c.recipe.val_max_images)
+    val_loader = build_loader(Subset(val_set, shard(len(val_set), rank, world)), 1, c.execution.loader_workers,
                               shuffle=False, drop_last=False)
 
-    progress = Progress(c.max_iters, c.batch_size, c.name)
+    progress = Progress(c.max_iters, c.recipe.batch_size, c.name)
     tracker = RunLogger(with_env_credentials(c.tracking_uri), run.mlflow_run_id if rank == 0 else None,
                         who=f"{c.name} rank 0", fail_fast=True)
     hooks.on_start(rank, start)
@@ -143,7 +144,7 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
         tracker.set_tags({"ray_nodes": ",".join(sorted(set(nodes)))})
         progress.say(f"[{c.name}] {'resuming at' if start else 'starting at'} iteration "
                      f"{start}/{c.max_iters}: {world} workers x {per_step} images x {accum} accumulation "
-                     f"steps = batch {c.batch_size}, {c.precision}, device {device}")
+                     f"steps = batch {c.recipe.batch_size}, {c.recipe.precision}, device {device}")
     model.train()
     for it in range(start + 1, c.max_iters + 1):   # `it` is the iteration being run, counted from 1
         tic = time.perf_counter()
@@ -152,7 +153,7 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
             group["lr"] = lr
         try:
             losses = train_step(ddp_model, optimizer, scaler, hooks.batches(batches, it), accum, device,
-                                c.precision, c.channels_last, it)
+                                c.recipe.precision, c.recipe.channels_last, it)
         except FloatingPointError as e:
             # Not a transient failure: raised, Ray would restart the workers from the last checkpoint
             # and meet the same NaN again (max_failures times, forever with -1). Every rank sees the
@@ -177,9 +178,10 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
 
         if is_eval:   # every rank evaluates its shard; counts are all-reduced inside
-            result = evaluate(model, val_loader, c.num_classes, device, mode=c.test_mode,
-                              crop_size=c.test_crop, stride=c.test_stride, align_corners=c.align_corners,
-                              channels_last=c.channels_last, precision=c.precision)
+            result = evaluate(model, val_loader, c.num_classes, device, mode=c.recipe.test_mode,
+                              crop_size=c.recipe.test_crop, stride=c.recipe.test_stride,
+                              align_corners=c.recipe.align_corners,
+                              channels_last=c.recipe.channels_last, precision=c.recipe.precision)
             summary = {"iteration": it, **{k: round(100 * result[k], 2) for k in ("mIoU", "mAcc", "aAcc")}}
             if rank == 0:
                 log_evaluation(c, state, summary, result, tracker, progress)
@@ -198,7 +200,7 @@ def train(c: TrainConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
             "median_step_s": steps[len(steps) // 2] if steps else None, "mlflow_failures": tracker.failures}
 
 
-def log_evaluation(c: TrainConfig, state: dict, summary: dict, result: dict, tracker: RunLogger,
+def log_evaluation(c: RunConfig, state: dict, summary: dict, result: dict, tracker: RunLogger,
                    progress: Progress) -> None:
     """Rank 0: mIoU into the curve row, best so far, MLflow (with per-class IoU), one console line."""
     state["curve"][-1]["mIoU"] = summary["mIoU"]
@@ -212,7 +214,7 @@ def log_evaluation(c: TrainConfig, state: dict, summary: dict, result: dict, tra
                  f"at {state['best']['iteration']})")
 
 
-def save_checkpoint_folder(folder, c: TrainConfig, model, optimizer, scaler, state: dict, summary: dict) -> None:
+def save_checkpoint_folder(folder, c: RunConfig, model, optimizer, scaler, state: dict, summary: dict) -> None:
     """model.pt + train_state.pt + the small files the driver reads without loading tensors."""
     meta = {"experiment": c.name, "iteration": state["iteration"], "mIoU": summary["mIoU"],
             "CLASSES": list(c.class_names)}

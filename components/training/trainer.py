@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.atomic import atomic_open
-from components.experiment import TrainConfig
+from components.experiment import RunConfig
 
 if TYPE_CHECKING:
     from components.training.loop import LoopHooks
@@ -23,7 +23,7 @@ class RunInfo:
     log_interval: int = 1
     manifest_sha256: str | None = None    # of the prepared data: a node lacking it fetches this version
     data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
-    pretrained_path: str | None = None    # the driver's verified copy of cfg.pretrained
+    pretrained_path: str | None = None    # the driver's verified copy of cfg.recipe.pretrained
     pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
 
 
@@ -39,12 +39,12 @@ def train_loop_per_worker(config: dict) -> dict:
     return run_worker(config)
 
 
-def log_interval(cfg: TrainConfig) -> int:
+def log_interval(cfg: RunConfig) -> int:
     """mmseg logs every 50 iterations; short runs log every iteration so their curves have points."""
     return max(1, min(50, cfg.eval_interval // 10))
 
 
-def build_trainer(cfg: TrainConfig, ray_name: str, run: RunInfo, *, hooks: LoopHooks | None = None,
+def build_trainer(cfg: RunConfig, ray_name: str, run: RunInfo, *, hooks: LoopHooks | None = None,
                   callbacks: list | None = None):
     """TorchTrainer over the per-worker loop: DDP workers, checkpoints kept (best by mIoU + latest),
     worker-group restarts from the latest checkpoint on failure. The loop gets the config itself
@@ -58,47 +58,47 @@ def build_trainer(cfg: TrainConfig, ray_name: str, run: RunInfo, *, hooks: LoopH
     from components.storage import endpoint_env, pyarrow_filesystem
     from components.tracking import redact
 
-    storage, env = {"storage_path": cfg.storage_path}, {}
-    if cfg.storage_path.startswith("s3://") or cfg.storage_endpoint_url:
-        env = endpoint_env(cfg.storage_endpoint_url, cfg.storage_region)
-    if cfg.storage_path.startswith("s3://"):
-        fs, path = pyarrow_filesystem(cfg.storage_path, cfg.storage_endpoint_url, cfg.storage_region)
+    storage, env = {"storage_path": cfg.location.storage_path}, {}
+    if cfg.location.storage_path.startswith("s3://") or cfg.location.endpoint_url:
+        env = endpoint_env(cfg.location.endpoint_url, cfg.location.region)
+    if cfg.location.storage_path.startswith("s3://"):
+        fs, path = pyarrow_filesystem(cfg.location.storage_path, cfg.location.endpoint_url, cfg.location.region)
         storage = {"storage_path": path, "storage_filesystem": fs}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.with_overrides(tracking_uri=redact(cfg.tracking_uri)), "run": run,
+        train_loop_config={"cfg": cfg.updated(tracking_uri=redact(cfg.tracking_uri)), "run": run,
                            "hooks": hooks},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=cfg.resources_per_worker or None),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.execution.num_workers, use_gpu=cfg.execution.use_gpu,
+                                               resources_per_worker=cfg.execution.resources_per_worker or None),
         run_config=ray.train.RunConfig(
             name=ray_name, **storage, callbacks=callbacks or None,
             worker_runtime_env={"env_vars": env} if env else None,
             # num_to_keep=1 by mIoU keeps the best; Ray always keeps the latest too (for resume).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="mIoU",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.execution.max_failures)),
     )
 
 
-def fetch_pretrained(cfg: TrainConfig, root: Path, cache_dir: Path) -> tuple[TrainConfig, Path | None]:
+def fetch_pretrained(cfg: RunConfig, root: Path, cache_dir: Path) -> tuple[RunConfig, Path | None]:
     """Before Ray starts: the backbone's ImageNet weights fetched once into the cache, verified (sha256
     prefix in the name, every backbone tensor present), and their sha256 put in the config, hence in
     the run identity and the MLflow params. Random init (`none`) gives (cfg, None)."""
     from components.models.checkpoint import check_pretrained_backbone
     from components.weights import fetch, sha256_file
 
-    if cfg.pretrained == "none":
+    if cfg.recipe.pretrained == "none":
         return cfg, None
-    path = fetch(cfg.pretrained, root=root, cache_dir=cache_dir)
+    path = fetch(cfg.recipe.pretrained, root=root, cache_dir=cache_dir)
     check_pretrained_backbone(path, cfg.depth)
-    return cfg.with_overrides(pretrained_sha256=sha256_file(path)), path
+    return cfg.updated(recipe={"pretrained_sha256": sha256_file(path)}), path
 
 
-def describe_init(cfg: TrainConfig) -> str:
+def describe_init(cfg: RunConfig) -> str:
     """How the backbone starts, for the stage's first line."""
-    if cfg.pretrained == "none":
+    if cfg.recipe.pretrained == "none":
         return "backbone from random init (pretrained: none)"
-    return f"backbone from {cfg.pretrained} (sha256 {cfg.pretrained_sha256[:12]})"
+    return f"backbone from {cfg.recipe.pretrained} (sha256 {cfg.recipe.pretrained_sha256[:12]})"
 
 
 def run_exists(storage_path: str, name: str) -> bool:

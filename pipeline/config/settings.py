@@ -1,32 +1,221 @@
-"""params.yaml's `evaluate`, `report` and `tune` sections, validated (the training side is in
-__init__.py)."""
+"""The sections of params.yaml, each a frozen pydantic model whose fields are the file's keys.
+
+Absent or null means "inherit / all / skip / from the environment"; a value given must be valid. Paths
+resolve against the repo (the validation context's `root`). Checks that span sections are in Params.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import warnings
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from components import tuning
-from pipeline.config.reader import ConfigError, Section, fail
+from pydantic import AfterValidator, StrictBool, ValidationInfo, field_validator, model_validator
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-EVAL_PRECISIONS = ("auto", *PRECISIONS)
+from components.backbones import BACKBONES
+from components.data.datasets import dataset_names
+from components.experiment import (
+    SGD,
+    FieldError,
+    Frozen,
+    NonNegative,
+    NonNegativeInt,
+    Pair,
+    Positive,
+    PositiveInt,
+    PositiveIntOrNull,
+    Precision,
+    Resources,
+    number,
+)
+from components.tuning import check_space
+
+# A key with one of these in its name is a credential: it belongs in the environment, not in params.yaml.
+CREDENTIAL_WORDS = ("secret", "password", "token", "access_key", "credential", "session")
+CREDENTIALS_HINT = ("params.yaml is committed: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) in the environment, and DVC's "
+                    "with `dvc remote modify --local`")
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """`evaluate:` with `evaluate.profiles.<profile>` laid over it (spec sections 2 and 4)."""
+def _no_credentials(value: str | None) -> str | None:
+    if value and "://" in value and "@" in urlsplit(value).netloc:
+        raise ValueError(f"the URL holds credentials (user:password@); {CREDENTIALS_HINT}")
+    return value
 
-    ms_ratios: tuple[float, ...]
-    flip: bool
-    max_images: int              # 0 = the whole val split
-    fps_images: int              # the seed: 200 images, the first 5 not timed; 0 = skip
-    fps_warmup: int
-    overlays: int                # val images drawn as image | ground truth | prediction
-    device: str                  # auto | cpu | cuda
-    precision: str               # fp32 (the seed's) | auto (fp16 on CUDA, bf16 on CPU) | bf16 | fp16: autocast
-    fold_bn: bool                # BatchNorm folded into the convs (exact in fp32; bench/README.md)
-    cpu_threads: int             # torch's CPU threads; 0 = torch's default (every core)
+
+def _in_repo(value: str | None, info: ValidationInfo) -> str | None:
+    """A relative local path made absolute against the repo; URLs as they are."""
+    if not value or "://" in value:
+        return value
+    return str(Path(info.context["root"]) / value) if info.context else value
+
+
+Url = Annotated[str, AfterValidator(_no_credentials)]
+RepoPath = Annotated[str, AfterValidator(_in_repo)]
+
+
+class Profile(Frozen):
+    """How the table's experiments run: `sample` on a 2-core CPU, `reference` as the seed did."""
+
+    size_scale: Positive                    # crop size, resize scale and slide window x this
+    max_iters: PositiveIntOrNull = None    # every experiment's iterations; None: its schedule x schedule_scale
+    schedule_scale: Positive = 1.0
+    batch_size: PositiveIntOrNull = None   # global; None: the experiment's
+    micro_batch_size: PositiveIntOrNull = None
+    num_workers: PositiveInt
+    use_gpu: StrictBool
+    resources_per_worker: Resources = {}
+    loader_workers: NonNegativeInt
+    pretrained: Literal["imagenet", "none"]
+    precision: Precision
+    evals_per_run: PositiveInt
+    val_max_images: PositiveIntOrNull = None
+
+    @model_validator(mode="after")
+    def _fp16_on_gpu(self):
+        if self.precision == "fp16" and not self.use_gpu:
+            raise FieldError("precision", "fp16 needs use_gpu: true (use bf16 on CPU)")
+        return self
+
+
+class Experiment(Frozen):
+    """One row of the results table (params.yaml `experiments.<name>`)."""
+
+    dataset: str
+    backbone: str
+    crop_size: Pair                         # (h, w)
+    scale: Pair                             # (w, h)
+    schedule: str                           # a key of `schedules`
+    batch_size: PositiveInt
+    align_corners: StrictBool
+    test_mode: Literal["whole", "slide"] = "whole"
+    test_stride: Pair | None = None         # None: the crop size
+
+    @field_validator("backbone")
+    @classmethod
+    def _registered(cls, value):
+        if value not in BACKBONES:
+            raise ValueError(f"expected one of {', '.join(BACKBONES)}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _crop_fits(self):
+        # crop (h, w) must fit in the resize box (w, h) at ratio 1, or every crop would be mostly padding.
+        (h, w), (sw, sh) = self.crop_size, self.scale
+        if h > sh or w > sw:
+            raise FieldError("crop_size", f"{[h, w]} (h, w) is larger than scale {[sw, sh]} (w, h)")
+        return self
+
+
+class Train(SGD):
+    """params.yaml `train`: the SGD every experiment shares, its losses, and where runs go."""
+
+    aux_weight: NonNegative
+    avg_non_ignore: StrictBool
+    cat_max_ratio: Positive
+    seed: NonNegativeInt
+    attention: Literal["fused", "naive"]
+    channels_last: StrictBool
+    pretrained: dict[str, str | None] = {}  # backbone -> weights (path, URL, open-mmlab://…); none/null: random
+    storage_path: Annotated[Url, AfterValidator(_in_repo)]
+    max_failures: NonNegativeInt
+    ray_address: str | None = None          # None: $RAY_ADDRESS, else a local Ray
+
+    @field_validator("pretrained")
+    @classmethod
+    def _backbones(cls, value):
+        for backbone in value:
+            if backbone not in BACKBONES:
+                raise FieldError(backbone, f"not a registered backbone (registered: {', '.join(BACKBONES)})")
+        return value
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, value):
+        if not value:
+            raise ValueError("missing (a local folder or s3://bucket/prefix)")
+        if urlsplit(value).scheme == "s3" and not urlsplit(value).netloc:
+            raise ValueError(f"expected s3://bucket/prefix, got {value!r}")
+        return value
+
+
+class DatasetSource(Frozen):
+    source: RepoPath                        # the dataset's official files
+
+
+class Data(Frozen):
+    prepared_dir: RepoPath
+    prepare_workers: PositiveIntOrNull = None   # None: all cores
+    datasets: dict[str, DatasetSource]
+
+    @field_validator("datasets")
+    @classmethod
+    def _registered(cls, value):
+        for name in value:
+            if name not in dataset_names():
+                raise FieldError(name, f"not a registered dataset (registered: {', '.join(dataset_names())})")
+        return value
+
+
+class SampleSize(Frozen):
+    train: PositiveInt
+    val: PositiveInt
+    height: number(integer=True, minimum=32)
+    width: number(integer=True, minimum=32)
+
+
+class CityscapesSample(SampleSize):
+    cities: list | dict | None = None       # a list, or {split: list}
+
+
+class Sample(Frozen):
+    """The generated datasets (components/sample), in the official formats."""
+
+    seed: NonNegativeInt
+    cityscapes: CityscapesSample | None = None
+    ade20k: SampleSize | None = None
+
+    def sizes(self) -> dict[str, dict]:
+        return {name: getattr(self, name).model_dump(exclude_none=True) for name in ("cityscapes", "ade20k")
+                if getattr(self, name) is not None}
+
+
+class ScheduleLength(Frozen):
+    max_iters: PositiveInt
+
+
+class EvalSettings(Frozen):
+    """`evaluate:` with `evaluate.profiles.<profile>` laid over it."""
+
+    ms_ratios: tuple[float, ...]              # of the test scale, each with and without flip
+    flip: StrictBool
+    max_images: PositiveIntOrNull = None   # None: the whole val split
+    fps_images: PositiveIntOrNull = None   # the seed: 200 images, the first fps_warmup not timed; None: skip
+    fps_warmup: NonNegativeInt = 0
+    overlays: NonNegativeInt                # val images drawn as image | ground truth | prediction
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"   # the seed's; auto: fp16 on CUDA, bf16 on CPU
+    fold_bn: StrictBool = True              # BatchNorm folded into the convs (exact in fp32)
+    cpu_threads: PositiveIntOrNull = None  # torch's CPU threads; None: every core
+
+    @field_validator("ms_ratios", mode="before")
+    @classmethod
+    def _ratios(cls, value):
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in value)):
+            raise ValueError(f"expected a list of positive numbers like [0.5, 0.75, 1.0], got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.precision == "fp16" and self.device == "cpu":
+            raise FieldError("precision", "fp16 needs a GPU (use bf16 on CPU)")
+        if self.fps_images is not None and self.fps_images <= self.fps_warmup:
+            raise FieldError("fps_images", f"{self.fps_images} must be larger than fps_warmup {self.fps_warmup} "
+                                           f"(or null to skip the speed measurement)")
+        return self
 
     def precision_on(self, device) -> str:
         """The autocast precision this evaluation runs with on `device`."""
@@ -35,116 +224,142 @@ class EvalSettings:
         return "fp16" if str(device).startswith("cuda") else "bf16"
 
 
-def read_eval_settings(s: Section, profiles: list[str]) -> dict[str, EvalSettings]:
-    """One EvalSettings per profile, each validated whatever profile is active."""
-    overrides = s.section("profiles", {})
-    for name in overrides.keys():
-        if name not in profiles:
-            raise fail(overrides.at(name), f"not a profile (profiles: {', '.join(profiles)})")
-    base = _eval_settings(s)
-    out = {}
-    for profile in profiles:
-        if profile not in overrides:
-            out[profile] = base
-            continue
-        layer = overrides.section(profile)
-        merged = {k: v for k, v in s.data.items() if k != "profiles"} | layer.data
-        out[profile] = _eval_settings(Section(merged, s.where, places={k: layer.at(k) for k in layer.keys()}))
-    return out
+class Evaluate(EvalSettings):
+    profiles: dict[str, dict] = {}          # profile -> the settings it overrides
+
+    @model_validator(mode="after")
+    def _every_profile(self):
+        for name in self.profiles:
+            self.for_profile(name)
+        return self
+
+    def for_profile(self, profile: str) -> EvalSettings:
+        layer = self.profiles.get(profile, {})
+        try:
+            return EvalSettings.model_validate(self.model_dump(exclude={"profiles"}) | layer)
+        except ValueError as e:
+            from pipeline.config import error_key
+
+            key, message = error_key(e)
+            raise FieldError(f"profiles.{profile}.{key}" if key.split(".")[0] in layer else key, message) from None
 
 
-def _eval_settings(s: Section) -> EvalSettings:
-    ratios = s.raw("ms_ratios")
-    if (not isinstance(ratios, list) or not ratios
-            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios)):
-        raise fail(s.at("ms_ratios"), f"expected a list of positive numbers like [0.5, 0.75, 1.0], got {ratios!r}")
-    device = s.choice("device", ("auto", "cpu", "cuda"), "auto")
-    precision = s.choice("precision", EVAL_PRECISIONS, "fp32")   # the seed's
-    if precision == "fp16" and device == "cpu":
-        raise fail(s.at("precision"), "fp16 needs a GPU (use bf16 on CPU)")
-    settings = EvalSettings(
-        ms_ratios=tuple(float(r) for r in ratios), flip=s.boolean("flip"),
-        max_images=s.non_negative("max_images", 0, integer=True),
-        fps_images=s.non_negative("fps_images", integer=True), fps_warmup=s.non_negative("fps_warmup", integer=True),
-        overlays=s.non_negative("overlays", integer=True), device=device, precision=precision,
-        fold_bn=s.boolean("fold_bn", True), cpu_threads=s.non_negative("cpu_threads", 0, integer=True))
-    if settings.fps_images and settings.fps_images <= settings.fps_warmup:
-        raise fail(s.at("fps_images"), f"{settings.fps_images} must be larger than fps_warmup "
-                                        f"{settings.fps_warmup} (or 0 to skip the speed measurement)")
-    s.done()
-    return settings
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    mlflow_ui: str               # where `mlflow ui` serves the store (an http(s) tracking URI wins)
-    register: bool               # register the best run per dataset, alias `champion`
-    model_name: str              # with {dataset}
-
-
-def read_report(s: Section) -> ReportSettings:
-    settings = ReportSettings(mlflow_ui=s.string("mlflow_ui", "http://127.0.0.1:5000"),
-                              register=s.boolean("register", True),
-                              model_name=s.string("model_name", "dnlnet-{dataset}"))
-    if "{dataset}" not in settings.model_name:
-        raise fail(s.at("model_name"), f"expected a name containing {{dataset}}, got {settings.model_name!r}")
-    s.done()
-    return settings
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """params.yaml's `tune` section: one experiment's schedule swept with ASHA."""
+class Imported(Frozen):
+    """A released checkpoint evaluated next to our runs: `source` a URL or a local path (or `released`:
+    the seed table's download link of that experiment)."""
 
     experiment: str
-    num_samples: int
-    seed: int
-    metric: str
-    mode: str
+    source: RepoPath
+
+    @model_validator(mode="before")
+    @classmethod
+    def _released(cls, data):
+        if isinstance(data, dict) and data.get("source") == "released":
+            from components.evaluation.table import parse_seed_table
+
+            links = {row.config: row.model_url for row in parse_seed_table()}
+            if data.get("experiment") not in links:
+                raise FieldError("source", f"the results table has no released checkpoint of "
+                                           f"{data.get('experiment')!r}")
+            data = {**data, "source": links[data["experiment"]]}
+        return data
+
+
+warnings.filterwarnings("ignore", 'Field name "register" in "Report" shadows')   # ABCMeta.register: harmless
+
+
+class Report(Frozen):
+    mlflow_ui: str = "http://127.0.0.1:5000"   # where `mlflow ui` serves the store (an http(s) tracking URI wins)
+    register: StrictBool = True             # register the best run per dataset, alias `champion`
+    model_name: str = "dnlnet-{dataset}"
+
+    @field_validator("model_name")
+    @classmethod
+    def _per_dataset(cls, value):
+        if "{dataset}" not in value:
+            raise ValueError(f"expected a name containing {{dataset}}, got {value!r}")
+        return value
+
+
+class Asha(Frozen):
+    type: Literal["asha"] = "asha"
+    grace_period: number(integer=True, minimum=1) = 1    # evaluations before a stop
+    reduction_factor: number(minimum=1, strict=True) = 2.0
+
+
+class TrialResources(Frozen):
+    driver_cpu: NonNegative = 0
+    driver_memory_gb: NonNegative = 0
+    num_workers: PositiveIntOrNull = None               # None: the profile's
+    resources_per_worker: Resources | None = None        # None: the profile's
+    max_concurrent_trials: PositiveIntOrNull = None     # None: as many as the cluster holds now
+
+    @model_validator(mode="after")
+    def _bundle(self):
+        if not (self.driver_cpu or self.driver_memory_gb):
+            raise ValueError("driver_cpu and driver_memory_gb must be numbers >= 0, not both 0 (Ray needs a "
+                             "non-empty bundle)")
+        return self
+
+    @property
+    def driver(self) -> dict:
+        """The trial driver's Ray bundle."""
+        return {k: v for k, v in (("CPU", self.driver_cpu), ("memory", round(self.driver_memory_gb * 2**30))) if v}
+
+
+class Tune(Frozen):
+    """params.yaml's `tune`: one experiment's schedule swept with ASHA."""
+
+    experiment: str | None = None
+    num_samples: number(integer=True, minimum=1)
+    seed: NonNegativeInt = 0
+    metric: Literal["mIoU", "mAcc", "aAcc"] = "mIoU"
+    mode: Literal["max", "min"] = "max"
     space: dict
-    eval_interval: int                  # iterations between evaluations in every trial; 0 = the profile's
-    grace_period: int                   # evaluations before ASHA may stop a trial
-    reduction_factor: float
-    driver: dict = field(default_factory=dict)             # the trial driver's Ray resources
-    num_workers: int = 0                                   # 0 = the profile's
-    resources_per_worker: dict = field(default_factory=dict)   # empty = the profile's
-    max_concurrent_trials: int = 0                         # 0 = as many as the cluster holds now
+    eval_interval: PositiveIntOrNull = None    # iterations between evaluations in every trial; None: the profile's
+    scheduler: Asha = Asha()
+    resources_per_trial: TrialResources = TrialResources(driver_memory_gb=0.25)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space(cls, value):
+        from pipeline.config import ConfigError
+
+        try:
+            return check_space(value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def learned(self) -> dict:
         """The settings that change what a sweep finds (the others say where and how fast it runs)."""
         return {"num_samples": self.num_samples, "seed": self.seed, "metric": self.metric, "mode": self.mode,
                 "space": json.dumps(self.space, sort_keys=True), "eval_interval": self.eval_interval,
-                "grace_period": self.grace_period, "reduction_factor": self.reduction_factor}
+                "grace_period": self.scheduler.grace_period, "reduction_factor": self.scheduler.reduction_factor}
 
 
-def read_tune(s: Section, experiments: list[str]) -> TuneSettings:
-    scheduler = s.section("scheduler", {})
-    scheduler.choice("type", ("asha",), "asha")
-    reduction_factor = scheduler.number("reduction_factor", 2, minimum=1, strict=True)
-    grace = scheduler.number("grace_period", 1, integer=True, minimum=1)
-    scheduler.done()
-    res = s.section("resources_per_trial", {})
-    cpu, memory_gb = res.non_negative("driver_cpu", 0), res.non_negative("driver_memory_gb", 0)
-    if not (cpu or memory_gb):
-        raise fail(res.where, "driver_cpu and driver_memory_gb must be numbers >= 0, not both 0 (Ray needs a "
-                              "non-empty bundle)")
-    try:
-        space = tuning.check_space(s.raw("space"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    experiment = s.string("experiment", "")
-    if experiment and experiment not in experiments:
-        raise fail(s.at("experiment"), f"unknown experiment {experiment!r}")
-    settings = TuneSettings(
-        experiment=experiment, num_samples=s.number("num_samples", integer=True, minimum=1),
-        seed=s.non_negative("seed", 0, integer=True), metric=s.choice("metric", ("mIoU", "mAcc", "aAcc"), "mIoU"),
-        mode=s.choice("mode", ("max", "min"), "max"), space=space,
-        eval_interval=s.non_negative("eval_interval", 0, integer=True), grace_period=grace,
-        reduction_factor=float(reduction_factor),
-        driver={k: v for k, v in (("CPU", cpu), ("memory", round(memory_gb * 2**30))) if v},
-        num_workers=res.non_negative("num_workers", 0, integer=True),
-        resources_per_worker=res.resources("resources_per_worker", {}),
-        max_concurrent_trials=res.non_negative("max_concurrent_trials", 0, integer=True))
-    res.done()
-    s.done()
-    return settings
+class Downloads(Frozen):
+    cache_dir: RepoPath | None = None       # None: $DNLSEG_CACHE, else ~/.cache/dnlseg
+
+
+class Tracking(Frozen):
+    uri: Url | None = None                  # None: $MLFLOW_TRACKING_URI, else the repo's mlflow.db
+
+
+class Storage(Frozen):
+    endpoint_url: Url | None = None         # None: $AWS_ENDPOINT_URL, else AWS
+    region: Url | None = None               # None: $AWS_DEFAULT_REGION
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_here(cls, data):
+        for key in data if isinstance(data, dict) else ():
+            if any(word in str(key).lower() for word in CREDENTIAL_WORDS):
+                raise FieldError(str(key), f"credentials do not belong here; {CREDENTIALS_HINT}")
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http(cls, value):
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"expected http://host:port or https://host, got {value!r}")
+        return value
