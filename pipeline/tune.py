@@ -76,7 +76,7 @@ def run_trial(config: dict, setup: dict) -> None:
         raise non_finite_trial_error(trial_id, cfg, stopped)
 
 
-def non_finite_trial_error(trial_id: str, cfg: TrainConfig, stopped: str):
+def non_finite_trial_error(trial_id: str, cfg: RunConfig, stopped: str):
     """A trial's one-line failure for a NaN/inf stop: which trial, its learning rate, the loss and iteration
     (`stopped` is the loop's message; what it says about checkpoints is the train stage's business)."""
     from components.training.trainer import NonFiniteLossError
