@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, repo_copy
+from conftest import EXPERIMENT, REPO, SMALL_EXPERIMENT, repo_copy
 
 from components.ray_cluster import free_port
 
-EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
+EXP = SMALL_EXPERIMENT   # the orchestration is what is tested: the small backbone
 pytestmark = pytest.mark.integration
 
 
@@ -71,7 +71,7 @@ def token_auth_head():
 
 def test_a_submitted_training_stage_runs_in_the_uploaded_copy(tmp_path, token_auth_head):
     address, env = token_auth_head
-    work, _ = repo_copy(tmp_path)   # shrunk sample params; storage and tracking in tmp_path
+    work, _ = repo_copy(tmp_path, EXPERIMENT)   # shrunk sample params, storage and tracking in tmp_path
     env = {**env, "NO_ALBUMENTATIONS_UPDATE": "1"}
     env.pop("PYTHONPATH", None)     # the job must import the upload, not a copy on the path
     # What deploy/submit_experiment.sh submits with.
