@@ -4,6 +4,7 @@ links to the MLflow runs, the HTML page, and the champion alias per dataset in t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -38,13 +39,15 @@ PUBLISHED = {
     "dnl_r50-d8_512x512_160k_ade20k": ("DNL", "R-50-D8", "512x512", "160000", "-", "-", "41.87", "43.01"),
     "dnl_r101-d8_512x512_160k_ade20k": ("DNL", "R-101-D8", "512x512", "160000", "-", "-", "44.25", "45.78"),
 }
-SHARED_COPY = Path("/work/shared/reference/seed-dnlnet-results.md")
 
 
 def test_committed_seed_table_is_the_shared_reference():
-    if not SHARED_COPY.is_file():
-        pytest.skip(f"{SHARED_COPY} is not on this machine (CI); the next test checks the committed copy")
-    assert SEED_TABLE.read_bytes() == SHARED_COPY.read_bytes()
+    """Opt-in: DNLSEG_SEED_TABLE=<the seed's seed-dnlnet-results.md> checks the committed copy against it."""
+    reference = os.environ.get("DNLSEG_SEED_TABLE")
+    if not reference:
+        pytest.skip("set DNLSEG_SEED_TABLE to the seed's seed-dnlnet-results.md to compare the committed copy "
+                    "with it; the next test checks the committed copy's numbers")
+    assert SEED_TABLE.read_bytes() == Path(reference).read_bytes()
 
 
 def test_seed_table_parses_to_the_published_numbers():
