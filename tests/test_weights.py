@@ -57,6 +57,8 @@ def test_open_mmlab_names_resolve_to_mmcvs_urls_without_downloading(tmp_path):
     assert resolve_source("openmmlab://resnet50_v1c", tmp_path) == url   # mmcv accepts both prefixes
     assert resolve_source("open-mmlab://resnet101_v1c", tmp_path) == (
         "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth")
+    assert resolve_source("open-mmlab://resnet18_v1c", tmp_path) == (   # R-18-D8's, as mmseg's r18-d8 configs
+        "https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth")
     assert expected_sha256_prefix(OPEN_MMLAB_URLS["resnet50_v1c"].rsplit("/", 1)[1]) == "2cccc1ad"
     assert resolve_source("https://example.org/w/x.pth", tmp_path) == "https://example.org/w/x.pth"
     assert os.listdir(tmp_path) == []
