@@ -216,7 +216,12 @@ def experiments_temp_and_queue_in_their_own_workspace(work: Path, env: dict) -> 
     run_dvc(["exp", "run", "--temp", "-n", "lr02", "-S", "train.lr=0.02", f"train@{EXP}"], work, env)
     for name, lr in (("lr03", "0.03"), ("lr04", "0.04")):
         run_dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", f"train@{EXP}"], work, env)
-    run_dvc(["queue", "start", "-j", "2"], work, env)
+    # Output to a file, not a pipe: the queue's workers outlive `dvc queue start` and inherit its output,
+    # and a worker that lingers after the queue is empty held a captured pipe open (the test then hung).
+    with open(work.parent / "dvc-queue-start.log", "wb") as log:
+        started = subprocess.run([str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "2"], cwd=work,
+                                 env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    assert started.returncode == 0, (work.parent / "dvc-queue-start.log").read_text()[-4000:]
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:   # the queue's workers run in the background
         status = run_dvc(["queue", "status"], work, env)
