@@ -99,13 +99,22 @@ def _repro(args, params: Params) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`dnlseg`'s options, then one subcommand per stage (each runs its function from above)."""
     parser = argparse.ArgumentParser(prog="dnlseg", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="params file (default: ./params.yaml; DVC runs every "
                         "stage from the repo root)")
     parser.add_argument("--root", default=None, help="the repo whose outputs the stage writes (default: the "
                         "params file's folder)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_result_commands(sub)
+    _add_orchestration_commands(sub)
+    return parser
 
+
+def _add_data_commands(sub) -> None:
+    """sample, prepare, weights: the inputs."""
     p = sub.add_parser("sample", help="generate the sample Cityscapes and ADE20K in the official formats")
     p.add_argument("--out", default="data/sample")
     p.add_argument("--archives", action="store_true", help="also write the official zip archives")
@@ -119,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backbone", choices=list(BACKBONES))
     p.set_defaults(func=_weights)
 
+
+def _add_training_commands(sub) -> None:
+    """train, tune, evaluate, show: one experiment each."""
     p = sub.add_parser("train", help="train one experiment of params.yaml on Ray")
     p.add_argument("experiment")
     p.add_argument("--tuned", action="store_true", help="on the schedule `dnlseg tune` found for it "
@@ -139,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable: the whole resolved config, nested")
     p.set_defaults(func=_show)
 
+
+def _add_result_commands(sub) -> None:
+    """report, predict: what the trained models give."""
     p = sub.add_parser("report", help="reports/results.md + .html beside the published numbers; register champions")
     p.set_defaults(func=_report)
 
@@ -151,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment whose test settings to use (default: the one recorded with the model)")
     p.set_defaults(func=_predict)
 
+
+def _add_orchestration_commands(sub) -> None:
+    """repro, with-ray: the whole pipeline on one Ray cluster."""
     p = sub.add_parser("repro", help="`dvc repro` with independent stages at once on one Ray cluster")
     p.add_argument("targets", nargs="*", help="stages (default: the whole pipeline), as `dvc repro` takes them")
     p.add_argument("--jobs", "-j", default="auto", help="stages at once: a number, or auto (the training "
@@ -160,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("with-ray", help="run a command (`-- dvc repro`) with one local Ray its stages share")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(func=_with_ray)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

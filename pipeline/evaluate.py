@@ -14,18 +14,37 @@ of their own), with the model as a state_dict artifact (model/model.pt + model/c
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from components.atomic import atomic_write_text
 from components.console import warn
+from components.data import get_dataset
+from components.data.dataset import SegmentationDataset
+from components.data.transforms import build_test_transform
+from components.evaluation.loading import load_model
+from components.evaluation.segment import InferenceSetting, evaluate_split, ms_flip_setting
+from components.evaluation.speed import describe_device, measure_fps
+from components.evaluation.visualize import (
+    finite_or_none,
+    save_confusion_chart,
+    save_iou_chart,
+    save_label_png,
+    save_panel,
+)
 from components.experiment import RunConfig, flat_settings
+from components.models.speedups import cpu_threads, use_precision
+from components.weights import fetch
 from pipeline.config import ConfigError, Params, eval_metrics_file, plots_dir
 
 
 def _device(choice: str):
-    import torch
-
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("params.yaml: evaluate.device: cuda asked for but torch sees no GPU")
     use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
@@ -47,8 +66,6 @@ class _ValImages:
 
 
 def _percent(metrics: dict, class_names) -> dict:
-    from components.evaluation.visualize import finite_or_none
-
     # NaN (no labelled pixel at all) becomes null: JSON has no NaN.
     return {**{k: finite_or_none(round(100 * metrics[k], 4)) for k in ("mIoU", "mAcc", "aAcc")},
             "IoU": {n: finite_or_none(round(100 * v, 4))
@@ -79,101 +96,129 @@ def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | Non
     `predictions_dir` (tests, debugging): every label map is also saved there as
     `<single_scale|ms_flip>/<index>.png` in manifest order.
     """
-    import torch
-
-    from components.atomic import atomic_write_text
-    from components.data import get_dataset
-    from components.data.dataset import SegmentationDataset
-    from components.data.transforms import build_test_transform
-    from components.evaluation.loading import load_model
-    from components.evaluation.segment import InferenceSetting, evaluate_split, ms_flip_setting
-    from components.evaluation.speed import describe_device, measure_fps
-    from components.evaluation.visualize import save_label_png
-    from components.models.speedups import cpu_threads, use_precision
-    from components.weights import fetch
-
     out_root = Path(out_root or params.root)
     cfg, source, imported = params.evaluation_target(name, out_root)
     # A released checkpoint: fetched once into the download cache, its sha256 checked against its name.
     checkpoint = fetch(source, root=params.root, cache_dir=params.cache_dir) if imported else Path(source)
     settings = params.eval_settings(cfg.profile)
     with cpu_threads(settings.cpu_threads):
-        device = _device(settings.device)
-        model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
-                                 align_corners=cfg.recipe.align_corners, attention=cfg.recipe.attention, device=device,
-                                 channels_last=cfg.recipe.channels_last, fold_bn=settings.fold_bn)
-        precision = settings.precision_on(device)
-        use_precision(precision)
-        names, colours = cfg.class_names, get_dataset(cfg.recipe.dataset).palette
-        dataset = SegmentationDataset(Path(cfg.location.data_dir) / "val", build_test_transform(scale=cfg.recipe.scale),
-                                      max_images=settings.max_images)
-
-        single = InferenceSetting(cfg.recipe.test_mode, cfg.recipe.test_crop, cfg.recipe.test_stride)
-        tests = {"single_scale": single, "ms_flip": ms_flip_setting(single, settings.ms_ratios, settings.flip)}
-        save = None
-        if predictions_dir is not None:
-            def save(index: int, setting: str, pred: torch.Tensor) -> None:
-                save_label_png(Path(predictions_dir) / setting / f"{index:05d}.png", pred.numpy(), colours)
-
-        device_text = describe_device(device)   # with the threads the evaluation runs on
-        print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.recipe.test_mode} at scale "
-              f"{list(cfg.recipe.scale)}, "
-              f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {device_text}, "
-              f"{precision}{', BN folded' if settings.fold_bn else ''}",
-              flush=True)
-        batches = ((img[None], label[None]) for img, label in dataset)
-        results = evaluate_split(model, batches, cfg.num_classes, tests, device, keep_samples=settings.overlays,
-                                 channels_last=cfg.recipe.channels_last, precision=precision, on_prediction=save)
-        speed = None
-        if settings.fps_images:
-            speed = measure_fps(model, _ValImages(dataset, len(dataset)), device, single, settings.fps_images,
-                                settings.fps_warmup, channels_last=cfg.recipe.channels_last, precision=precision)
-            speed = {**{k: v for k, v in speed.items() if k != "timed_seconds"}, "fps": round(speed["fps"], 4),
-                     "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.recipe.test_mode,
-                     "scale": list(cfg.recipe.scale)}
+        run = _infer(cfg, settings, name, checkpoint, predictions_dir)
 
     tracker, experiment_id = _open_tracking(cfg, name, imported, source)
     client, run_id = (tracker.client, tracker.run_id) if tracker else (None, None)
-    memory = None
-    if not imported:
-        try:
-            memory = training_memory(client, run_id)
-        except Exception as e:  # noqa: BLE001 - a missing figure must not lose the evaluation
-            warn(f"[evaluate] {name}: training memory unavailable ({type(e).__name__}: {e})")
-
-    summary = {
-        "experiment": name,
-        "dataset": cfg.recipe.dataset,
-        "profile": cfg.profile,
-        "checkpoint": source if imported else _display_path(checkpoint, out_root),
-        "imported": imported,
-        "backbone": cfg.recipe.backbone,
-        "train": _trained_as(params, name, cfg, imported),
-        "iteration": meta.get("iteration"),
-        "split": "val",
-        "images": results["single_scale"].images,
-        "device": device_text,
-        "dtype": precision,   # autocast of the convs and matmuls (fp32: none)
-        "bn_folded": settings.fold_bn,
-        "test": {"mode": cfg.recipe.test_mode, "scale": list(cfg.recipe.scale), "crop": list(cfg.recipe.test_crop),
-                 "stride": list(cfg.recipe.test_stride), "align_corners": cfg.recipe.align_corners},
-        "single_scale": _percent(results["single_scale"].metrics(), names),
-        "ms_flip": {"ratios": list(settings.ms_ratios), "flip": settings.flip,
-                    **_percent(results["ms_flip"].metrics(), names)},
-        "speed": speed,
-        "train_memory": memory,
-        "mlflow": {"run_id": run_id, "experiment_id": experiment_id},
-    }
-    plots = _write_pictures(plots_dir(out_root, name), dataset, results, names, colours, name)
+    memory = None if imported else _training_memory_or_none(client, run_id, name)
+    summary = _summary(params, name, cfg, settings, run, source if imported else _display_path(checkpoint, out_root),
+                       imported, memory, {"run_id": run_id, "experiment_id": experiment_id})
+    plots = _write_pictures(plots_dir(out_root, name), run.dataset, run.results, cfg.class_names, run.colours, name)
     metrics_path = eval_metrics_file(out_root, name)
     atomic_write_text(metrics_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if tracker is not None:
-        _log_to_mlflow(tracker, cfg, summary, checkpoint, metrics_path, plots, results["single_scale"])
+        _log_to_mlflow(tracker, cfg, summary, checkpoint, metrics_path, plots, run.results["single_scale"])
     ss, ms = summary["single_scale"], summary["ms_flip"]
-    fps = f"{speed['fps']:.2f} fps" if speed else "fps not measured"
+    fps = f"{run.speed['fps']:.2f} fps" if run.speed else "fps not measured"
     print(f"[evaluate] {name}: mIoU {ss['mIoU']} (ms+flip {ms['mIoU']}), mAcc {ss['mAcc']}, "
-          f"aAcc {ss['aAcc']}; {fps} ({summary['device']}, {precision}); wrote {metrics_path}", flush=True)
+          f"aAcc {ss['aAcc']}; {fps} ({summary['device']}, {run.precision}); wrote {metrics_path}", flush=True)
     return summary
+
+
+@dataclass(frozen=True)
+class _Inference:
+    """What the model did on the val split: the metrics' accumulators, the speed, and on what."""
+
+    meta: dict                      # the checkpoint's (its iteration)
+    dataset: SegmentationDataset
+    colours: list
+    results: dict                   # {"single_scale" | "ms_flip": evaluate_split's result}
+    speed: dict | None              # None: fps_images is 0
+    device: str                     # described, with the threads the evaluation runs on
+    precision: str
+
+
+def _infer(cfg: RunConfig, settings, name: str, checkpoint: Path, predictions_dir: Path | str | None) -> _Inference:
+    """Load the model, run single scale and ms+flip over the val images, then time it (fps)."""
+    device = _device(settings.device)
+    model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
+                             align_corners=cfg.recipe.align_corners, attention=cfg.recipe.attention, device=device,
+                             channels_last=cfg.recipe.channels_last, fold_bn=settings.fold_bn)
+    precision = settings.precision_on(device)
+    use_precision(precision)
+    colours = get_dataset(cfg.recipe.dataset).palette
+    dataset = SegmentationDataset(Path(cfg.location.data_dir) / "val", build_test_transform(scale=cfg.recipe.scale),
+                                  max_images=settings.max_images)
+    single = InferenceSetting(cfg.recipe.test_mode, cfg.recipe.test_crop, cfg.recipe.test_stride)
+    tests = {"single_scale": single, "ms_flip": ms_flip_setting(single, settings.ms_ratios, settings.flip)}
+    device_text = describe_device(device)   # with the threads the evaluation runs on
+    print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.recipe.test_mode} at scale "
+          f"{list(cfg.recipe.scale)}, "
+          f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {device_text}, "
+          f"{precision}{', BN folded' if settings.fold_bn else ''}",
+          flush=True)
+    batches = ((img[None], label[None]) for img, label in dataset)
+    results = evaluate_split(model, batches, cfg.num_classes, tests, device, keep_samples=settings.overlays,
+                             channels_last=cfg.recipe.channels_last, precision=precision,
+                             on_prediction=_prediction_saver(predictions_dir, colours))
+    speed = None
+    if settings.fps_images:
+        speed = _speed(model, dataset, device, single, settings, cfg, precision)
+    return _Inference(meta, dataset, colours, results, speed, device_text, precision)
+
+
+def _prediction_saver(predictions_dir: Path | str | None, colours):
+    """evaluate_split's on_prediction: each label map as <setting>/<index>.png (None: not saved)."""
+    if predictions_dir is None:
+        return None
+
+    def save(index: int, setting: str, pred: torch.Tensor) -> None:
+        save_label_png(Path(predictions_dir) / setting / f"{index:05d}.png", pred.numpy(), colours)
+
+    return save
+
+
+def _speed(model, dataset, device, single, settings, cfg: RunConfig, precision: str) -> dict:
+    """Inference speed on the first val images at batch 1 (eval.json's `speed`, rounded)."""
+    speed = measure_fps(model, _ValImages(dataset, len(dataset)), device, single, settings.fps_images,
+                        settings.fps_warmup, channels_last=cfg.recipe.channels_last, precision=precision)
+    return {**{k: v for k, v in speed.items() if k != "timed_seconds"}, "fps": round(speed["fps"], 4),
+            "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.recipe.test_mode,
+            "scale": list(cfg.recipe.scale)}
+
+
+def _training_memory_or_none(client, run_id: str | None, name: str) -> dict | None:
+    """training_memory, or None with a warning: a missing figure must not lose the evaluation."""
+    try:
+        return training_memory(client, run_id)
+    except Exception as e:  # noqa: BLE001 - a missing figure must not lose the evaluation
+        warn(f"[evaluate] {name}: training memory unavailable ({type(e).__name__}: {e})")
+        return None
+
+
+def _summary(params: Params, name: str, cfg: RunConfig, settings, run: _Inference, checkpoint: str,
+             imported: bool, memory: dict | None, mlflow: dict) -> dict:
+    """eval.json: what was evaluated, how, and the figures (percent)."""
+    names = cfg.class_names
+    return {
+        "experiment": name,
+        "dataset": cfg.recipe.dataset,
+        "profile": cfg.profile,
+        "checkpoint": checkpoint,
+        "imported": imported,
+        "backbone": cfg.recipe.backbone,
+        "train": _trained_as(params, name, cfg, imported),
+        "iteration": run.meta.get("iteration"),
+        "split": "val",
+        "images": run.results["single_scale"].images,
+        "device": run.device,
+        "dtype": run.precision,   # autocast of the convs and matmuls (fp32: none)
+        "bn_folded": settings.fold_bn,
+        "test": {"mode": cfg.recipe.test_mode, "scale": list(cfg.recipe.scale), "crop": list(cfg.recipe.test_crop),
+                 "stride": list(cfg.recipe.test_stride), "align_corners": cfg.recipe.align_corners},
+        "single_scale": _percent(run.results["single_scale"].metrics(), names),
+        "ms_flip": {"ratios": list(settings.ms_ratios), "flip": settings.flip,
+                    **_percent(run.results["ms_flip"].metrics(), names)},
+        "speed": run.speed,
+        "train_memory": memory,
+        "mlflow": mlflow,
+    }
 
 
 def _trained_as(params: Params, name: str, cfg: RunConfig, imported: bool) -> dict:
@@ -197,12 +242,6 @@ def _display_path(path: Path, root: Path) -> str:
 
 def _write_pictures(folder: Path, dataset, results: dict, names, colours, title: str) -> dict:
     """per_class_iou.csv / .png, confusion.png, overlays/*.png; returns their paths."""
-    import csv
-    import io
-
-    from components.atomic import atomic_write_text
-    from components.evaluation.visualize import save_confusion_chart, save_iou_chart, save_panel
-
     folder.mkdir(parents=True, exist_ok=True)
     ss, ms = results["single_scale"].metrics(), results["ms_flip"].metrics()
     text = io.StringIO()

@@ -18,8 +18,17 @@ from urllib.parse import quote
 
 from markdown_it import MarkdownIt
 
+from components.atomic import atomic_write_text
 from components.console import warn
 from components.data import get_dataset
+from components.evaluation.table import (
+    ALIGN,
+    COLUMNS,
+    difference,
+    format_markdown_table,
+    number,
+    parse_seed_table,
+)
 from pipeline.config import Params, eval_metrics_file, model_file, train_metrics_file
 
 NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page
@@ -53,8 +62,6 @@ def _fmt(value, digits: int) -> str:
 
 def our_cells(evaluation: dict | None, published_method: str, backbone: str) -> dict:
     """The seed's eight columns for one evaluation (as strings, in the seed's precision)."""
-    from components.evaluation.table import COLUMNS
-
     if evaluation is None:
         return dict.fromkeys(COLUMNS, "-") | {"Method": published_method, "Backbone": backbone}
     trained = evaluation.get("train") or {}
@@ -124,18 +131,8 @@ def register_champions(params: Params, evaluations: dict[str, dict]) -> dict[str
 def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict[str, dict],
                    out_root: Path | None = None) -> str:
     """The page; `out_root` (default: the repo) holds metrics/<name>/{eval,train}.json."""
-    from components.evaluation.table import (
-        ALIGN,
-        COLUMNS,
-        difference,
-        format_markdown_table,
-        number,
-        parse_seed_table,
-    )
-
     published = parse_seed_table()
     out_root = Path(out_root or params.root)
-    base = ui_base(params)
     profile = params.profile
     lines = ["# DNLNet results", ""]
     lines += [f"Profile `{profile}`. Published numbers: mmseg's DNLNet table (verbatim copy in "
@@ -145,58 +142,80 @@ def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict
         lines += [f"**Profile `{profile}` runs shortened schedules on small inputs (the generated sample "
                   f"data unless data sources point at the real datasets): these numbers check the pipeline, "
                   f"they are not comparable with the published ones.**", ""]
-    experiments = params.experiments
     for dataset in params.sources:   # in params.yaml's order
-        title = get_dataset(dataset).title
         rows = [r for r in published if r.dataset == dataset]
-        names = [n for n, e in experiments.items() if e.dataset == dataset]
-        names += [n for n, e in params.imported.items() if experiments[e.experiment].dataset == dataset]
-        if not rows and not names:
-            continue
-        lines += [f"## {title}", ""]
-        seed_of = {r.config: r for r in rows}
-        ours_rows, run_links, measured, cells = [], [], [], {}
-        for name in names:
-            config = params.imported[name].experiment if name in params.imported else name
-            seed = seed_of.get(config)
-            ev = evaluations.get(name)
-            cells[name] = ours = our_cells(ev, seed["Method"] if seed else "dnl", experiments[config].backbone)
-            run = (ev or {}).get("mlflow") or {}
-            link = "-"
-            if run.get("run_id"):
-                link = f"[run]({run_url(base, run['experiment_id'], run['run_id'])})"
-                run_links.append((run["experiment_id"], run["run_id"]))
-            ours_rows.append([ours[c] for c in COLUMNS] + [name, link])
-            if ev:
-                measured.append(_measured_line(name, ev, _train_record(out_root, name)))
-        # Per row of the table: published, the released checkpoint evaluated here, our own run.
-        compare_rows = []
-        for config in (n for n in names if n not in params.imported):
-            released = [n for n, e in params.imported.items() if e.experiment == config]
-            pub = seed_of[config].cells if config in seed_of else dict.fromkeys(COLUMNS, "-")
-            rel = cells[released[0]] if released else dict.fromkeys(COLUMNS, "-")
-            ours = cells[config]
-            compare_rows.append([config] + [cell for column in COMPARED for cell in (
-                pub[column], rel[column], ours[column], difference(number(ours[column]), number(pub[column])))])
-        lines += ["### This pipeline", ""]
-        lines += [format_markdown_table(list(COLUMNS) + ["experiment", "MLflow"], ours_rows, ALIGN), ""]
-        lines += ["### Published, the released checkpoint evaluated here, and our run (diff = ours − published)",
-                  ""]
-        header = ["experiment"] + [f"{col} {which}" for col in COMPARED
-                                   for which in ("published", "released", "ours", "diff")]
-        lines += [format_markdown_table(header, compare_rows, {h: "right" for h in header[1:]}), ""]
-        if run_links:
-            runs = f"{len(run_links)} run{'s' if len(run_links) != 1 else ''}"
-            lines += [f"Compare these runs side by side in MLflow: [{runs}]({compare_url(base, run_links)})",
-                      ""]
-        if dataset in champions:
-            c = champions[dataset]
-            lines += [f"Champion: `models:/{c['model']}@champion` = version {c['version']} ({c['name']}, "
-                      f"mIoU {c['mIoU']:.2f}).", ""]
-        if measured:
-            lines += ["Measured on:", "", *measured, ""]
-        lines += _tuned_lines(params, dataset, out_root)
+        names = _names_of(params, dataset)
+        if rows or names:
+            lines += _dataset_lines(params, dataset, {r.config: r for r in rows}, names, evaluations,
+                                    champions, out_root)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _names_of(params: Params, dataset: str) -> list[str]:
+    """The dataset's experiments, then its imported checkpoints, in params.yaml's order."""
+    experiments = params.experiments
+    names = [n for n, e in experiments.items() if e.dataset == dataset]
+    return names + [n for n, e in params.imported.items() if experiments[e.experiment].dataset == dataset]
+
+
+def _dataset_lines(params: Params, dataset: str, seed_of: dict, names: list[str], evaluations: dict[str, dict],
+                   champions: dict[str, dict], out_root: Path) -> list[str]:
+    """One dataset's section: our table, published vs released vs ours, links, champion, how measured."""
+    base = ui_base(params)
+    ours_rows, run_links, measured, cells = _our_rows(params, seed_of, names, evaluations, base, out_root)
+    lines = [f"## {get_dataset(dataset).title}", ""]
+    lines += ["### This pipeline", ""]
+    lines += [format_markdown_table(list(COLUMNS) + ["experiment", "MLflow"], ours_rows, ALIGN), ""]
+    lines += ["### Published, the released checkpoint evaluated here, and our run (diff = ours − published)",
+              ""]
+    header = ["experiment"] + [f"{col} {which}" for col in COMPARED
+                               for which in ("published", "released", "ours", "diff")]
+    compare_rows = _compare_rows(params, seed_of, names, cells)
+    lines += [format_markdown_table(header, compare_rows, {h: "right" for h in header[1:]}), ""]
+    if run_links:
+        runs = f"{len(run_links)} run{'s' if len(run_links) != 1 else ''}"
+        lines += [f"Compare these runs side by side in MLflow: [{runs}]({compare_url(base, run_links)})",
+                  ""]
+    if dataset in champions:
+        c = champions[dataset]
+        lines += [f"Champion: `models:/{c['model']}@champion` = version {c['version']} ({c['name']}, "
+                  f"mIoU {c['mIoU']:.2f}).", ""]
+    if measured:
+        lines += ["Measured on:", "", *measured, ""]
+    return lines + _tuned_lines(params, dataset, out_root)
+
+
+def _our_rows(params: Params, seed_of: dict, names: list[str], evaluations: dict[str, dict], base: str,
+              out_root: Path) -> tuple[list[list[str]], list[tuple[str, str]], list[str], dict[str, dict]]:
+    """Per evaluation: its table row (with its MLflow link), its run, its measured-on line, its cells."""
+    ours_rows, run_links, measured, cells = [], [], [], {}
+    for name in names:
+        config = params.imported[name].experiment if name in params.imported else name
+        seed = seed_of.get(config)
+        ev = evaluations.get(name)
+        cells[name] = ours = our_cells(ev, seed["Method"] if seed else "dnl", params.experiments[config].backbone)
+        run = (ev or {}).get("mlflow") or {}
+        link = "-"
+        if run.get("run_id"):
+            link = f"[run]({run_url(base, run['experiment_id'], run['run_id'])})"
+            run_links.append((run["experiment_id"], run["run_id"]))
+        ours_rows.append([ours[c] for c in COLUMNS] + [name, link])
+        if ev:
+            measured.append(_measured_line(name, ev, _train_record(out_root, name)))
+    return ours_rows, run_links, measured, cells
+
+
+def _compare_rows(params: Params, seed_of: dict, names: list[str], cells: dict[str, dict]) -> list[list[str]]:
+    """Per row of the table: published, the released checkpoint evaluated here, our own run, the difference."""
+    rows = []
+    for config in (n for n in names if n not in params.imported):
+        released = [n for n, e in params.imported.items() if e.experiment == config]
+        pub = seed_of[config].cells if config in seed_of else dict.fromkeys(COLUMNS, "-")
+        rel = cells[released[0]] if released else dict.fromkeys(COLUMNS, "-")
+        ours = cells[config]
+        rows.append([config] + [cell for column in COMPARED for cell in (
+            pub[column], rel[column], ours[column], difference(number(ours[column]), number(pub[column])))])
+    return rows
 
 
 def _tuned_lines(params: Params, dataset: str, out_root: Path) -> list[str]:
@@ -266,8 +285,6 @@ def _mark_numeric_cells(state) -> None:
 
 def write_report(params: Params, *, out_root: Path | str | None = None) -> Path:
     """reports/results.md and reports/results.html; registers the champions first. Returns the .md path."""
-    from components.atomic import atomic_write_text
-
     out_root = Path(out_root or params.root)
     evaluations = load_evaluations(params, out_root)
     champions = register_champions(params, evaluations) if params.report.register else {}

@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.mlflow_server import MlflowServer
+from components.ray_cluster import connect_ray, shutdown_ray
+from components.tracking import ensure_experiment
 from pipeline.config import STORE_SERVER_ENV, Params, default_store
 
 RAY_GROUPS = ("train", "train_tuned", "tune")   # stages whose command runs on Ray (workers queue there)
@@ -270,10 +273,6 @@ def runs_waiting(log_text: str) -> int:
 
 def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> int:
     """Run the pipeline (or `targets` and what they depend on); 0 when every stage finished."""
-    from components.mlflow_server import MlflowServer
-    from components.ray_cluster import connect_ray, shutdown_ray
-    from components.tracking import ensure_experiment
-
     root = params.root
     if jobs != "auto" and (not jobs.isdigit() or int(jobs) < 1):
         raise ValueError(f"--jobs: expected a number >= 1 or auto, got {jobs!r}")
@@ -284,27 +283,12 @@ def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> 
         return 0
     need = per_run_need(params)
     uses_ray = any(_group(s) in RAY_GROUPS for s in plan.order)
-    external = bool(params.train.ray_address or os.environ.get("RAY_ADDRESS"))   # else a local Ray, our cores
     server = started_ray = None
     try:
-        if (jobs == "auto" or int(jobs) > 1) and params.tracking_uri == default_store(root):
-            # The experiments first, in the file (artifacts beside it, as a sequential run makes them);
-            # the server then boots while Ray does.
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri=params.tracking_uri)
-            for dataset in sorted(_experiment_datasets(params, plan.order)):
-                ensure_experiment(client, dataset)
-            server = MlflowServer(params.tracking_uri, (root / "mlartifacts").as_uri(),
-                                  root / LOG_DIR / "mlflow-server.log").launch()
+        server = _launch_store_server(params, plan, jobs)
         started_ray = connect_ray(params.train.ray_address) if uses_ray else False
-        fits = 1
-        if uses_ray:
-            import ray
-
-            fits = runs_that_fit(ray.cluster_resources(), need)
-        spare = (os.cpu_count() or 1) if external else 0
-        limits = auto_limits(fits, spare) if jobs == "auto" else fixed_limits(int(jobs))
+        fits = _cluster_fits(need) if uses_ray else 1
+        limits = _limits(params, jobs, fits)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if server:
             env[STORE_SERVER_ENV] = server.wait_ready().uri
@@ -320,10 +304,47 @@ def repro(params: Params, targets: list[str], jobs: str = "auto", say=print) -> 
             server.stop()
         if started_ray:
             shutdown_ray()
+    say(f"[repro] {_outcome(runner)} in {_duration(time.monotonic() - tic)}")
+    return status
+
+
+def _launch_store_server(params: Params, plan: Plan, jobs: str) -> MlflowServer | None:
+    """With several stages at once on the repo's SQLite store, one `mlflow server` they all write through
+    (launched, not yet ready); None otherwise."""
+    root = params.root
+    if not ((jobs == "auto" or int(jobs) > 1) and params.tracking_uri == default_store(root)):
+        return None
+    # Lazy, as ray's below: mlflow's import takes seconds, and most runs of repro need neither.
+    from mlflow.tracking import MlflowClient
+
+    # The experiments first, in the file (artifacts beside it, as a sequential run makes them);
+    # the server then boots while Ray does.
+    client = MlflowClient(tracking_uri=params.tracking_uri)
+    for dataset in sorted(_experiment_datasets(params, plan.order)):
+        ensure_experiment(client, dataset)
+    return MlflowServer(params.tracking_uri, (root / "mlartifacts").as_uri(),
+                        root / LOG_DIR / "mlflow-server.log").launch()
+
+
+def _cluster_fits(need: dict[str, float]) -> int:
+    """How many training runs the connected Ray cluster holds at once."""
+    import ray
+
+    return runs_that_fit(ray.cluster_resources(), need)
+
+
+def _limits(params: Params, jobs: str, fits: int) -> Limits:
+    """`--jobs`'s limits, given the training runs the cluster holds at once."""
+    external = bool(params.train.ray_address or os.environ.get("RAY_ADDRESS"))   # else a local Ray, our cores
+    spare = (os.cpu_count() or 1) if external else 0
+    return auto_limits(fits, spare) if jobs == "auto" else fixed_limits(int(jobs))
+
+
+def _outcome(runner: Runner) -> str:
+    """How many stages finished, which failed, which were not run."""
     summary = f"{len(runner.done)} done"
     if runner.failed:
         summary += f", FAILED: {', '.join(runner.failed)}"
     if runner.skipped:
         summary += f", not run: {', '.join(runner.skipped)}"
-    say(f"[repro] {summary} in {_duration(time.monotonic() - tic)}")
-    return status
+    return summary

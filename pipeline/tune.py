@@ -22,10 +22,22 @@ import json
 import time
 from pathlib import Path
 
+import ray
 import yaml
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
-from components import tuning
+from components import ray_cluster, tuning
+from components.atomic import atomic_path, atomic_write_text
 from components.experiment import RunConfig, flat_settings
+from components.preflight import preflight_disk, preflight_ray, worker_bundle
+from components.storage import endpoint_env, pyarrow_filesystem
+from components.tracking import flat_params, git_commit, open_run
+from components.training.data_sync import manifest_hash, publish_dataset
+from components.training.distributed import plan_batches
+from components.training.identity import code_hash, sweep_name
+from components.training.trainer import RunInfo, describe_init, fetch_pretrained
+from components.weights import publish
 from pipeline.config import CODE_ROOT, ConfigError, Params, Tune, code_deps, tune_dir
 
 
@@ -106,8 +118,6 @@ def collect_trials(results, base: RunConfig, settings: Tune) -> list[dict]:
 
 
 def write_trials_csv(path: Path, trials: list[dict]) -> None:
-    from components.atomic import atomic_write_text
-
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(trials[0]), lineterminator="\n")
     writer.writeheader()
@@ -116,8 +126,6 @@ def write_trials_csv(path: Path, trials: list[dict]) -> None:
 
 
 def write_best_params(path: Path, cfg: RunConfig, settings: Tune, best: dict, sweep: str) -> dict:
-    from components.atomic import atomic_write_text
-
     key = f"best_{settings.metric}"
     data = {"experiment": cfg.name, "profile": cfg.profile, "sweep": sweep, "metric": settings.metric,
             "mode": settings.mode, "trial_id": best["trial_id"], settings.metric: best[key],
@@ -130,9 +138,8 @@ def write_best_params(path: Path, cfg: RunConfig, settings: Tune, best: dict, sw
 
 def plot_trials(path: Path, trials: list[dict], metric: str) -> None:
     """Best metric against learning rate (log) and against iterations run; stopped trials as crosses."""
+    # Here, not at the top: the backend must be chosen before pyplot is first imported.
     import matplotlib
-
-    from components.atomic import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,8 +169,6 @@ def _finish_child_runs(cfg: RunConfig, sweep: str, parent_run_id: str | None, tr
     """The driver closes each trial's MLflow child: final metrics, status. (An ASHA-stopped trial's
     process is ended by Tune, so it cannot close its own run; a trial that failed before it opened one
     gets one here, nested like the others.)"""
-    from components.tracking import open_run
-
     for t in trials:
         tags = {"tune.trial_id": t["trial_id"], "tune.status": t["status"]}
         if parent_run_id:
@@ -181,11 +186,8 @@ def tune_experiment(params: Params, name: str | None = None, *, profile: str | N
                     out_root: Path | str | None = None) -> dict:
     """Sweep experiment `name` (default: tune.experiment), restoring the sweep if it was interrupted;
     write tune/<exp>/{best_params.yaml, trials.csv, trials.png} under out_root (default: the repo)."""
+    # looked up when called, as the train stage does: the tests replace it to stop before Ray
     from components.preflight import preflight
-    from components.ray_cluster import scoped_env
-    from components.storage import endpoint_env
-    from components.training.distributed import plan_batches
-    from components.training.trainer import fetch_pretrained
 
     settings = params.tune
     name = name or settings.experiment
@@ -196,24 +198,14 @@ def tune_experiment(params: Params, name: str | None = None, *, profile: str | N
     # Bad input fails here, in one line each, before Ray starts (as in the train stage).
     plan_batches(probe.recipe.batch_size, probe.execution.num_workers, probe.execution.micro_batch_size)
     cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
-    with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
+    with ray_cluster.scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
         preflight(cfg)
         return _tune(cfg, settings, name, Path(out_root or params.root), params.root, weights)
 
 
 def _tune(cfg: RunConfig, settings: Tune, name: str, out_root: Path, repo: Path,
           weights: Path | None) -> dict:
-    from ray import tune
-
-    from components.preflight import preflight_disk, preflight_ray, worker_bundle
-    from components.ray_cluster import connect_ray, shutdown_ray
-    from components.storage import pyarrow_filesystem
-    from components.tracking import flat_params, git_commit, open_run
-    from components.training.data_sync import manifest_hash, publish_dataset
-    from components.training.identity import code_hash, sweep_name
-    from components.training.trainer import RunInfo, describe_init
-    from components.weights import publish
-
+    """The sweep itself, from its name to its outputs and the parent run's results."""
     storage = f"{cfg.location.storage_path.rstrip('/')}/tune"
     data_hash = manifest_hash(cfg.location.data_dir)
     sweep = sweep_name(sweep_base(cfg, settings, storage), settings.learned(), data_hash,
@@ -223,116 +215,171 @@ def _tune(cfg: RunConfig, settings: Tune, name: str, out_root: Path, repo: Path,
     max_iters = tuning.largest_value(settings.space, "max_iters", base.max_iters)
     scheduler = tuning.asha_scheduler(settings.metric, settings.mode, base.eval_interval,
                                       settings.scheduler.grace_period, settings.scheduler.reduction_factor, max_iters)
-    # s3:// on a custom endpoint: an explicit filesystem, as the train stage gives Ray Train.
-    fs, fs_path = pyarrow_filesystem(storage, cfg.location.endpoint_url, cfg.location.region)
-    fs_kwargs = {"storage_filesystem": fs} if "://" in storage else {}
-    tune_storage = fs_path if fs_kwargs else storage
+    store = _SweepStore.at(storage, cfg)
     out_dir = tune_dir(out_root, name)
 
-    started_ray = connect_ray(cfg.execution.ray_address)
-    try:
-        import ray
-
-        driver = settings.resources_per_trial.driver
-        preflight_ray(base, driver=driver)   # one trial (its driver + workers) fits the cluster
-        run_on = base.execution
-        demand = tuning.trial_demand(run_on.num_workers, worker_bundle(run_on.resources_per_worker, run_on.use_gpu),
-                                     driver)
-        n_trials = settings.num_samples * _grid_size(settings.space)
-        concurrent = min(n_trials, settings.resources_per_trial.max_concurrent_trials
-                         or tuning.max_concurrent_trials(ray.cluster_resources(), demand))
-        preflight_disk(base, sweep_path, runs=n_trials, concurrent=concurrent)
-        restoring = tune.Tuner.can_restore(f"{tune_storage}/{sweep}", **fs_kwargs)
+    with contextlib.ExitStack() as stack:
+        # ray_cluster.connect_ray looked up when called: the tests replace it to prove Ray starts last.
+        if ray_cluster.connect_ray(cfg.execution.ray_address):
+            stack.callback(ray_cluster.shutdown_ray)
+        concurrent, demand = _concurrency(base, settings, sweep_path)
+        restoring = tune.Tuner.can_restore(f"{store.path}/{sweep}", **store.kwargs)
         print(f"[tune driver] {name}: sweep {sweep} under {storage} ({'restoring' if restoring else 'new'}), "
               f"{settings.num_samples} samples, {concurrent} at a time (each {demand}), {describe_init(cfg)}",
               flush=True)
-
-        commit = git_commit(repo)
-        tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"tune@{name}",
-                "dataset_manifest_sha256": data_hash, "experiment": name, "profile": cfg.profile,
-                "tune.sweep": sweep}
-        sweep_params = {**flat_settings(base), "tune.num_samples": settings.num_samples,
-                        "tune.metric": settings.metric, "tune.mode": settings.mode,
-                        "tune.seed": settings.seed,
-                        "tune.space": json.dumps(settings.space, sort_keys=True),
-                        "tune.grace_period_evals": settings.scheduler.grace_period,
-                        "tune.reduction_factor": settings.scheduler.reduction_factor,
-                        "tune.max_concurrent_trials": concurrent}
-        # The swept fields' base values would mislead in the parent: the children hold them.
-        parent = open_run(cfg.tracking_uri, experiment=cfg.recipe.dataset, run_name=sweep, resume=restoring,
-                          params={k: v for k, v in sweep_params.items() if k not in settings.space},
-                          tags=tags)
-        parent.log_text(yaml.safe_dump(flat_params(sweep_params), sort_keys=False), "config.yaml")
-        # What every trial's workers get besides their own MLflow run: the data and the pretrained weights.
-        run = RunInfo(manifest_sha256=data_hash,
-                      data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
-                      pretrained_path=str(weights) if weights else None,
-                      pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)
-                      if weights else None)
-        setup = {"base": base, "sweep": sweep, "parent_run_id": parent.run_id, "tags": tags, "run": run}
+        parent, tags = _open_parent_run(cfg, base, settings, name, sweep, data_hash, concurrent, restoring, repo)
+        setup = {"base": base, "sweep": sweep, "parent_run_id": parent.run_id, "tags": tags,
+                 "run": _run_info(cfg, data_hash, weights)}
         # The trial driver's own bundle is small: Ray Train places the workers in their own placement group.
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), driver)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                        settings.resources_per_trial.driver)
         tic = time.perf_counter()
-        try:
-            if restoring:
-                tuner = tune.Tuner.restore(f"{tune_storage}/{sweep}", trainable=trainable,
-                                           resume_unfinished=True, **fs_kwargs)
-            else:
-                from ray.tune.search import BasicVariantGenerator
-
-                # max_concurrent on the search algorithm: Tune applies TuneConfig's max_concurrent_trials
-                # only to the default one it builds itself.
-                search = BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent)
-                tuner = tune.Tuner(
-                    trainable, param_space=tuning.search_space(settings.space),
-                    tune_config=tune.TuneConfig(num_samples=settings.num_samples, scheduler=scheduler,
-                                                search_alg=search, max_concurrent_trials=concurrent,
-                                                trial_dirname_creator=trial_dirname),
-                    run_config=tune.RunConfig(name=sweep, storage_path=tune_storage, verbose=1,
-                                              failure_config=tune.FailureConfig(max_failures=0),
-                                              **fs_kwargs))
-            results = tuner.fit()
-            unfinished = len(results) - results.num_terminated - results.num_errors
-            if unfinished:
-                raise RuntimeError(f"sweep {sweep}: {unfinished} trial(s) did not finish (interrupted?): "
-                                   f"rerun to resume it")
-            trials = collect_trials(results, base, settings)
-            _finish_child_runs(cfg, sweep, parent.run_id, trials, settings.metric)
-            best = tuning.best_trial(trials, settings.metric, settings.mode)
-            if best is None:
-                raise RuntimeError(f"sweep {sweep}: no trial reported {settings.metric} "
-                                   f"(all {len(trials)} failed; see trials' errors under {sweep_path})")
-            write_trials_csv(out_dir / "trials.csv", trials)
-            plot_trials(out_dir / "trials.png", trials, settings.metric)
-            best_params = write_best_params(out_dir / "best_params.yaml", cfg, settings, best, sweep)
-            # The finished sweep's result is best_params.yaml: its trials' Train runs (checkpoints with the
-            # optimizer state, 0.4 GB each on the sample profile) served restoring an interrupted sweep only.
-            with contextlib.suppress(FileNotFoundError):
-                fs.delete_dir(f"{fs_path.rstrip('/')}/{sweep}/train_runs")
-        except KeyboardInterrupt:
-            parent.set_status("KILLED")
-            raise
-        except BaseException:
-            parent.set_status("FAILED")   # the sweep stays in storage: rerunning restores it
-            raise
-        key = f"best_{settings.metric}"
-        parent.log_metrics({key: best[key], "trials": len(trials),
-                            "trials_stopped_early": sum(t["stopped_early"] for t in trials),
-                            "trials_failed": sum(t["status"] == "failed" for t in trials)}, step=0)
-        parent.set_tags({"tune.best_trial": best["trial_id"]})
-        for filename in ("best_params.yaml", "trials.csv", "trials.png"):
-            parent.log_artifact(out_dir / filename, "tune")
-        parent.set_status("FINISHED")
+        with _status_on_error(parent):   # the sweep stays in storage: rerunning restores it
+            tuner = (_restored_tuner(trainable, store, sweep) if restoring
+                     else _new_tuner(trainable, store, sweep, settings, scheduler, concurrent))
+            trials, best, best_params = _sweep_outputs(tuner.fit(), cfg, base, settings, sweep, sweep_path,
+                                                       parent.run_id, out_dir, store)
+        _log_sweep_result(parent, settings, trials, best, out_dir)
         print(f"[tune driver] {name}: {len(trials)} trials in {time.perf_counter() - tic:.0f} s "
               f"({sum(t['stopped_early'] for t in trials)} stopped early); best {settings.metric} "
-              f"{best[key]:.2f} by trial {best['trial_id']}: {best_params['params']}; wrote {out_dir}",
-              flush=True)
+              f"{best[f'best_{settings.metric}']:.2f} by trial {best['trial_id']}: {best_params['params']}; "
+              f"wrote {out_dir}", flush=True)
         return {"sweep": sweep, "path": sweep_path, "restored": restoring, "trials": trials,
                 "best": best_params, "mlflow_run_id": parent.run_id, "max_concurrent_trials": concurrent,
                 "out_dir": out_dir}
-    finally:
-        if started_ray:
-            shutdown_ray()
+
+
+@dataclasses.dataclass(frozen=True)
+class _SweepStore:
+    """Where Tune keeps the sweeps: the path Tune is given, and the filesystem that path is on."""
+
+    fs: object        # pyarrow filesystem
+    fs_path: str      # `path` on `fs`
+    path: str         # what Tune gets: the URI, or the path on `fs` when Tune gets `fs` too
+    kwargs: dict      # {"storage_filesystem": fs} for a URI, else nothing
+
+    @classmethod
+    def at(cls, storage: str, cfg: RunConfig) -> _SweepStore:
+        """s3:// on a custom endpoint: an explicit filesystem, as the train stage gives Ray Train."""
+        fs, fs_path = pyarrow_filesystem(storage, cfg.location.endpoint_url, cfg.location.region)
+        kwargs = {"storage_filesystem": fs} if "://" in storage else {}
+        return cls(fs, fs_path, fs_path if kwargs else storage, kwargs)
+
+
+def _concurrency(base: RunConfig, settings: Tune, sweep_path: str) -> tuple[int, dict]:
+    """How many trials run at once (and what each holds), after checking one fits the cluster and the
+    sweep's checkpoints fit the disk."""
+    driver = settings.resources_per_trial.driver
+    preflight_ray(base, driver=driver)   # one trial (its driver + workers) fits the cluster
+    run_on = base.execution
+    demand = tuning.trial_demand(run_on.num_workers, worker_bundle(run_on.resources_per_worker, run_on.use_gpu),
+                                 driver)
+    n_trials = settings.num_samples * _grid_size(settings.space)
+    concurrent = min(n_trials, settings.resources_per_trial.max_concurrent_trials
+                     or tuning.max_concurrent_trials(ray.cluster_resources(), demand))
+    preflight_disk(base, sweep_path, runs=n_trials, concurrent=concurrent)
+    return concurrent, demand
+
+
+def _open_parent_run(cfg: RunConfig, base: RunConfig, settings: Tune, name: str, sweep: str, data_hash: str,
+                     concurrent: int, restoring: bool, repo: Path):
+    """The sweep's MLflow parent run (resumed when the sweep is), with its params and config.yaml;
+    returns it and the tags its trials' children share."""
+    commit = git_commit(repo)
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": f"tune@{name}",
+            "dataset_manifest_sha256": data_hash, "experiment": name, "profile": cfg.profile,
+            "tune.sweep": sweep}
+    sweep_params = {**flat_settings(base), "tune.num_samples": settings.num_samples,
+                    "tune.metric": settings.metric, "tune.mode": settings.mode,
+                    "tune.seed": settings.seed,
+                    "tune.space": json.dumps(settings.space, sort_keys=True),
+                    "tune.grace_period_evals": settings.scheduler.grace_period,
+                    "tune.reduction_factor": settings.scheduler.reduction_factor,
+                    "tune.max_concurrent_trials": concurrent}
+    # The swept fields' base values would mislead in the parent: the children hold them.
+    parent = open_run(cfg.tracking_uri, experiment=cfg.recipe.dataset, run_name=sweep, resume=restoring,
+                      params={k: v for k, v in sweep_params.items() if k not in settings.space},
+                      tags=tags)
+    parent.log_text(yaml.safe_dump(flat_params(sweep_params), sort_keys=False), "config.yaml")
+    return parent, tags
+
+
+def _run_info(cfg: RunConfig, data_hash: str, weights: Path | None) -> RunInfo:
+    """What every trial's workers get besides their own MLflow run: the data and the pretrained weights."""
+    return RunInfo(manifest_sha256=data_hash,
+                   data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
+                   pretrained_path=str(weights) if weights else None,
+                   pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)
+                   if weights else None)
+
+
+@contextlib.contextmanager
+def _status_on_error(run):
+    """An error inside marks the MLflow `run` KILLED (Ctrl-C) or FAILED (anything else), then goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        run.set_status("KILLED")
+        raise
+    except BaseException:
+        run.set_status("FAILED")
+        raise
+
+
+def _restored_tuner(trainable, store: _SweepStore, sweep: str) -> tune.Tuner:
+    """The interrupted sweep: finished trials kept, unfinished ones resumed."""
+    return tune.Tuner.restore(f"{store.path}/{sweep}", trainable=trainable, resume_unfinished=True,
+                              **store.kwargs)
+
+
+def _new_tuner(trainable, store: _SweepStore, sweep: str, settings: Tune, scheduler, concurrent: int) -> tune.Tuner:
+    """A fresh sweep: the seeded search, ASHA, `concurrent` trials at once, no retries."""
+    # max_concurrent on the search algorithm: Tune applies TuneConfig's max_concurrent_trials
+    # only to the default one it builds itself.
+    search = BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent)
+    return tune.Tuner(
+        trainable, param_space=tuning.search_space(settings.space),
+        tune_config=tune.TuneConfig(num_samples=settings.num_samples, scheduler=scheduler,
+                                    search_alg=search, max_concurrent_trials=concurrent,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=sweep, storage_path=store.path, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0), **store.kwargs))
+
+
+def _sweep_outputs(results, cfg: RunConfig, base: RunConfig, settings: Tune, sweep: str, sweep_path: str,
+                   parent_run_id: str | None, out_dir: Path, store: _SweepStore) -> tuple[list[dict], dict, dict]:
+    """From the finished sweep: close the trials' MLflow children, write trials.csv, trials.png and
+    best_params.yaml, drop the trials' Train runs. Returns the trials, the best one, best_params."""
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished:
+        raise RuntimeError(f"sweep {sweep}: {unfinished} trial(s) did not finish (interrupted?): "
+                           f"rerun to resume it")
+    trials = collect_trials(results, base, settings)
+    _finish_child_runs(cfg, sweep, parent_run_id, trials, settings.metric)
+    best = tuning.best_trial(trials, settings.metric, settings.mode)
+    if best is None:
+        raise RuntimeError(f"sweep {sweep}: no trial reported {settings.metric} "
+                           f"(all {len(trials)} failed; see trials' errors under {sweep_path})")
+    write_trials_csv(out_dir / "trials.csv", trials)
+    plot_trials(out_dir / "trials.png", trials, settings.metric)
+    best_params = write_best_params(out_dir / "best_params.yaml", cfg, settings, best, sweep)
+    # The finished sweep's result is best_params.yaml: its trials' Train runs (checkpoints with the
+    # optimizer state, 0.4 GB each on the sample profile) served restoring an interrupted sweep only.
+    with contextlib.suppress(FileNotFoundError):
+        store.fs.delete_dir(f"{store.fs_path.rstrip('/')}/{sweep}/train_runs")
+    return trials, best, best_params
+
+
+def _log_sweep_result(parent, settings: Tune, trials: list[dict], best: dict, out_dir: Path) -> None:
+    """The parent run's final metrics, best trial, output files, and FINISHED."""
+    key = f"best_{settings.metric}"
+    parent.log_metrics({key: best[key], "trials": len(trials),
+                        "trials_stopped_early": sum(t["stopped_early"] for t in trials),
+                        "trials_failed": sum(t["status"] == "failed" for t in trials)}, step=0)
+    parent.set_tags({"tune.best_trial": best["trial_id"]})
+    for filename in ("best_params.yaml", "trials.csv", "trials.png"):
+        parent.log_artifact(out_dir / filename, "tune")
+    parent.set_status("FINISHED")
 
 
 def _grid_size(space: dict) -> int:
