@@ -259,14 +259,12 @@ def export_weights(checkpoint, dest: Path) -> None:
     except (OSError, ValueError, KeyError) as e:
         raise DamagedCheckpointError(f"{checkpoint.path}: no readable sha256 of {MODEL_FILE} in {CHECKSUMS_FILE} "
                                      f"({type(e).__name__})") from None
-    source = Path(checkpoint.path) / MODEL_FILE
-    try:
-        if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            copy_from_checkpoint(checkpoint, MODEL_FILE, dest)
-        elif not _link(source, dest):
-            copy_from_checkpoint(checkpoint, MODEL_FILE, dest)
-    except FileNotFoundError:
-        raise DamagedCheckpointError(f"{checkpoint.path}/{MODEL_FILE} missing") from None
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{MODEL_FILE}")
+    if info.type != pyarrow.fs.FileType.File:
+        raise DamagedCheckpointError(f"{checkpoint.path}/{MODEL_FILE} missing")
+    local = isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+    if not (local and _link(Path(checkpoint.path) / MODEL_FILE, dest)):
+        copy_from_checkpoint(checkpoint, MODEL_FILE, dest)
     if sha256_file(dest) != expected:
         dest.unlink()
         raise DamagedCheckpointError(f"{checkpoint.path}/{MODEL_FILE} does not match its sha256 in {CHECKSUMS_FILE}")
