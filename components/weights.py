@@ -25,8 +25,9 @@ from tqdm import tqdm
 from components.atomic import atomic_open
 
 # From mmcv 1.x's mmcv/model_zoo/open_mmlab.json (github.com/open-mmlab/mmcv): only the entries DNLNet's
-# configs use (`pretrained='open-mmlab://resnet{50,101}_v1c'`).
+# configs use (`pretrained='open-mmlab://resnet{50,101}_v1c'`), and mmseg's r18-d8 configs' for R-18-D8.
 OPEN_MMLAB_URLS = {
+    "resnet18_v1c": "https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth",
     "resnet50_v1c": "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
     "resnet101_v1c": "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
 }

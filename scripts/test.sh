@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The test command: set up, lint, then the whole test suite.
+# The test command: set up, lint, then the test suite (arguments go to pytest).
+#   bash scripts/test.sh            every tier (CI: .ci/run, with the mmseg parity test on)
+#   bash scripts/test.sh -m unit    the quick check, under 2 minutes (tiers: tests/conftest.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -11,9 +11,11 @@ from pydantic import ValidationError
 
 from components.backbones import BACKBONES
 from components.data import dataset_names, get_dataset
+from components.evaluation.table import parse_seed_table
 from pipeline.config import ConfigError, load, parse, read_raw
 
 R50 = "dnl_r50-d8_512x1024_40k_cityscapes"
+SHOWCASE = "dnl_r18-d8_512x1024_40k_cityscapes"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,9 @@ def test_reference_profile_is_the_seed_settings(params):
 
 def test_the_matrix_covers_the_results_table(params):
     names = list(params.experiments)
-    assert len(names) == 12
+    published = [row.config for row in parse_seed_table()]
+    assert len(published) == 12 and set(published) <= set(names)
+    assert set(names) - set(published) == {SHOWCASE}      # our own row on the small backbone
     for name in names:
         cfg = params.experiment(name, profile="reference")
         # the name encodes backbone, crop, schedule and dataset exactly as the seed's config names do
@@ -60,7 +64,8 @@ def test_sample_profile_scales_sizes_and_iterations(raw, params):
     scale = raw["profiles"]["sample"]["schedule_scale"]
     assert raw["profiles"]["sample"]["max_iters"] is None and cfg.max_iters == round(40000 * scale) == 1
     # Every row stays a distinct run: the 40k / 80k / 160k rows keep their proportions.
-    iters = {params.experiments[n].schedule: params.experiment(n, "sample").max_iters for n in params.experiments}
+    iters = {params.experiments[n].schedule: params.experiment(n, "sample").max_iters for n in params.experiments
+             if n != SHOWCASE}
     assert iters == {"40k": 1, "80k": 2, "160k": 4}
 
 
@@ -186,6 +191,20 @@ def test_every_value_is_checked_whatever_the_profile(raw, path, value, message):
     with pytest.raises(ConfigError) as e:
         parse(_broken(raw, path, value), REPO)
     assert message in str(e.value)
+
+
+def test_the_showcase_row_trains_longer_under_the_sample_profile_only(raw, params):
+    iterations = raw["profiles"]["sample"]["iterations"][SHOWCASE]
+    assert params.experiment(SHOWCASE, profile="sample").max_iters == iterations > 100
+    assert params.experiment(SHOWCASE, profile="reference").max_iters == 40000
+    assert params.experiment(R50, profile="sample").max_iters == 1       # the others as before
+    broken = copy.deepcopy(raw)
+    broken["profiles"]["reference"]["iterations"] = {"dnl_nope": 10}
+    with pytest.raises(ConfigError, match=r"^params.yaml: profiles.reference.iterations.dnl_nope: unknown experiment"):
+        parse(broken, REPO)
+    broken["profiles"]["reference"]["iterations"] = {SHOWCASE: 0}
+    with pytest.raises(ConfigError, match=r"profiles.reference.iterations.dnl_r18\S*: expected a positive integer"):
+        parse(broken, REPO)
 
 
 def test_unknown_experiment_lists_the_known_ones(params):

@@ -1,4 +1,5 @@
-"""The evaluate stage on a tiny prepared dataset (2 val images of 64x128) with an R-50 of random weights.
+"""The evaluate stage on a tiny prepared dataset (2 val images of 64x128) with the session's small
+checkpoint (fixtures/data.py `small_checkpoint`: R-18-D8, random weights).
 
 The metric is checked by hand (numpy over the saved label maps and the prepared label files, not
 IoUAccumulator); ms+flip against single scale on a model made flip-equivariant; fps against a model
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, as_params
+from conftest import REPO, SMALL_EXPERIMENT, as_params
+from fixtures.data import repo_params
 from PIL import Image
 from torch import nn
 
@@ -35,7 +37,7 @@ from components.tracking import artifact_location
 from pipeline.config import ConfigError, load, read_raw
 from pipeline.evaluate import evaluate_experiment
 
-EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
+EXP = SMALL_EXPERIMENT
 NUM_CLASSES = 19
 CITYSCAPES_CLASSES = get_dataset("cityscapes").classes
 
@@ -43,14 +45,8 @@ CITYSCAPES_CLASSES = get_dataset("cityscapes").classes
 def tiny_params(work: Path, data_root: Path, db_template: Path) -> dict:
     """The repo's params with everything small: scale (2048,1024)/32 = (64,32), so the 64x128 val images
     are resized to 32x64 for the model and the scores resized back to 64x128 before argmax."""
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "mlflow.db").exists():
-        shutil.copyfile(db_template, work / "mlflow.db")
-    params = read_raw(REPO / "params.yaml")
-    params["profile"] = "sample"
-    params["profiles"]["sample"].update({"size_scale": 0.03125, "use_gpu": False, "precision": "fp32"})
+    params = repo_params(work, db_template, size_scale=0.03125, use_gpu=False, precision="fp32")
     params["data"]["prepared_dir"] = str(data_root)
-    params["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}"}
     params["evaluate"] = {"ms_ratios": [0.5, 1.0], "flip": True, "max_images": None, "fps_images": 4,
                           "fps_warmup": 1, "overlays": 1, "device": "cpu", "precision": "auto", "fold_bn": True,
                           "cpu_threads": 1}
@@ -59,7 +55,7 @@ def tiny_params(work: Path, data_root: Path, db_template: Path) -> dict:
 
 def random_model(seed: int = 0, num_classes: int = NUM_CLASSES):
     torch.manual_seed(seed)
-    return build_dnlnet(depth=50, num_classes=num_classes).eval()
+    return build_dnlnet(depth=18, num_classes=num_classes).eval()
 
 
 def fake_training_run(tracking_uri: str, name: str, memory_gb: list[float]) -> str:
@@ -81,11 +77,12 @@ def fake_training_run(tracking_uri: str, name: str, memory_gb: list[float]) -> s
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, tiny_data, mlflow_db_template):
+def evaluated(tmp_path_factory, tiny_data, mlflow_db_template, small_checkpoint):
     work = tmp_path_factory.mktemp("evaluate")
     params = tiny_params(work, tiny_data, mlflow_db_template)
-    model = random_model()
-    save_checkpoint(work / "models" / EXP / "model.pt", model, {"experiment": EXP, "iteration": 4})
+    checkpoint, model = small_checkpoint
+    (work / "models" / EXP).mkdir(parents=True)
+    shutil.copyfile(checkpoint, work / "models" / EXP / "model.pt")
     run_id = fake_training_run(params["tracking"]["uri"], EXP, [0.5, 1.25, 0.75])
     threads = torch.get_num_threads()
     summary = evaluate_experiment(as_params(params, work), EXP, out_root=work,
@@ -231,14 +228,14 @@ def test_imported_checkpoint_gets_a_run_of_its_own(evaluated, tmp_path):
     save_checkpoint(saved, random_model(seed=1), {"config": "released"})
     # A released file whose name does not carry the start of its sha256 is refused, in one line.
     wrong = saved.rename(tmp_path / "dnl_released_20200904-53d4ea93.pth")
-    params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "source": str(wrong)}}
+    params["imported_checkpoints"] = {"released": {"experiment": EXP, "source": str(wrong)}}
     with pytest.raises(WeightsError, match=r"sha256 \w+\.\.\. does not start with 53d4ea93"):
-        evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
+        evaluate_experiment(as_params(params, work), "released", out_root=work)
     digest = hashlib.sha256(wrong.read_bytes()).hexdigest()
     released = wrong.rename(tmp_path / f"dnl_released_20200904-{digest[:8]}.pth")
-    params["imported_checkpoints"] = {"released_r50": {"experiment": EXP, "source": str(released)}}
+    params["imported_checkpoints"] = {"released": {"experiment": EXP, "source": str(released)}}
     params["evaluate"].update({"fps_images": None, "overlays": 0, "ms_ratios": [1.0], "flip": False})
-    summary = evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
+    summary = evaluate_experiment(as_params(params, work), "released", out_root=work)
     assert summary["imported"] is True and summary["speed"] is None and summary["train_memory"] is None
     assert summary["train"] == {"crop_size": [512, 1024], "max_iters": 40000, "batch_size": 8}
     # ms_ratios [1.0] without flip is the single-scale pass itself.
@@ -248,11 +245,11 @@ def test_imported_checkpoint_gets_a_run_of_its_own(evaluated, tmp_path):
     client = MlflowClient(tracking_uri=params["tracking"]["uri"])
     run = client.get_run(summary["mlflow"]["run_id"])
     assert run.info.run_id != evaluated["run_id"] and run.info.status == "FINISHED"
-    assert run.data.tags["dvc_stage"] == "evaluate@released_r50"
+    assert run.data.tags["dvc_stage"] == "evaluate@released"
     assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt",
                                                                                  "model/config.json"}
     # Evaluating again logs into the same run (found by its deterministic name), not a new one.
-    again = evaluate_experiment(as_params(params, work), "released_r50", out_root=work)
+    again = evaluate_experiment(as_params(params, work), "released", out_root=work)
     assert again["mlflow"]["run_id"] == run.info.run_id
 
 

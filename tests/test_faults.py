@@ -26,7 +26,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import EXPERIMENT, REPO, MlflowServer, as_params
+from conftest import REPO, MlflowServer, as_params
+from conftest import SMALL_EXPERIMENT as EXPERIMENT
 from loop_hooks import FaultHooks
 
 
@@ -118,7 +119,7 @@ def test_nan_loss_stops_cleanly_is_not_retried_and_keeps_the_last_good_checkpoin
     assert latest["metrics"]["iteration"] == 2
     folder = snapshots[0].parent / latest["checkpoint_dir_name"]
     assert str(folder) in message
-    meta = load_mmseg_checkpoint(build_dnlnet(depth=50, num_classes=19), folder / "model.pt")
+    meta = load_mmseg_checkpoint(build_dnlnet(depth=18, num_classes=19), folder / "model.pt")
     assert meta["iteration"] == 2
     weights = torch.load(folder / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())

@@ -82,6 +82,35 @@ def test_backbone_d8_strides_dilations_and_stage_shapes(r50):
                                               (1, 2048, 8, 16)]
 
 
+def test_r18_basic_blocks_and_heads_of_mmseg_r18_d8_configs():
+    """R-18-D8 (the orchestration tests' backbone): mmseg's ResNetV1c-18 (BasicBlocks conv1 / conv2, the
+    dilation on conv1, D8 strides as R-50's), the heads a quarter as wide as their 512 / 256 inputs (mmseg's
+    `*_r18-d8` configs: decode 512 -> 128, aux 256 -> 64); its state dict names are R-50's but for the
+    blocks (parity with mmseg itself: tests/test_parity_mmseg.py)."""
+    torch.manual_seed(0)
+    model = build_dnlnet(depth=18, num_classes=19)
+    bb = model.backbone
+    assert bb.out_channels == (64, 128, 256, 512) and [len(getattr(bb, f"layer{i}")) for i in range(1, 5)] == [2] * 4
+    assert bb.layer2[0].conv1.stride == (2, 2) and bb.layer2[0].conv2.stride == (1, 1)
+    assert [b.conv1.dilation[0] for b in (*bb.layer3, *bb.layer4)] == [1, 2, 2, 4]   # first block contracted
+    assert all(b.conv2.dilation == (1, 1) for layer in (bb.layer3, bb.layer4) for b in layer)
+    assert all(b.conv1.padding == b.conv1.dilation for layer in (bb.layer3, bb.layer4) for b in layer)
+    layout = _layout(model)
+    assert layout["decode_head.convs.0.conv.weight"][0] == "(128, 512, 3, 3)"
+    assert layout["decode_head.conv_cat.conv.weight"][0] == "(128, 640, 3, 3)"
+    assert layout["auxiliary_head.convs.0.conv.weight"][0] == "(64, 256, 3, 3)"
+    expected, _ = _read_key_file()
+    heads = {k for k in expected if not k.startswith("backbone.layer")}
+    assert heads == {k for k in layout if not k.startswith("backbone.layer")}
+    assert not any(".conv3." in k or ".bn3." in k for k in layout)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 12.86) < 0.01
+    with torch.no_grad():
+        outs = bb.eval()(torch.randn(1, 3, 64, 128))
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 16, 32), (1, 128, 8, 16), (1, 256, 8, 16), (1, 512, 8, 16)]
+    # Every residual block starts as the identity (its last BN zeroed), as the bottlenecks do.
+    assert all(b.bn2.weight.abs().max() == 0 for layer in (bb.layer1, bb.layer4) for b in layer)
+
+
 @pytest.fixture(scope="module")
 def small():
     """R-50 with 5 classes and a conv_seg scaled up (the 0.01 init gives near-zero logits, which

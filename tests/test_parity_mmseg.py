@@ -5,7 +5,9 @@ Opt-in (DNLSEG_PARITY=1): it builds a separate venv with mmseg (tests/parity/mak
 seeded random weights and random BN statistics and records its outputs. Our model loads mmseg's
 state_dict unchanged and must reproduce every recorded number in fp32 to a relative error < 1e-4
 (max |ours - mmseg| / max |mmseg| per tensor), for align_corners False and True and for both of our
-attention implementations. The reference is mmseg's code itself, never our own output.
+attention implementations, for the table's R-50-D8 and for the small R-18-D8 (BasicBlocks, the heads of
+mmseg's r18-d8 configs) that the orchestration tests train. The reference is mmseg's code itself, never
+our own output.
 
 Environment: DNLSEG_MMSEG_VENV (venv folder, default <repo>/.venv-mmseg), DNLSEG_PARITY_REPORT (a
 JSON file to write the max errors to), DNLSEG_PARITY_REFERENCE (an existing reference .pt to reuse
@@ -108,17 +110,20 @@ def _mmseg_python() -> Path:
                               capture_output=True, text=True, timeout=1200)
     except (OSError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"cannot build the mmseg venv with tests/parity/make_mmseg_venv.sh: {e}")
-    TIMINGS["mmseg venv (build or reuse)"] = time.perf_counter() - start
+    TIMINGS.setdefault("mmseg venv (build or reuse)", time.perf_counter() - start)   # the first: a build
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         pytest.skip(f"cannot build the mmseg venv with tests/parity/make_mmseg_venv.sh: {tail}")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """mmseg's outputs (see tests/parity/mmseg_reference.py for the layout)."""
+@pytest.fixture(scope="module", params=(50, 18), ids=lambda d: f"R-{d}")
+def reference(request, tmp_path_factory):
+    """mmseg's outputs (see tests/parity/mmseg_reference.py for the layout), for each depth."""
+    depth = request.param
     reuse = os.environ.get("DNLSEG_PARITY_REFERENCE")
+    if reuse and depth != 50:
+        pytest.skip("DNLSEG_PARITY_REFERENCE holds one (R-50) reference")
     if reuse:
         if not Path(reuse).is_file():
             raise FileNotFoundError(f"DNLSEG_PARITY_REFERENCE: no such file {reuse}")
@@ -127,11 +132,12 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("mmseg_reference") / "reference.pt"
     start = time.perf_counter()
     proc = subprocess.run([str(python), str(PARITY_DIR / "mmseg_reference.py"), "--out", str(out),
-                           "--depth", "50", "--num-classes", str(NUM_CLASSES), "--seed", "0"],
+                           "--depth", str(depth), "--num-classes", str(NUM_CLASSES), "--seed", "0"],
                           capture_output=True, text=True, timeout=1800, cwd=out.parent)
     assert proc.returncode == 0, f"mmseg_reference.py failed:\n{proc.stderr[-3000:]}"
-    TIMINGS["mmseg reference run"] = time.perf_counter() - start
+    TIMINGS[f"mmseg reference run R-{depth}"] = time.perf_counter() - start
     payload = torch.load(out, map_location="cpu", weights_only=True)
+    assert payload["meta"]["depth"] == depth
     out.unlink()  # ~1 GB of gradients: do not leave it in pytest's kept temp dirs
     return payload
 

@@ -3,45 +3,34 @@ file, a run (`runs:/`) or a registered model (`models:/<name>@champion`)."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, as_params
+from conftest import REPO, SMALL_EXPERIMENT, as_params
+from fixtures.data import repo_params
 from PIL import Image
 
 from components.data import get_dataset
 from components.data.transforms import build_test_transform
 from components.evaluation.registry import ModelSpec, log_model_config, register_champion
-from components.models import build_dnlnet
-from components.models.checkpoint import save_checkpoint
 from components.models.speedups import autocast, prepare_for_inference
 from components.tracking import artifact_location
-from pipeline.config import load, read_raw
+from pipeline.config import load
 from pipeline.predict import predict
 
-EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
+EXP = SMALL_EXPERIMENT
 CITYSCAPES_PALETTE = get_dataset("cityscapes").palette
 SIZES = {"a": (48, 100), "b": (64, 128), "single": (37, 53)}   # (h, w): odd sizes too
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, mlflow_db_template):
-    """A random R-50 checkpoint that names its experiment; images in a folder (one in a subfolder) and
-    one alone; the sample profile scaled down so the test scale is (128, 64)."""
+def setup(tmp_path_factory, mlflow_db_template, small_checkpoint):
+    """The session's small checkpoint (random weights, it names its experiment); images in a folder (one in
+    a subfolder) and one alone; the sample profile scaled down so the test scale is (128, 64)."""
     root = tmp_path_factory.mktemp("predict")
-    shutil.copyfile(mlflow_db_template, root / "mlflow.db")
-    raw = read_raw(REPO / "params.yaml")
-    raw["profile"] = "sample"
-    raw["profiles"]["sample"]["size_scale"] = 0.0625
-    raw["tracking"] = {"uri": f"sqlite:///{root / 'mlflow.db'}"}
-    params = as_params(raw, root)
-    torch.manual_seed(0)
-    model = build_dnlnet(depth=50, num_classes=19).eval()
-    checkpoint = root / "ckpt" / "model.pt"
-    save_checkpoint(checkpoint, model, {"experiment": EXP, "iteration": 4})
+    params = as_params(repo_params(root, mlflow_db_template, size_scale=0.0625), root)
+    checkpoint, model = small_checkpoint
     rng = np.random.default_rng(0)
     images = root / "images"
     for name, (h, w) in SIZES.items():

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, repo_copy
+from conftest import EXPERIMENT, REPO, SMALL_EXPERIMENT, repo_copy
 
 from components.ray_cluster import free_port
 
-EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
+EXP = SMALL_EXPERIMENT   # the orchestration is what is tested: the small backbone
 pytestmark = pytest.mark.integration
 
 
@@ -60,9 +60,11 @@ def token_auth_head():
             time.sleep(1)
         yield address, env
     finally:
+        # A test cluster: its graceful stop took 34 s of the suite's time; after 5 s the group is killed (its
+        # state lives in `temp`, removed below).
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
@@ -71,7 +73,7 @@ def token_auth_head():
 
 def test_a_submitted_training_stage_runs_in_the_uploaded_copy(tmp_path, token_auth_head):
     address, env = token_auth_head
-    work, _ = repo_copy(tmp_path)   # shrunk sample params; storage and tracking in tmp_path
+    work, _ = repo_copy(tmp_path, EXPERIMENT)   # shrunk sample params, storage and tracking in tmp_path
     env = {**env, "NO_ALBUMENTATIONS_UPDATE": "1"}
     env.pop("PYTHONPATH", None)     # the job must import the upload, not a copy on the path
     # What deploy/submit_experiment.sh submits with.

@@ -4,6 +4,7 @@ links to the MLflow runs, the HTML page, and the champion alias per dataset in t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -20,6 +21,7 @@ from pipeline.report import compare_url, write_report
 # The seed's published numbers (mmseg's DNLNet results table; the committed copy is
 # components/evaluation/seed_dnlnet_results.md), typed in by hand:
 # config -> (Method, Backbone, Crop Size, Lr schd, Mem (GB), Inf time (fps), mIoU, mIoU(ms+flip))
+SHOWCASE = "dnl_r18-d8_512x1024_40k_cityscapes"
 PUBLISHED = {
     "dnl_r50-d8_512x1024_40k_cityscapes":
         ("dnl", "R-50-D8", "512x1024", "40000", "7.3", "2.56", "78.61", "-"),
@@ -39,13 +41,15 @@ PUBLISHED = {
     "dnl_r50-d8_512x512_160k_ade20k": ("DNL", "R-50-D8", "512x512", "160000", "-", "-", "41.87", "43.01"),
     "dnl_r101-d8_512x512_160k_ade20k": ("DNL", "R-101-D8", "512x512", "160000", "-", "-", "44.25", "45.78"),
 }
-SHARED_COPY = Path("/work/shared/reference/seed-dnlnet-results.md")
 
 
 def test_committed_seed_table_is_the_shared_reference():
-    if not SHARED_COPY.is_file():
-        pytest.skip(f"{SHARED_COPY} is not on this machine (CI); the next test checks the committed copy")
-    assert SEED_TABLE.read_bytes() == SHARED_COPY.read_bytes()
+    """Opt-in: DNLSEG_SEED_TABLE=<the seed's seed-dnlnet-results.md> checks the committed copy against it."""
+    reference = os.environ.get("DNLSEG_SEED_TABLE")
+    if not reference:
+        pytest.skip("set DNLSEG_SEED_TABLE to the seed's seed-dnlnet-results.md to compare the committed copy "
+                    "with it; the next test checks the committed copy's numbers")
+    assert SEED_TABLE.read_bytes() == Path(reference).read_bytes()
 
 
 def test_seed_table_parses_to_the_published_numbers():
@@ -133,7 +137,7 @@ def test_report_holds_published_and_our_numbers_with_differences(report_setup):
     assert len(ours_tables) == 2 and len(compare_tables) == 2   # Cityscapes, ADE20K
 
     ours = {r["experiment"]: r for t in ours_tables for r in t.records()}
-    assert set(ours) == set(PUBLISHED)
+    assert set(ours) == set(PUBLISHED) | {SHOWCASE}   # our own R-18 row too, with no published twin
     a = ours[CITY_A]
     assert [a[c] for c in COLUMNS] == ["dnl", "R-50-D8", "16x32", "16", "3.5", "1.23", "70.00", "71.50"]
     assert [ours[CITY_B][c] for c in COLUMNS] == ["dnl", "R-50-D8", "48x48", "16", "-", "0.50", "72.50",

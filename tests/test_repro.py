@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import repo_copy, run_dvc
+from fixtures.data import small_twin
 
 from pipeline.repro import (
     RAY_ASKED,
@@ -177,7 +178,7 @@ def test_the_longest_chain_of_ray_stages_goes_first(tmp_path):
     order = sorted(plan.order, key=lambda stage: rank[stage], reverse=True)
     trains = [order.index(s) for s in plan.order if s.startswith("train@")]
     evaluations = [order.index(s) for s in plan.order if s.startswith("evaluate@")]
-    assert len(trains) == 12 and order.index("tune") < order.index("train_tuned") < min(trains)
+    assert len(trains) == 13 and order.index("tune") < order.index("train_tuned") < min(trains)
     assert max(trains) < min(evaluations)
     assert {"prepare@cityscapes", "prepare@ade20k"} <= {order[i] for i in range(min(trains))}
 
@@ -190,28 +191,16 @@ def test_unknown_target_is_one_line(tmp_path):
 
 # --- the real pipeline: three training stages at once on a two-node cluster -------------------------
 
-EXPERIMENTS = ("dnl_r50-d8_512x1024_40k_cityscapes", "dnl_r50-d8_769x769_40k_cityscapes",
-               "dnl_r50-d8_512x1024_80k_cityscapes")
-
-
-@pytest.fixture
-def two_node_cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        yield cluster
-    finally:
-        cluster.shutdown()
+R50_EXPERIMENTS = ("dnl_r50-d8_512x1024_40k_cityscapes", "dnl_r50-d8_769x769_40k_cityscapes",
+                   "dnl_r50-d8_512x1024_80k_cityscapes")
+EXPERIMENTS = tuple(small_twin(name) for name in R50_EXPERIMENTS)   # the orchestration is tested: R-18-D8
 
 
 @pytest.mark.integration
 def test_three_runs_at_once_on_two_nodes_through_one_mlflow_server(tmp_path, two_node_cluster):
     from mlflow.tracking import MlflowClient
 
-    work, env = repo_copy(tmp_path)
+    work, env = repo_copy(tmp_path, *R50_EXPERIMENTS)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["profiles"]["sample"].update(num_workers=1, resources_per_worker={"CPU": 1})
     params["tracking"]["uri"] = ""     # the repo's own SQLite store: concurrent writers go through a server

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXPERIMENT, as_params
+from conftest import SMALL_EXPERIMENT, as_params
 from loop_hooks import FaultHooks
 
 from components.training.checkpointing import damage, resume_state, save_train_checkpoint, write_checksums
@@ -136,12 +136,12 @@ def test_train_stage_rerun_over_a_damaged_checkpoint_starts_fresh_instead_of_fai
     params = make_params(tmp_path)   # 4 iterations, checkpoints at 2 and 4
     stop = {"rank": 0, "iteration": 2, "how": "raise", "marker": str(tmp_path / "stopped")}
     with pytest.raises(TrainingFailedError):
-        train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out", hooks=FaultHooks(fault=stop))
-    [checkpoint] = [p for p in (tmp_path / "runs").glob(f"{EXPERIMENT}-*/checkpoint_*") if p.is_dir()]
+        train_experiment(as_params(params), SMALL_EXPERIMENT, out_root=tmp_path / "out", hooks=FaultHooks(fault=stop))
+    [checkpoint] = [p for p in (tmp_path / "runs").glob(f"{SMALL_EXPERIMENT}-*/checkpoint_*") if p.is_dir()]
     _truncate(checkpoint / "model.pt")
     capfd.readouterr()
 
-    out = train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out")
+    out = train_experiment(as_params(params), SMALL_EXPERIMENT, out_root=tmp_path / "out")
     assert out["start_iteration"] == 0 and out["final"]["iteration"] == 4
     logged = capfd.readouterr()
     lines = [line for line in (logged.out + logged.err).splitlines() if "is damaged" in line]

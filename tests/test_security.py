@@ -221,7 +221,7 @@ def test_servers_in_code_deploy_and_docs_bind_loopback_unless_justified():
     assert unjustified == []
     # The scan does see the real ones: the stage's Ray options, deploy's servers, the tests' servers.
     files_seen = {x.split(":")[0] for x in seen}
-    assert {"components/ray_cluster.py", "deploy/cluster.yaml", "tests/conftest.py"} <= files_seen
+    assert {"components/ray_cluster.py", "deploy/cluster.yaml", "tests/fixtures/servers.py"} <= files_seen
 
 
 # --- secrets ---------------------------------------------------------------------------------------

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, as_params
+from conftest import EXPERIMENT, REPO, SMALL_EXPERIMENT, as_params
 
 from components import tuning
 
-EXPERIMENT = "dnl_r50-d8_512x1024_40k_cityscapes"
 # In 2-8 iterations from random init a model can learn the class prior (predict the most frequent class
 # everywhere: aAcc = its pixel share, 24% on this data) or not. mIoU cannot tell the two apart yet
 # (measured at 2: 1.85 for the prior, 2.00 for the untrained model), so the sweeps rank trials by aAcc.
@@ -212,7 +211,7 @@ def sweep_params(make_params, work: Path, lrs: list[float], max_iters: int, eval
     (1 worker x 2 CPUs), in the grid's order."""
     params = make_params(work, max_iters=max_iters, evals_per_run=evals, num_workers=1,
                          resources_per_worker={"CPU": 2})
-    params["tune"] = {"experiment": EXPERIMENT, "num_samples": 1, "seed": 0, "metric": "aAcc", "mode": "max",
+    params["tune"] = {"experiment": SMALL_EXPERIMENT, "num_samples": 1, "seed": 0, "metric": "aAcc", "mode": "max",
                       "space": {"lr": {"grid": lrs}}, "eval_interval": None,
                       "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
                       "resources_per_trial": {"driver_cpu": 0, "driver_memory_gb": 0.25, "num_workers": None,
@@ -242,11 +241,11 @@ def test_sweep_asha_stops_the_dead_trial_and_mlflow_nests_trials(ray_local, make
     # its workers every 0.5 s here, 2 s by default), so the dead trial needs a tail longer than that to
     # show the stop. Measured: stopped at 12 with 2 s polls, at 8 with 0.5 s.
     params = sweep_params(make_params, tmp_path, [GOOD_LR, DEAD_LR, 0.01], max_iters=16, evals=2)
-    out = tune_experiment(as_params(params), EXPERIMENT, out_root=out_root)
+    out = tune_experiment(as_params(params), SMALL_EXPERIMENT, out_root=out_root)
     print(f"sweep took {time.perf_counter() - tic:.0f} s")
     assert not out["restored"]
 
-    rows = read_csv(out_root / "tune" / EXPERIMENT / "trials.csv")
+    rows = read_csv(out_root / "tune" / SMALL_EXPERIMENT / "trials.csv")
     print(rows)
     assert len(rows) == 3
     by_lr = {float(r["lr"]): r for r in rows}
@@ -256,17 +255,17 @@ def test_sweep_asha_stops_the_dead_trial_and_mlflow_nests_trials(ray_local, make
     assert by_lr[DEAD_LR]["stopped_early"] == "True" and by_lr[DEAD_LR]["iterations_run"] == "8"
     assert float(by_lr[DEAD_LR]["best_aAcc"]) < float(by_lr[GOOD_LR]["best_aAcc"])
 
-    best = yaml.safe_load((out_root / "tune" / EXPERIMENT / "best_params.yaml").read_text())
+    best = yaml.safe_load((out_root / "tune" / SMALL_EXPERIMENT / "best_params.yaml").read_text())
     best_row = max(rows, key=lambda r: (float(r["best_aAcc"]), int(r["iterations_run"])))
     assert best["params"] == {"lr": float(best_row["lr"])} and best["params"]["lr"] != DEAD_LR
-    assert best["experiment"] == EXPERIMENT and best["profile"] == "sample"
-    assert (out_root / "tune" / EXPERIMENT / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert best["experiment"] == SMALL_EXPERIMENT and best["profile"] == "sample"
+    assert (out_root / "tune" / SMALL_EXPERIMENT / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The finished sweep keeps Tune's record, not its trials' Train runs (checkpoints with optimizer state).
     assert not (Path(out["path"]) / "train_runs").exists() and any(Path(out["path"]).glob("experiment_state-*"))
 
     client, experiment_id = mlflow_client(tmp_path)
     parent = client.get_run(out["mlflow_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["dvc_stage"] == f"tune@{EXPERIMENT}"
+    assert parent.info.status == "FINISHED" and parent.data.tags["dvc_stage"] == f"tune@{SMALL_EXPERIMENT}"
     assert parent.data.metrics["best_aAcc"] == pytest.approx(float(best_row["best_aAcc"]))
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 3
@@ -309,7 +308,7 @@ def test_killed_sweep_resumes_keeping_finished_trials(ray_local, make_params, tm
     code = ("import sys; from pipeline.config import load; from pipeline.tune import tune_experiment; "
             "tune_experiment(load(sys.argv[1], root='.'), sys.argv[2], out_root=sys.argv[3])")
     log = open(tmp_path / "first_run.log", "w")
-    first = subprocess.Popen([sys.executable, "-c", code, str(params_file), EXPERIMENT, str(out_root)],
+    first = subprocess.Popen([sys.executable, "-c", code, str(params_file), SMALL_EXPERIMENT, str(out_root)],
                              cwd=REPO, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -325,11 +324,11 @@ def test_killed_sweep_resumes_keeping_finished_trials(ray_local, make_params, tm
         log.close()
     killed_at = time.time()
     assert len(finished) == 1, (tmp_path / "first_run.log").read_text()[-3000:]
-    assert not (out_root / "tune" / EXPERIMENT / "best_params.yaml").exists()   # it did not get that far
+    assert not (out_root / "tune" / SMALL_EXPERIMENT / "best_params.yaml").exists()   # it did not get that far
 
-    out = tune_experiment(as_params(params), EXPERIMENT, out_root=out_root)
+    out = tune_experiment(as_params(params), SMALL_EXPERIMENT, out_root=out_root)
     assert out["restored"]
-    rows = read_csv(out_root / "tune" / EXPERIMENT / "trials.csv")
+    rows = read_csv(out_root / "tune" / SMALL_EXPERIMENT / "trials.csv")
     assert len(rows) == 2 and finished[0] in {r["trial_id"] for r in rows}
     assert all(r["iterations_run"] == "2" and r["status"] == "completed" for r in rows)
 

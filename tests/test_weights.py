@@ -57,6 +57,8 @@ def test_open_mmlab_names_resolve_to_mmcvs_urls_without_downloading(tmp_path):
     assert resolve_source("openmmlab://resnet50_v1c", tmp_path) == url   # mmcv accepts both prefixes
     assert resolve_source("open-mmlab://resnet101_v1c", tmp_path) == (
         "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth")
+    assert resolve_source("open-mmlab://resnet18_v1c", tmp_path) == (   # R-18-D8's, as mmseg's r18-d8 configs
+        "https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth")
     assert expected_sha256_prefix(OPEN_MMLAB_URLS["resnet50_v1c"].rsplit("/", 1)[1]) == "2cccc1ad"
     assert resolve_source("https://example.org/w/x.pth", tmp_path) == "https://example.org/w/x.pth"
     assert os.listdir(tmp_path) == []
@@ -85,36 +87,36 @@ def test_hash_prefix_in_file_names():
 
 # --- fetch -------------------------------------------------------------------------------------------
 
-def test_download_once_into_the_cache_then_reuse(server, v1c50, tmp_path, capsys):
+def test_download_once_into_the_cache_then_reuse(file_server, v1c50, tmp_path, capsys):
     served, _ = v1c50
-    url = server.add(served.name, served)
+    url = file_server.add(served.name, served)
     cache = tmp_path / "cache"
     path = fetch(url, root=tmp_path, cache_dir=cache, progress=True)
     assert path == cache / served.name
     assert _sha256(path) == _sha256(served) and sha256_file(path) == _sha256(served)
     assert served.name in capsys.readouterr().err                      # the tqdm bar, on stderr
-    assert server.requests == [f"/{served.name}"]
+    assert file_server.requests == [f"/{served.name}"]
     assert fetch(url, root=tmp_path, cache_dir=cache, progress=False) == path
-    assert len(server.requests) == 1                                   # verified cache hit: no request
+    assert len(file_server.requests) == 1                                   # verified cache hit: no request
     assert os.listdir(cache) == [served.name]
 
 
-def test_cache_dir_defaults_to_dnlseg_cache(server, blob, tmp_path, monkeypatch):
+def test_cache_dir_defaults_to_dnlseg_cache(file_server, blob, tmp_path, monkeypatch):
     monkeypatch.setenv("DNLSEG_CACHE", str(tmp_path / "envcache"))
-    path = fetch(server.add(blob.name, blob), root=tmp_path, progress=False)
+    path = fetch(file_server.add(blob.name, blob), root=tmp_path, progress=False)
     assert path == tmp_path / "envcache" / blob.name and path.read_bytes() == blob.read_bytes()
 
 
-def test_a_corrupt_cache_entry_is_fetched_again(server, blob, tmp_path):
+def test_a_corrupt_cache_entry_is_fetched_again(file_server, blob, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / blob.name).write_bytes(b"half a file")
-    path = fetch(server.add(blob.name, blob), root=tmp_path, cache_dir=cache, progress=False)
-    assert path.read_bytes() == blob.read_bytes() and len(server.requests) == 1
+    path = fetch(file_server.add(blob.name, blob), root=tmp_path, cache_dir=cache, progress=False)
+    assert path.read_bytes() == blob.read_bytes() and len(file_server.requests) == 1
 
 
-def test_checksum_mismatch_is_an_error_and_leaves_the_cache_empty(server, blob, tmp_path):
-    url = server.add("blob-deadbeef.pth", blob)                       # right bytes, wrong name
+def test_checksum_mismatch_is_an_error_and_leaves_the_cache_empty(file_server, blob, tmp_path):
+    url = file_server.add("blob-deadbeef.pth", blob)                       # right bytes, wrong name
     cache = tmp_path / "cache"
     with pytest.raises(WeightsError) as err:
         fetch(url, root=tmp_path, cache_dir=cache, progress=False)
@@ -124,9 +126,9 @@ def test_checksum_mismatch_is_an_error_and_leaves_the_cache_empty(server, blob, 
 
 
 @pytest.mark.parametrize("hashed", [True, False])
-def test_truncated_download_is_an_error_and_leaves_the_cache_empty(server, blob, tmp_path, hashed):
+def test_truncated_download_is_an_error_and_leaves_the_cache_empty(file_server, blob, tmp_path, hashed):
     name = blob.name if hashed else "plain.pth"                       # caught by length, not only by hash
-    url = server.add(name, blob, send=1000)
+    url = file_server.add(name, blob, send=1000)
     cache = tmp_path / "cache"
     with pytest.raises(WeightsError) as err:
         fetch(url, root=tmp_path, cache_dir=cache, progress=False)
@@ -134,8 +136,8 @@ def test_truncated_download_is_an_error_and_leaves_the_cache_empty(server, blob,
     assert os.listdir(cache) == []
 
 
-def test_http_404_is_one_line(server, tmp_path):
-    url = f"{server.base}/resnet50_v1c-2cccc1ad.pth"
+def test_http_404_is_one_line(file_server, tmp_path):
+    url = f"{file_server.base}/resnet50_v1c-2cccc1ad.pth"
     with pytest.raises(WeightsError) as err:
         fetch(url, root=tmp_path, cache_dir=tmp_path / "cache", progress=False)
     assert str(err.value) == f"weights: {url}: HTTP 404 Not Found"
@@ -153,8 +155,8 @@ def test_server_down_is_one_line(tmp_path):
     assert not (tmp_path / "cache").exists() or os.listdir(tmp_path / "cache") == []
 
 
-def test_concurrent_fetches_of_one_file_agree(server, blob, tmp_path):
-    url = server.add(blob.name, blob)
+def test_concurrent_fetches_of_one_file_agree(file_server, blob, tmp_path):
+    url = file_server.add(blob.name, blob)
     cache = tmp_path / "cache"
     with ThreadPoolExecutor(4) as pool:
         paths = list(pool.map(lambda _: fetch(url, root=tmp_path, cache_dir=cache, progress=False), range(4)))
@@ -186,9 +188,9 @@ def test_local_file_with_a_wrong_hash_in_its_name_is_refused_and_kept(blob, tmp_
 
 # --- the fetched file into the backbone (strict) -----------------------------------------------------
 
-def test_served_resnet50_v1c_file_loads_every_backbone_tensor(server, v1c50, tmp_path):
+def test_served_resnet50_v1c_file_loads_every_backbone_tensor(file_server, v1c50, tmp_path):
     served, sd = v1c50
-    path = fetch(server.add(served.name, served), root=tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    path = fetch(file_server.add(served.name, served), root=tmp_path, cache_dir=tmp_path / "cache", progress=False)
     backbone = ResNetV1c(depth=50)
     result = load_pretrained_backbone(backbone, path)
     assert result.unexpected == [] and result.missing == []

@@ -1,6 +1,7 @@
 """ResNetV1c with dilated (D8) stages, as mmseg's ResNetV1c.
 
 V1c = deep stem (three 3x3 convs instead of one 7x7) + stride on the 3x3 conv of the bottleneck.
+Depth 18 uses mmseg's BasicBlock (two 3x3 convs, the first strided and dilated), 50 and 101 Bottlenecks.
 D8 = stages 3 and 4 keep stride 8 and grow their receptive field by dilation instead (strides 1, 2, 1, 1,
 dilations 1, 1, 2, 4; contract_dilation: the first block of a dilated stage uses half its dilation).
 State-dict names follow mmseg (`stem.N`, `layerK.B.convI` / `bnI`, `downsample.0/1`) so the
@@ -12,8 +13,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.backbones import STAGE_BLOCKS
+from components.backbones import BOTTLENECK_FROM_DEPTH, STAGE_BLOCKS
 from components.models.conv_module import NormLayer, kaiming_init_
+
+
+class BasicBlock(nn.Module):
+    """mmseg's BasicBlock: the dilation sits on the first 3x3 conv only (mmseg ResNet, as its weights)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None, norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=dilation, dilation=dilation,
+                               bias=False)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+    def last_norm(self) -> nn.Module:
+        return self.bn2
 
 
 class Bottleneck(nn.Module):
@@ -41,25 +68,29 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
+    def last_norm(self) -> nn.Module:
+        return self.bn3
 
-def make_res_layer(inplanes: int, planes: int, num_blocks: int, stride: int, dilation: int,
-                   norm_layer: NormLayer, contract_dilation: bool = True) -> nn.Sequential:
+
+def make_res_layer(block: type[BasicBlock | Bottleneck], inplanes: int, planes: int, num_blocks: int, stride: int,
+                   dilation: int, norm_layer: NormLayer, contract_dilation: bool = True) -> nn.Sequential:
     downsample = None
-    if stride != 1 or inplanes != planes * Bottleneck.expansion:
+    if stride != 1 or inplanes != planes * block.expansion:
         downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
-            norm_layer(planes * Bottleneck.expansion),
+            nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+            norm_layer(planes * block.expansion),
         )
     # contract_dilation: the first block of a dilated stage uses half the dilation (mmseg ResLayer).
     first_dilation = dilation // 2 if (dilation > 1 and contract_dilation) else dilation
-    blocks = [Bottleneck(inplanes, planes, stride, first_dilation, downsample, norm_layer)]
-    inplanes = planes * Bottleneck.expansion
-    blocks += [Bottleneck(inplanes, planes, 1, dilation, None, norm_layer) for _ in range(1, num_blocks)]
+    blocks = [block(inplanes, planes, stride, first_dilation, downsample, norm_layer)]
+    inplanes = planes * block.expansion
+    blocks += [block(inplanes, planes, 1, dilation, None, norm_layer) for _ in range(1, num_blocks)]
     return nn.Sequential(*blocks)
 
 
 class ResNetV1c(nn.Module):
-    """Returns the outputs of the four stages (256/512/1024/2048 channels; 1/4, 1/8, 1/8, 1/8 for D8)."""
+    """Returns the outputs of the four stages (`out_channels`: 256/512/1024/2048 with Bottlenecks, 64/128/256/512
+    with BasicBlocks; 1/4, 1/8, 1/8, 1/8 of the input for D8)."""
 
     def __init__(self, depth: int = 50, strides: tuple[int, ...] = (1, 2, 1, 1),
                  dilations: tuple[int, ...] = (1, 1, 2, 4), contract_dilation: bool = True,
@@ -76,18 +107,20 @@ class ResNetV1c(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        block = Bottleneck if depth >= BOTTLENECK_FROM_DEPTH else BasicBlock
         inplanes = stem_channels
         for i, num_blocks in enumerate(STAGE_BLOCKS[depth]):
             planes = 64 * 2**i
-            layer = make_res_layer(inplanes, planes, num_blocks, strides[i], dilations[i], norm_layer,
+            layer = make_res_layer(block, inplanes, planes, num_blocks, strides[i], dilations[i], norm_layer,
                                    contract_dilation)
             self.add_module(f"layer{i + 1}", layer)
-            inplanes = planes * Bottleneck.expansion
+            inplanes = planes * block.expansion
+        self.out_channels = tuple(64 * 2**i * block.expansion for i in range(4))
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         # mmseg's init when no pretrained weights are given: Kaiming convs, BN weight 1 / bias 0,
-        # and the last BN of each bottleneck zeroed so every residual block starts as the identity.
+        # and the last BN of each residual block zeroed so every one starts as the identity.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 kaiming_init_(m)   # no conv here has a bias
@@ -96,8 +129,8 @@ class ResNetV1c(nn.Module):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
+                if isinstance(m, BasicBlock | Bottleneck):
+                    nn.init.zeros_(m.last_norm().weight)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.stem(x))

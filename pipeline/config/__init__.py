@@ -76,6 +76,11 @@ class Params(Frozen):
         for name in self.evaluate.profiles:
             if name not in self.profiles:
                 raise FieldError(f"evaluate.profiles.{name}", f"not a profile (profiles: {', '.join(self.profiles)})")
+        for profile_name, prof in self.profiles.items():
+            for name in prof.iterations:
+                if name not in self.experiments:
+                    raise FieldError(f"profiles.{profile_name}.iterations.{name}",
+                                     f"unknown experiment (known: {', '.join(sorted(self.experiments))})")
         if self.tune.experiment is not None and self.tune.experiment not in self.experiments:
             raise FieldError("tune.experiment", f"unknown experiment {self.tune.experiment!r}")
         return self
@@ -164,7 +169,8 @@ class Params(Frozen):
         def scaled(pair):
             return max(1, round(pair[0] * prof.size_scale)), max(1, round(pair[1] * prof.size_scale))
 
-        iterations = prof.max_iters or max(1, round(self.schedules[exp.schedule].max_iters * prof.schedule_scale))
+        iterations = (prof.max_iters or prof.iterations.get(name)
+                      or max(1, round(self.schedules[exp.schedule].max_iters * prof.schedule_scale)))
         return RunConfig(
             name=name, profile=self.profile_name(profile), tracking_uri=self.tracking_uri,
             recipe=Recipe(

@@ -60,7 +60,7 @@ class Profile(Frozen):
     """How the table's experiments run: `sample` on a 2-core CPU, `reference` as the seed did."""
 
     size_scale: Positive                    # crop size, resize scale and slide window x this
-    max_iters: PositiveIntOrNull = None    # every experiment's iterations; None: its schedule x schedule_scale
+    max_iters: PositiveIntOrNull = None    # every experiment's (showcase too); None: iterations, else schedule x scale
     schedule_scale: Positive = 1.0
     batch_size: PositiveIntOrNull = None   # global; None: the experiment's
     micro_batch_size: PositiveIntOrNull = None
@@ -72,6 +72,7 @@ class Profile(Frozen):
     precision: Precision
     evals_per_run: PositiveInt
     val_max_images: PositiveIntOrNull = None
+    iterations: dict[str, PositiveInt] = {}    # experiment -> its iterations under this profile (a showcase)
 
     @model_validator(mode="after")
     def _fp16_on_gpu(self):

@@ -16,7 +16,7 @@ running statistics), and writes one .pt file with
       buffers_after_train         BN running statistics after that one train forward
   meta                            versions, seed, slide crop/stride, aux loss weight
 
-Usage: python mmseg_reference.py --out ref.pt [--depth 50] [--num-classes 5] [--seed 0]
+Usage: python mmseg_reference.py --out ref.pt [--depth 50|18|101] [--num-classes 5] [--seed 0]
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ IGNORE_INDEX = 255
 
 def dnlnet_config(depth: int, num_classes: int, align_corners: bool, slide: tuple | None) -> ConfigDict:
     """configs/_base_/models/dnl_r50-d8.py, with BN instead of SyncBN (single CPU process), no
-    pretrained download, dropout 0 (so the train-mode comparison has no RNG)."""
+    pretrained download, dropout 0 (so the train-mode comparison has no RNG). Depth 18: the heads' widths
+    of mmseg's `*_r18-d8` configs (decode 512 -> 128, aux 256 -> 64)."""
+    decode_in, decode_channels, aux_in, aux_channels = (512, 128, 256, 64) if depth == 18 else (2048, 512, 1024, 256)
     norm_cfg = dict(type="BN", requires_grad=True)
     test_cfg = dict(mode="whole")
     if slide is not None:
@@ -79,11 +81,11 @@ def dnlnet_config(depth: int, num_classes: int, align_corners: bool, slide: tupl
         backbone=dict(type="ResNetV1c", depth=depth, num_stages=4, out_indices=(0, 1, 2, 3),
                       dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), norm_cfg=norm_cfg, norm_eval=False,
                       style="pytorch", contract_dilation=True),
-        decode_head=dict(type="DNLHead", in_channels=2048, in_index=3, channels=512, dropout_ratio=0.0,
+        decode_head=dict(type="DNLHead", in_channels=decode_in, in_index=3, channels=decode_channels, dropout_ratio=0.0,
                          reduction=2, use_scale=True, mode="embedded_gaussian", num_classes=num_classes,
                          norm_cfg=norm_cfg, align_corners=align_corners,
                          loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
-        auxiliary_head=dict(type="FCNHead", in_channels=1024, in_index=2, channels=256, num_convs=1,
+        auxiliary_head=dict(type="FCNHead", in_channels=aux_in, in_index=2, channels=aux_channels, num_convs=1,
                             concat_input=False, dropout_ratio=0.0, num_classes=num_classes,
                             norm_cfg=norm_cfg, align_corners=align_corners,
                             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False,
@@ -206,7 +208,7 @@ def reference_outputs(model, model_slide, case: dict, state_dict: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output .pt file")
-    parser.add_argument("--depth", type=int, default=50, choices=(50, 101))
+    parser.add_argument("--depth", type=int, default=50, choices=(18, 50, 101))
     parser.add_argument("--num-classes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--align-corners", choices=("both", "false", "true"), default="both")
