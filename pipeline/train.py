@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from components.experiment import RunConfig, flat_settings
+from components.training.contract import NonFiniteLossError, RunInfo, WorkerResult
 from components.training.identity import code_hash
-from components.training.trainer import NonFiniteLossError
 from pipeline.config import CODE_ROOT, Params, code_deps, model_file, plots_dir, train_metrics_file, tune_dir
 
 
@@ -51,17 +51,15 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
         return _train(cfg, stage, Path(out_root or params.root), hooks, params.root, weights)
 
 
-def write_outputs(latest, cfg: RunConfig, out_root: Path, repo: Path) -> dict:
+def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:
     """models/, metrics/ and plots/ of the experiment from the run's final checkpoint `latest`: the final
     model is the table's model (as mmseg's, the last iteration), never the best of the validation
     checkpoints, which would pick on the split the table reports; the best validation figure is kept,
     labelled. The model file is checked against the checkpoint's checksums.json."""
     from components.atomic import atomic_write_text
-    from components.training.checkpointing import CHECKSUMS_FILE, MODEL_FILE
-    from components.training.trainer import copy_from_checkpoint, has_file, read_checkpoint_text
-    from components.weights import sha256_file
+    from components.training.checkpointing import export_weights, read_curve, read_summary
 
-    summary = json.loads(read_checkpoint_text(latest, "summary.json"))
+    summary = read_summary(latest)
     if summary["iteration"] != cfg.max_iters:
         raise RuntimeError(f"{cfg.name}: the last checkpoint is at iteration {summary['iteration']}, not "
                            f"{cfg.max_iters}, under {latest.path}")
@@ -69,15 +67,8 @@ def write_outputs(latest, cfg: RunConfig, out_root: Path, repo: Path) -> dict:
 
     model_path, metrics_path = model_file(out_root, cfg.name), train_metrics_file(out_root, cfg.name)
     curve_path = plots_dir(out_root, cfg.name) / "train.csv"
-    expected = json.loads(read_checkpoint_text(latest, CHECKSUMS_FILE))[MODEL_FILE]
-    if has_file(latest, MODEL_FILE):
-        copy_from_checkpoint(latest, MODEL_FILE, model_path)
-        if sha256_file(model_path) != expected:
-            model_path.unlink()
-            raise DamagedCheckpointError(f"{latest.path}/{MODEL_FILE} does not match its sha256 in {CHECKSUMS_FILE}")
-    else:
-        _restore_dropped_weights(latest, expected, model_path, repo)
-    atomic_write_text(curve_path, read_checkpoint_text(latest, "curve.csv"))
+    export_weights(latest, model_path)
+    atomic_write_text(curve_path, read_curve(latest))
     images = cfg.max_iters * cfg.recipe.batch_size
     metrics = {
         "final": {k: summary[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},   # models/<exp>/model.pt
@@ -87,145 +78,137 @@ def write_outputs(latest, cfg: RunConfig, out_root: Path, repo: Path) -> dict:
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    return {"model": model_path, "model_md5": _md5(model_path), "metrics": metrics_path,
-            "curve": curve_path, **metrics}
-
-
-def _restore_dropped_weights(latest, sha256: str, model_path: Path, repo: Path) -> None:
-    """A finished run on local storage dropped its final weights (components/training/checkpointing.py
-    prune_finished_run): they come back from the model file still in place or from DVC's cache (DVC
-    removes a stage's outputs before running it again), checked against the checkpoint's sha256."""
-    import shutil
-
-    from components.atomic import atomic_path
-    from components.training.checkpointing import DROPPED_FILE, MODEL_FILE
-    from components.training.trainer import read_checkpoint_text
-    from components.weights import sha256_file
-
-    try:
-        md5 = json.loads(read_checkpoint_text(latest, DROPPED_FILE))[MODEL_FILE]["md5"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DamagedCheckpointError(f"{latest.path}: {MODEL_FILE} missing, and no readable {DROPPED_FILE} "
-                                     f"({type(e).__name__})") from None
-    for candidate in (model_path, dvc_cached_file(repo, md5)):
-        if candidate is not None and candidate.is_file() and sha256_file(candidate) == sha256:
-            if candidate != model_path:
-                with atomic_path(model_path) as tmp:
-                    shutil.copyfile(candidate, tmp)
-            return
-    raise DamagedCheckpointError(f"{latest.path}: the finished run's final weights (md5 {md5}) were dropped "
-                                 f"and are neither in {model_path} nor in DVC's cache")
-
-
-def dvc_cached_file(repo: Path, md5: str) -> Path | None:
-    """Where the DVC cache of the repo at `repo` keeps a file of this md5 (None: no DVC repo there)."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(repo)) as dvc_repo:
-            return Path(dvc_repo.cache.local.oid_to_path(md5))
-    except DvcException:
-        return None
-
-
-def _md5(path: Path) -> str:
-    """DVC's address of a file in its cache (DVC 3: the md5 of its bytes)."""
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
-
-
-class DamagedCheckpointError(RuntimeError):
-    """A finished run's final model file does not match its recorded sha256."""
+    return {"model": model_path, "metrics": metrics_path, "curve": curve_path, **metrics}
 
 
 def _train(cfg: RunConfig, stage: str, out_root: Path, hooks, repo: Path, weights: Path | None) -> dict:
-    from components.console import warn
-    from components.preflight import preflight_disk, preflight_ray
+    from components.preflight import preflight_disk
     from components.ray_cluster import connect_ray, shutdown_ray
-    from components.tracking import flat_params, git_commit, open_run
-    from components.training.checkpointing import finished_checkpoint, prune_finished_run
-    from components.training.data_sync import manifest_hash, publish_dataset
+    from components.training.checkpointing import finished_checkpoint
+    from components.training.data_sync import manifest_hash
     from components.training.identity import run_name
-    from components.training.trainer import RunInfo, build_trainer, describe_init, log_interval, run_exists
-    from components.weights import publish
+    from components.training.trainer import run_exists
 
     data_hash, code = manifest_hash(cfg.location.data_dir), code_hash(CODE_ROOT, code_deps("train"))
     ray_name = run_name(cfg, data_hash, code)
     run_uri = f"{cfg.location.storage_path.rstrip('/')}/{ray_name}"
     resuming = run_exists(cfg.location.storage_path, ray_name)
-    final = finished_checkpoint(run_uri, cfg.max_iters) if resuming else None
-    flat = flat_settings(cfg)
-    commit = git_commit(repo)
-    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": stage,
-            "dataset_manifest_sha256": data_hash, "code_sha256": code, "experiment": cfg.name, "profile": cfg.profile}
-
-    def tracked_run():
-        tracker = open_run(cfg.tracking_uri, experiment=cfg.recipe.dataset, run_name=ray_name, resume=resuming,
-                           params=flat, tags=tags)
-        tracker.log_text(yaml.safe_dump(flat_params(flat), sort_keys=False), "config.yaml")
-        return tracker
-
+    track = _Tracking(cfg, ray_name, resuming, _tags(cfg, stage, data_hash, code, repo))
     tic = time.perf_counter()
+    final = finished_checkpoint(run_uri, cfg.max_iters) if resuming else None
     if final is not None:   # finished before (the stage forced, or only execution settings changed)
-        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} finished already: its "
-              f"outputs from the final checkpoint, no training", flush=True)
-        try:
-            outputs = write_outputs(final, cfg, out_root, repo)
-        except DamagedCheckpointError as e:
-            warn(f"[train driver] {cfg.name}: {e}: training again")
-        else:
-            prune_finished_run(final, outputs["model_md5"])   # a run finished before this pruning existed
-            tracker = tracked_run()
-            _log_outputs(tracker, cfg.name, outputs, {}, tic)
-            return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": final.path,
-                    "start_iteration": cfg.max_iters, "median_step_s": None, "mlflow_failures": 0,
-                    "driver_mlflow_failures": tracker.failures}
+        outputs = _outputs_of_finished_run(cfg, final, ray_name, out_root, track, tic)
+        if outputs is not None:
+            return outputs
     preflight_disk(cfg, run_uri, out_root=out_root)
     started_ray = connect_ray(cfg.execution.ray_address)
     try:
-        preflight_ray(cfg)
-        print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
-              f"({'resuming' if resuming else 'new'}), {cfg.execution.num_workers} workers, profile {cfg.profile}, "
-              f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)
-        tracker = tracked_run()
-        try:
-            run = RunInfo(mlflow_run_id=tracker.run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
-                          data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
-                          pretrained_path=str(weights) if weights else None,
-                          pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)
-                          if weights else None)
-            result = build_trainer(cfg, ray_name, run, hooks=hooks).fit()
-            worker = result.return_value or {}
-            tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
-            if worker.get("stopped"):
-                raise _non_finite_error(cfg, worker["stopped"], result, tracker)
-            if result.checkpoint is None:
-                raise RuntimeError(f"{cfg.name}: training reported no checkpoint (max_iters {cfg.max_iters})")
-            outputs = write_outputs(result.checkpoint, cfg, out_root, repo)
-        except KeyboardInterrupt:
-            tracker.set_status("KILLED")
-            raise
-        except BaseException as e:
-            tracker.set_status("FAILED")   # the Ray run stays in storage: rerunning resumes it
-            bad_data = _worker_data_error(e)
-            if bad_data is not None:       # one line naming the file, not Ray's multi-page report
-                raise bad_data from None
-            raise
-        prune_finished_run(result.checkpoint, outputs["model_md5"])
-        _log_outputs(tracker, cfg.name, outputs, worker, tic)
-        return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": result.path,
-                "start_iteration": worker.get("start_iteration"),
-                "median_step_s": worker.get("median_step_s"), "mlflow_failures": worker.get("mlflow_failures") or 0,
-                "driver_mlflow_failures": tracker.failures}
+        return _fit(cfg, ray_name, resuming, out_root, hooks, weights, track, data_hash, tic)
     finally:
         if started_ray:
             shutdown_ray()
 
 
-def _log_outputs(tracker, name: str, outputs: dict, worker: dict, tic: float) -> None:
+def _tags(cfg: RunConfig, stage: str, data_hash: str, code: str, repo: Path) -> dict:
+    from components.tracking import git_commit
+
+    commit = git_commit(repo)
+    return {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": stage,
+            "dataset_manifest_sha256": data_hash, "code_sha256": code, "experiment": cfg.name, "profile": cfg.profile}
+
+
+class _Tracking:
+    """Opens the run's MLflow run (resumed with the Ray run), with its params, tags and config.yaml."""
+
+    def __init__(self, cfg: RunConfig, ray_name: str, resuming: bool, tags: dict):
+        self.cfg, self.ray_name, self.resuming, self.tags = cfg, ray_name, resuming, tags
+
+    def open(self):
+        from components.tracking import flat_params, open_run
+
+        flat = flat_settings(self.cfg)
+        tracker = open_run(self.cfg.tracking_uri, experiment=self.cfg.recipe.dataset, run_name=self.ray_name,
+                           resume=self.resuming, params=flat, tags=self.tags)
+        tracker.log_text(yaml.safe_dump(flat_params(flat), sort_keys=False), "config.yaml")
+        return tracker
+
+
+def _outputs_of_finished_run(cfg: RunConfig, final, ray_name: str, out_root: Path, track: _Tracking,
+                             tic: float) -> dict | None:
+    """The stage's outputs from a finished run's final checkpoint, no training; None where its weights
+    are damaged or gone (said in one line): the caller trains again."""
+    from components.console import warn
+    from components.training.checkpointing import DamagedCheckpointError, prune_finished_run
+
+    print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} finished already: its "
+          f"outputs from the final checkpoint, no training", flush=True)
+    try:
+        outputs = write_outputs(final, cfg, out_root)
+    except DamagedCheckpointError as e:
+        warn(f"[train driver] {cfg.name}: {e}: training again")
+        return None
+    prune_finished_run(final)   # a run finished before this pruning existed
+    tracker = track.open()
+    _log_outputs(tracker, cfg.name, outputs, None, tic)
+    return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": final.path,
+            "start_iteration": cfg.max_iters, "median_step_s": None, "mlflow_failures": 0,
+            "driver_mlflow_failures": tracker.failures}
+
+
+def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, weights: Path | None,
+         track: _Tracking, data_hash: str, tic: float) -> dict:
+    """Trains the run on Ray (resuming it when it exists) and writes the stage's outputs from its final
+    checkpoint; the MLflow run says FINISHED, FAILED or KILLED."""
+    from components.preflight import preflight_ray
+    from components.training.checkpointing import prune_finished_run
+    from components.training.trainer import build_trainer, describe_init
+
+    preflight_ray(cfg)
+    print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
+          f"({'resuming' if resuming else 'new'}), {cfg.execution.num_workers} workers, profile {cfg.profile}, "
+          f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)
+    tracker = track.open()
+    try:
+        result = build_trainer(cfg, ray_name, _run_info(cfg, tracker.run_id, data_hash, weights), hooks=hooks).fit()
+        worker: WorkerResult | None = result.return_value
+        tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
+        if worker is not None and worker.stopped:
+            raise _non_finite_error(cfg, worker.stopped, result, tracker)
+        if result.checkpoint is None:
+            raise RuntimeError(f"{cfg.name}: training reported no checkpoint (max_iters {cfg.max_iters})")
+        outputs = write_outputs(result.checkpoint, cfg, out_root)
+    except KeyboardInterrupt:
+        tracker.set_status("KILLED")
+        raise
+    except BaseException as e:
+        tracker.set_status("FAILED")   # the Ray run stays in storage: rerunning resumes it
+        bad_data = _worker_data_error(e)
+        if bad_data is not None:       # one line naming the file, not Ray's multi-page report
+            raise bad_data from None
+        raise
+    prune_finished_run(result.checkpoint)
+    _log_outputs(tracker, cfg.name, outputs, worker, tic)
+    return {**outputs, "run_name": ray_name, "mlflow_run_id": tracker.run_id, "result_path": result.path,
+            "start_iteration": worker.start_iteration if worker else None,
+            "median_step_s": worker.median_step_s if worker else None,
+            "mlflow_failures": worker.mlflow_failures if worker else 0, "driver_mlflow_failures": tracker.failures}
+
+
+def _run_info(cfg: RunConfig, mlflow_run_id: str, data_hash: str, weights: Path | None) -> RunInfo:
+    """What the workers get beside the config: the MLflow run, and the data and pretrained weights
+    published where every node can fetch them."""
+    from components.training.data_sync import publish_dataset
+    from components.training.trainer import log_interval
+    from components.weights import publish
+
+    return RunInfo(mlflow_run_id=mlflow_run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
+                   data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
+                   pretrained_path=str(weights) if weights else None,
+                   pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)
+                   if weights else None)
+
+
+def _log_outputs(tracker, name: str, outputs: dict, worker: WorkerResult | None, tic: float) -> None:
     """The finished run into MLflow: the final model's figures (the table's) and the best validation
     one labelled as such, the curve and metrics files; one line saying what was written."""
     tracker.log_metrics({f"best_val_{k}": v for k, v in outputs["best_val"].items() if k != "iteration"}
@@ -239,7 +222,7 @@ def _log_outputs(tracker, name: str, outputs: dict, worker: dict, tic: float) ->
     print(f"[train driver] {name}: done in {time.perf_counter() - tic:.0f} s; final mIoU "
           f"{outputs['final']['mIoU']:.2f} (the model written; best on val {outputs['best_val']['mIoU']:.2f} "
           f"at iteration {outputs['best_val']['iteration']}); wrote {outputs['model']}", flush=True)
-    worker_failures = worker.get("mlflow_failures") or 0
+    worker_failures = worker.mlflow_failures if worker else 0
     if worker_failures or tracker.failures:
         print(f"[train driver] {name}: MLflow tracking failed during the run ({worker_failures} failed "
               f"call(s) on rank 0, {tracker.failures} in the driver): MLflow run {tracker.run_id} may "
@@ -260,10 +243,10 @@ def _worker_data_error(error: BaseException):
 
 def _non_finite_error(cfg: RunConfig, message: str, result, tracker) -> NonFiniteLossError:
     """The stage's error for a NaN/inf stop: what happened and which checkpoint is kept where."""
-    latest = result.checkpoint
-    from components.training.trainer import read_checkpoint_text
+    from components.training.checkpointing import read_summary
 
-    kept = (f"the last good checkpoint ({json.loads(read_checkpoint_text(latest, 'summary.json'))['iteration']}) is "
+    latest = result.checkpoint
+    kept = (f"the last good checkpoint ({read_summary(latest)['iteration']}) is "
             f"kept in {latest.path}" if latest else "no checkpoint was reported before it")
     text = (f"{cfg.name}: {message.split(': stopping')[0]}: training stopped, {kept}; rerunning resumes "
             f"there and meets it again: lower train.lr or use precision fp32 (a fresh run)")

@@ -83,7 +83,7 @@ def run_trial(config: dict, setup: dict) -> None:
     result = build_trainer(cfg, name, run, callbacks=[TuneReportCallback()]).fit()
     # The loop ends cleanly on a NaN/inf loss (so Ray does not retry it): raising here makes Tune record
     # the trial as failed, not as stopped early, and keeps it out of the best trial.
-    stopped = (result.return_value or {}).get("stopped")
+    stopped = result.return_value.stopped if result.return_value else None
     if stopped:
         raise non_finite_trial_error(trial_id, cfg, stopped)
 

@@ -163,7 +163,7 @@ WRITER = textwrap.dedent("""
         atomic_write_bytes(dest, b"NEW" * 100000)
     elif how == "copy_atomic":         # models/<exp>/model.pt, streamed out of the (local or s3) checkpoint
         import pyarrow.fs
-        from components.training.trainer import copy_from_checkpoint
+        from components.training.checkpointing import copy_from_checkpoint
         source = dest.parent / "checkpoint"
         source.mkdir()
         (source / "model.pt").write_bytes(b"NEW" * 100000)
@@ -202,7 +202,7 @@ def test_failed_copy_keeps_the_previous_output_and_cleans_up(tmp_path):
     no temp file remains."""
     import pyarrow.fs
 
-    from components.training.trainer import copy_from_checkpoint
+    from components.training.checkpointing import copy_from_checkpoint
 
     dest = tmp_path / "models" / "exp" / "model.pt"
     dest.parent.mkdir(parents=True)

@@ -46,10 +46,9 @@ def loss_steps(client, run_id) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 
 
-def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, monkeypatch, capfd):
+def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, capfd):
     """2 DDP workers on one fixed batch each: parameters stay identical on both ranks, the loss goes
     down; the driver writes the three DVC outputs and one MLflow run holds the history."""
-    import pipeline.train
     from components.models import build_dnlnet
     from components.models.checkpoint import load_mmseg_checkpoint
     from pipeline.train import train_experiment
@@ -105,51 +104,61 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves", "metrics"} <= artifacts and "model" not in artifacts   # DVC keeps it
 
-    # The finished run kept its final checkpoint's small files only: not the optimizer state, not the
-    # iteration-3 checkpoint, and (local storage) not the weights: they are the stage's model file, which
-    # DVC caches; dropped.json names their md5, DVC's address for them.
+    # The finished run kept its final checkpoint only, without the optimizer state; not the iteration-3
+    # checkpoint. Its weights (local storage, one filesystem) are the stage's model file itself: one
+    # file on disk, hard-linked, which DVC's cache adopts too (test_dvc_cache_shares_the_weights).
     assert [p.name for p in Path(out["result_path"]).glob("checkpoint_*") if p.is_dir()] == [latest.name]
-    assert not (latest / "train_state.pt").exists() and not (latest / "model.pt").exists()
-    assert json.loads((latest / "dropped.json").read_text()) == {"model.pt": {"md5": digest(model_file, "md5")}}
+    assert not (latest / "train_state.pt").exists()
+    assert (latest / "model.pt").samefile(model_file)
     written = {p: p.read_bytes() for p in (model_file, out_root / "metrics" / EXPERIMENT / "train.json",
                                           out_root / "plots" / EXPERIMENT / "train.csv")}
 
-    # A rerun of the finished run trains nothing: its weights from the model file in place, else from
-    # DVC's cache (DVC removes a stage's outputs before running it again) ...
+    # A rerun of the finished run trains nothing: its outputs from the final checkpoint, with the model
+    # file in place or gone (DVC removes a stage's outputs before running it again) ...
     again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
     assert again["start_iteration"] == 6 and again["mlflow_run_id"] == out["mlflow_run_id"]
     assert all(p.read_bytes() == data for p, data in written.items())
-    cache = tmp_path / "dvc-cache" / "model"
-    cache.parent.mkdir()
-    model_file.rename(cache)
-    cached_md5 = digest(cache, "md5")
-    monkeypatch.setattr(pipeline.train, "dvc_cached_file", lambda repo, md5: cache if md5 == cached_md5 else None)
+    model_file.unlink()
     again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
     assert again["start_iteration"] == 6 and all(p.read_bytes() == data for p, data in written.items())
+    assert (latest / "model.pt").samefile(model_file)
     assert loss_steps(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]   # no step trained again
-    # ... and where neither holds them, it trains again from the start, saying so.
-    cache.unlink()
+    # ... and where the checkpoint's weights are gone too, it trains again from the start, saying so.
+    (latest / "model.pt").unlink()
     model_file.unlink()
     again = train_experiment(as_params(params), EXPERIMENT, out_root=out_root)
     assert again["start_iteration"] == 0 and model_file.is_file()
-    assert "neither in" in capfd.readouterr().err
+    assert "model.pt missing: training again" in capfd.readouterr().err
 
 
-def test_dvc_cached_file_is_where_dvc_keeps_a_file(tmp_path):
-    """The address of a stage's model file in DVC's cache, checked against `dvc add` itself."""
+def test_dvc_cache_shares_the_weights(tmp_path):
+    """With the repo's .dvc/config, a stage whose model file is a hard link to a checkpoint's weights
+    (checkpointing.export_weights) leaves one file on disk for the three: DVC's cache adopts it."""
+    import os
+    import shutil
     import subprocess
     import sys
 
-    from pipeline.train import dvc_cached_file
+    from components.training.checkpointing import CHECKSUMS_FILE, MODEL_FILE
 
     dvc = str(Path(sys.executable).parent / "dvc")
-    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    (tmp_path / "model.pt").write_bytes(b"weights" * 1000)
-    subprocess.run([dvc, "add", "-q", "model.pt"], cwd=tmp_path, check=True)
-    md5 = digest(tmp_path / "model.pt", "md5")
-    cached = dvc_cached_file(tmp_path, md5)
-    assert cached.is_file() and cached.read_bytes() == b"weights" * 1000
-    assert dvc_cached_file(tmp_path / "not-a-repo", md5) is None
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    shutil.copyfile(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
+    folder = tmp_path / "runs" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    (folder / MODEL_FILE).write_bytes(b"weights" * 1000)
+    (folder / CHECKSUMS_FILE).write_text(json.dumps({MODEL_FILE: digest(folder / MODEL_FILE, "sha256")}))
+    (tmp_path / "export.py").write_text(
+        "from pathlib import Path\nfrom ray.train import Checkpoint\n"
+        "from components.training.checkpointing import export_weights\n"
+        f"export_weights(Checkpoint({str(folder)!r}), Path('model.pt'))\n")
+    (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": {"train": {
+        "cmd": f"{sys.executable} export.py", "deps": ["export.py"], "outs": ["model.pt"]}}}))
+    subprocess.run([dvc, "repro", "-q"], cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    cached = tmp_path / ".dvc" / "cache" / "files" / "md5" / digest(tmp_path / "model.pt", "md5")[:2]
+    assert (folder / MODEL_FILE).samefile(tmp_path / "model.pt")
+    assert [p for p in cached.iterdir() if p.samefile(folder / MODEL_FILE)]   # one file for the three
 
 
 def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path, monkeypatch):
@@ -207,7 +216,7 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(ray_local, make_params, 
 def assert_no_checkpoint_lost(run_dir, reported: int) -> None:
     """Ray's record of the run (checkpoint_manager_snapshot.json) counts every report, its latest is the
     final checkpoint (iteration 4), complete on disk; the finished run kept nothing else (the other
-    checkpoint, the final optimizer state and weights are pruned once the outputs are written)."""
+    checkpoint and the final optimizer state are pruned once the outputs are written)."""
     from pathlib import Path
 
     run_dir = Path(run_dir)
@@ -217,9 +226,8 @@ def assert_no_checkpoint_lost(run_dir, reported: int) -> None:
     assert final["metrics"]["iteration"] == 4
     assert [p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()] == [final["checkpoint_dir_name"]]
     files = {p.name for p in (run_dir / final["checkpoint_dir_name"]).iterdir()}
-    # (the weights dropped too: local storage; they are the stage's model file)
-    assert {"dropped.json", "summary.json", "curve.csv", "checksums.json"} <= files
-    assert not {"model.pt", "train_state.pt"} & files
+    assert {"model.pt", "summary.json", "curve.csv", "checksums.json"} <= files
+    assert "train_state.pt" not in files
     assert json.loads((run_dir / final["checkpoint_dir_name"] / "summary.json").read_text())["iteration"] == 4
 
 

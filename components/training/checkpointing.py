@@ -1,6 +1,8 @@
 """A training checkpoint is a folder: `model.pt` (mmseg layout, the weights alone, what DVC ships),
 `train_state.pt` (optimizer, scaler, iteration, curve so far: what a resumed run needs), the small files
-the driver reads, and `checksums.json` (every file's sha256, written last).
+the driver reads (`summary.json`, `curve.csv`), and `checksums.json` (every file's sha256, written last).
+This module is the only one that knows those names: the loop writes and resumes through it, the train
+stage reads a finished run's outputs through it.
 
 A damaged checkpoint (a partial upload, a bad disk: files truncated, bit-flipped or missing) never
 blocks a run: on resume it is named in one warning line and the run continues from the newest intact
@@ -11,24 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from components.atomic import atomic_write_bytes
+from components.atomic import atomic_open, atomic_write_bytes
 from components.models.checkpoint import load_mmseg_checkpoint, save_checkpoint
 from components.weights import sha256_file
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
+SUMMARY_FILE = "summary.json"   # iteration, mIoU / mAcc / aAcc, best so far, train time
+CURVE_FILE = "curve.csv"
 CHECKSUMS_FILE = "checksums.json"
-DROPPED_FILE = "dropped.json"   # a finished run on local storage: the md5 of its final weights, dropped
 STAGING_PREFIX = "dnlseg-checkpoint-"
 CURVE_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "img_s", "mIoU")
 
@@ -41,6 +46,18 @@ def save_train_checkpoint(folder: Path | str, model: torch.nn.Module, optimizer,
     buffer = io.BytesIO()
     torch.save({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, buffer)
     atomic_write_bytes(folder / STATE_FILE, buffer.getvalue())
+
+
+def save_checkpoint_folder(folder: Path | str, model: torch.nn.Module, optimizer, scaler, state: dict,
+                           summary: dict, meta: dict) -> None:
+    """The whole checkpoint: weights, train state, the small files the driver reads without loading
+    tensors, checksums last."""
+    folder = Path(folder)
+    save_train_checkpoint(folder, model, optimizer, scaler, state, meta)
+    write_curve_csv(folder / CURVE_FILE, state["curve"])
+    atomic_write_bytes(folder / SUMMARY_FILE, json.dumps(
+        {**summary, "best": state["best"], "train_time_s": state["train_time_s"]}, indent=1).encode())
+    write_checksums(folder)
 
 
 def load_train_checkpoint(folder: Path | str, model: torch.nn.Module) -> dict:
@@ -121,8 +138,7 @@ def damage(folder: Path | str) -> str | None:
 
 def _iteration(checkpoint) -> int:
     try:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/summary.json") as f:
-            return int(json.loads(f.read())["iteration"])
+        return int(read_summary(checkpoint)["iteration"])
     except Exception:  # noqa: BLE001 - an unreadable summary: a damaged checkpoint, tried last
         return -1
 
@@ -206,7 +222,74 @@ def load_chosen(checkpoint, path: str, model: torch.nn.Module) -> dict:
     return state
 
 
-# --- a finished run ---------------------------------------------------------------------------------
+# --- a finished run, read by the train stage's driver -------------------------------------------------
+
+class DamagedCheckpointError(RuntimeError):
+    """A finished run's final weights are missing or do not match their recorded sha256."""
+
+
+def read_text(checkpoint, filename: str) -> str:
+    """A small file of a reported checkpoint (local or s3://), read without downloading the rest."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{filename}") as f:
+        return f.read().decode()
+
+
+def read_summary(checkpoint) -> dict:
+    return json.loads(read_text(checkpoint, SUMMARY_FILE))
+
+
+def read_curve(checkpoint) -> str:
+    return read_text(checkpoint, CURVE_FILE)
+
+
+def copy_from_checkpoint(checkpoint, filename: str, dest: Path) -> None:
+    """Stream a file out of a checkpoint (local or s3://) into `dest`, atomically."""
+    with atomic_open(dest) as out, checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{filename}") as src:
+        shutil.copyfileobj(src, out, length=16 << 20)
+
+
+def export_weights(checkpoint, dest: Path) -> None:
+    """The checkpoint's model.pt at `dest`, checked against its checksums.json. On local storage, on the
+    same filesystem, `dest` is a hard link to it: one copy on disk for the checkpoint, the stage's model
+    file and DVC's cache (whose first link type, .dvc/config, adopts the same file). Elsewhere a copy."""
+    import pyarrow.fs
+
+    try:
+        expected = json.loads(read_text(checkpoint, CHECKSUMS_FILE))[MODEL_FILE]
+    except (OSError, ValueError, KeyError) as e:
+        raise DamagedCheckpointError(f"{checkpoint.path}: no readable sha256 of {MODEL_FILE} in {CHECKSUMS_FILE} "
+                                     f"({type(e).__name__})") from None
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{MODEL_FILE}")
+    if info.type != pyarrow.fs.FileType.File:
+        raise DamagedCheckpointError(f"{checkpoint.path}/{MODEL_FILE} missing")
+    local = isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+    if not (local and _link(Path(checkpoint.path) / MODEL_FILE, dest)):
+        copy_from_checkpoint(checkpoint, MODEL_FILE, dest)
+    if sha256_file(dest) != expected:
+        dest.unlink()
+        raise DamagedCheckpointError(f"{checkpoint.path}/{MODEL_FILE} does not match its sha256 in {CHECKSUMS_FILE}")
+
+
+def _link(source: Path, dest: Path) -> bool:
+    """Hard-link `source` at `dest`, atomically (a temp link renamed over it); False where the
+    filesystem cannot (another filesystem, no hard links)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and os.path.samefile(source, dest):
+        return True   # (os.replace of a file onto itself would leave the temp link behind)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError as e:
+        if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):   # another fs, no links
+            return False
+        raise
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
 
 def finished_checkpoint(run_uri: str, max_iters: int):
     """The checkpoint at `max_iters` of the Ray run at `run_uri` (local or s3://; the run finished), or None."""
@@ -216,19 +299,12 @@ def finished_checkpoint(run_uri: str, max_iters: int):
     return next((c for c in _checkpoints_in(fs, folder) if _iteration(c) == max_iters), None)
 
 
-def prune_finished_run(final, model_md5: str) -> None:
-    """Once a finished run's outputs are written, it keeps its final checkpoint's small files and nothing
-    else: its other checkpoints and the final optimizer state served resuming only. On local storage
-    the final weights go too: they are the stage's model file, which DVC keeps in its cache; dropped.json
-    records their md5 (DVC's address for them), and a rerun of the finished run restores them from
-    there (pipeline/train.py) or, where they are gone, trains again. On S3 they stay: the machine that
-    reruns the stage need not hold this one's DVC cache."""
-    import pyarrow.fs
-
+def prune_finished_run(final) -> None:
+    """Once a finished run's outputs are written, it keeps its final checkpoint and nothing else: its
+    other checkpoints and the final optimizer state served resuming only. The final weights stay: a
+    rerun of the finished run (the stage forced, or only execution settings changed) writes its outputs
+    from them, and on local storage they are the same file as the stage's model file (export_weights)."""
     for checkpoint in _others(final):
         final.filesystem.delete_dir(checkpoint.path)
     with contextlib.suppress(FileNotFoundError, OSError):
         final.filesystem.delete_file(f"{final.path}/{STATE_FILE}")
-    if isinstance(final.filesystem, pyarrow.fs.LocalFileSystem):
-        atomic_write_bytes(Path(final.path) / DROPPED_FILE, json.dumps({MODEL_FILE: {"md5": model_md5}}).encode())
-        (Path(final.path) / MODEL_FILE).unlink(missing_ok=True)

@@ -17,7 +17,7 @@ ORCHESTRATION = ("pipeline/cli.py", "pipeline/train.py", "components/tracking.py
                  "components/ray_cluster.py", "components/preflight.py", "components/storage.py",
                  "components/weights.py", "components/atomic.py", "components/training/trainer.py",
                  "components/training/progress.py", "components/training/data_sync.py",
-                 "components/training/identity.py")
+                 "components/training/identity.py", "components/training/contract.py")
 
 # Fields that say where and how fast a run executes, not what it learns: changing them resumes the run.
 EXECUTION_FIELDS = frozenset(Execution.model_fields) | frozenset(Location.model_fields)

@@ -2,15 +2,14 @@
 train.py, iteration-based, with the Ray parts in plain sight: get_checkpoint, prepare_model, report).
 
 TorchTrainer hands `run_worker` (through components.training.trainer.train_loop_per_worker, which imports
-this module in the worker only) {"cfg": RunConfig, "run": RunInfo, "hooks": LoopHooks or None}.
+this module in the worker only) {"cfg": RunConfig, "run": RunInfo, "hooks": LoopHooks or None}; it returns
+a WorkerResult (components/training/contract.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -26,14 +25,8 @@ from components.models import build_dnlnet
 from components.models.checkpoint import load_pretrained_backbone
 from components.models.speedups import use_precision
 from components.tracking import FAIL_FAST_ENV, RunLogger, system_metrics, with_env_credentials
-from components.training.checkpointing import (
-    load_chosen,
-    resume_state,
-    save_train_checkpoint,
-    staging_folder,
-    write_checksums,
-    write_curve_csv,
-)
+from components.training.checkpointing import load_chosen, resume_state, save_checkpoint_folder, staging_folder
+from components.training.contract import RunInfo, WorkerResult
 from components.training.data_sync import local_dataset
 from components.training.distributed import (
     InfiniteDistributedSampler,
@@ -46,7 +39,6 @@ from components.training.distributed import (
 from components.training.evaluate import evaluate
 from components.training.progress import Progress, peak_memory_gb
 from components.training.step import sgd, train_step
-from components.training.trainer import RunInfo
 from components.weights import on_this_node
 
 
@@ -67,7 +59,7 @@ class LoopHooks:
         """Training finished."""
 
 
-def run_worker(config: dict) -> dict:
+def run_worker(config: dict) -> WorkerResult:
     c: RunConfig = config["cfg"]
     run: RunInfo = config.get("run") or RunInfo()
     ctx = ray.train.get_context()
@@ -82,7 +74,7 @@ def run_worker(config: dict) -> dict:
         return train(c, run, config.get("hooks") or LoopHooks(), ctx)
 
 
-def train(c: RunConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
+def train(c: RunConfig, run: RunInfo, hooks: LoopHooks, ctx) -> WorkerResult:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_step, accum = plan_batches(c.recipe.batch_size, world, c.execution.micro_batch_size)
     torch.set_num_threads(max(1, int(c.execution.resources_per_worker.get("CPU", 1))))
@@ -160,9 +152,8 @@ def train(c: RunConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
             # same all-reduced loss, so all stop here together; the driver fails the stage with this.
             if rank == 0:
                 progress.say(f"[{c.name}] {e}")
-            return {"start_iteration": start, "iteration": it - 1, "stopped": str(e),
-                    "train_time_s": state["train_time_s"], "median_step_s": None,
-                    "mlflow_failures": tracker.failures}
+            return WorkerResult(start_iteration=start, iteration=it - 1, train_time_s=state["train_time_s"],
+                                mlflow_failures=tracker.failures, stopped=str(e))
         seconds = time.perf_counter() - tic
         state["train_time_s"] += seconds
         progress.add(losses, seconds)
@@ -189,15 +180,17 @@ def train(c: RunConfig, run: RunInfo, hooks: LoopHooks, ctx) -> dict:
             with staging_folder() as folder:   # rank 0 writes, Ray copies it to storage_path
                 ckpt = None
                 if rank == 0:
-                    save_checkpoint_folder(folder, c, model, optimizer, scaler, state, summary)
+                    meta = {"experiment": c.name, "iteration": it, "mIoU": summary["mIoU"],
+                            "CLASSES": list(c.class_names)}
+                    save_checkpoint_folder(folder, model, optimizer, scaler, state, summary, meta)
                     ckpt = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(summary, checkpoint=ckpt)
         hooks.after_iteration(rank, it)
 
     hooks.on_end(rank, model)
     steps = sorted(progress.step_seconds)
-    return {"start_iteration": start, "iteration": c.max_iters, "train_time_s": state["train_time_s"],
-            "median_step_s": steps[len(steps) // 2] if steps else None, "mlflow_failures": tracker.failures}
+    return WorkerResult(start_iteration=start, iteration=c.max_iters, train_time_s=state["train_time_s"],
+                        median_step_s=steps[len(steps) // 2] if steps else None, mlflow_failures=tracker.failures)
 
 
 def log_evaluation(c: RunConfig, state: dict, summary: dict, result: dict, tracker: RunLogger,
@@ -212,17 +205,6 @@ def log_evaluation(c: RunConfig, state: dict, summary: dict, result: dict, track
     progress.say(f"[{c.name}] eval at iter {summary['iteration']}: mIoU {summary['mIoU']:.2f}  "
                  f"mAcc {summary['mAcc']:.2f}  aAcc {summary['aAcc']:.2f}  (best {state['best']['mIoU']:.2f} "
                  f"at {state['best']['iteration']})")
-
-
-def save_checkpoint_folder(folder, c: RunConfig, model, optimizer, scaler, state: dict, summary: dict) -> None:
-    """model.pt + train_state.pt + the small files the driver reads without loading tensors."""
-    meta = {"experiment": c.name, "iteration": state["iteration"], "mIoU": summary["mIoU"],
-            "CLASSES": list(c.class_names)}
-    save_train_checkpoint(folder, model, optimizer, scaler, state, meta)
-    write_curve_csv(Path(folder) / "curve.csv", state["curve"])
-    (Path(folder) / "summary.json").write_text(json.dumps(
-        {**summary, "best": state["best"], "train_time_s": state["train_time_s"]}, indent=1))
-    write_checksums(folder)
 
 
 def resume(checkpoint, model: nn.Module, rank: int, world: int, device: torch.device) -> dict | None:

@@ -1,37 +1,19 @@
-"""The TorchTrainer of one training run, and reading what it left in storage. Used by the train stage
-(one run) and the tune stage (one run per trial)."""
+"""The TorchTrainer of one training run. Used by the train stage (one run) and the tune stage (one run
+per trial); what it leaves in storage is read through components/training/checkpointing.py."""
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.atomic import atomic_open
 from components.experiment import RunConfig
+from components.training.contract import NonFiniteLossError, RunInfo, WorkerResult  # noqa: F401 - the drivers' too
 
 if TYPE_CHECKING:
     from components.training.loop import LoopHooks
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """What the driver adds to the config: where the run logs and where its data comes from."""
-
-    mlflow_run_id: str | None = None
-    log_interval: int = 1
-    manifest_sha256: str | None = None    # of the prepared data: a node lacking it fetches this version
-    data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
-    pretrained_path: str | None = None    # the driver's verified copy of cfg.recipe.pretrained
-    pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training stopped on a NaN/inf loss; the message says where and which checkpoint is kept."""
-
-
-def train_loop_per_worker(config: dict) -> dict:
+def train_loop_per_worker(config: dict) -> WorkerResult:
     """What every Ray Train worker runs. The loop (torch's training stack, the data pipeline) is imported
     here, in the worker: the driver and Ray Train's controller unpickle this function and need none of it."""
     from components.training.loop import run_worker
@@ -106,23 +88,3 @@ def run_exists(storage_path: str, name: str) -> bool:
     from components.storage import exists
 
     return exists(f"{storage_path.rstrip('/')}/{name}" + ("/" if "://" in storage_path else ""))
-
-
-def read_checkpoint_text(checkpoint, filename: str) -> str:
-    """A small file of a reported checkpoint (local or s3://), read without downloading the rest."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{filename}") as f:
-        return f.read().decode()
-
-
-def has_file(checkpoint, filename: str) -> bool:
-    """Whether a reported checkpoint (local or s3://) holds `filename`."""
-    import pyarrow.fs
-
-    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{filename}")
-    return info.type == pyarrow.fs.FileType.File
-
-
-def copy_from_checkpoint(checkpoint, filename: str, dest: Path) -> None:
-    """Stream a file out of a checkpoint (local or s3://) into `dest`, atomically."""
-    with atomic_open(dest) as out, checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{filename}") as src:
-        shutil.copyfileobj(src, out, length=16 << 20)
