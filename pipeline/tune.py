@@ -33,10 +33,11 @@ from components.experiment import RunConfig, flat_settings
 from components.preflight import preflight_disk, preflight_ray, worker_bundle
 from components.storage import endpoint_env, pyarrow_filesystem
 from components.tracking import flat_params, git_commit, open_run
+from components.training.contract import RunInfo
 from components.training.data_sync import manifest_hash, publish_dataset
 from components.training.distributed import plan_batches
 from components.training.identity import code_hash, sweep_name
-from components.training.trainer import RunInfo, describe_init, fetch_pretrained
+from components.training.trainer import describe_init, fetch_pretrained
 from components.weights import publish
 from pipeline.config import CODE_ROOT, ConfigError, Params, Tune, code_deps, tune_dir
 
@@ -91,7 +92,7 @@ def run_trial(config: dict, setup: dict) -> None:
 def non_finite_trial_error(trial_id: str, cfg: RunConfig, stopped: str):
     """A trial's one-line failure for a NaN/inf stop: which trial, its learning rate, the loss and iteration
     (`stopped` is the loop's message; what it says about checkpoints is the train stage's business)."""
-    from components.training.trainer import NonFiniteLossError
+    from components.training.contract import NonFiniteLossError
 
     return NonFiniteLossError(f"trial {trial_id} (lr {cfg.schedule.lr:g}): {stopped.split(': stopping')[0]}")
 

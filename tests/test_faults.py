@@ -98,7 +98,7 @@ def test_nan_loss_stops_cleanly_is_not_retried_and_keeps_the_last_good_checkpoin
     no DVC output was written; the MLflow run is FAILED with the reason as a tag."""
     from components.models import build_dnlnet
     from components.models.checkpoint import load_mmseg_checkpoint
-    from components.training.trainer import NonFiniteLossError
+    from components.training.contract import NonFiniteLossError
     from pipeline.train import train_experiment
 
     params = make_params(tmp_path)

@@ -10,8 +10,8 @@ from conftest import EXPERIMENT, REPO, as_params
 from loop_hooks import poisoned
 
 from components.models import build_dnlnet
+from components.training.contract import NonFiniteLossError
 from components.training.step import sgd, train_step
-from components.training.trainer import NonFiniteLossError
 from pipeline.config import read_raw
 from pipeline.tune import non_finite_trial_error, sweep_base, trial_config
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.experiment import RunConfig
-from components.training.contract import NonFiniteLossError, RunInfo, WorkerResult  # noqa: F401 - the drivers' too
+from components.training.contract import RunInfo, WorkerResult
 
 if TYPE_CHECKING:
     from components.training.loop import LoopHooks
