@@ -30,7 +30,7 @@ def attention_worker(variant: str, length: int, dtype: str) -> dict:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(REPO))
-    from components.models.dnl import pairwise_attention_naive
+    from components.learning.models.dnl import pairwise_attention_naive
 
     torch.manual_seed(0)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from components.data.dataset import SegmentationDataset, build_loader  # noqa: E402
-from components.data.transforms import build_train_transform, seed_transform  # noqa: E402
+from components.learning.data.dataset import SegmentationDataset, build_loader  # noqa: E402
+from components.learning.data.transforms import build_train_transform, seed_transform  # noqa: E402
 from components.sample import write_cityscapes  # noqa: E402
 from pipeline.prepare import prepare_dataset  # noqa: E402
 

@@ -117,7 +117,7 @@ def load_scene(scene_dir: Path, index: int, height: int, width: int):
     import numpy as np
     import torch
 
-    from components.data.classes import MEAN, STD
+    from components.learning.data.classes import MEAN, STD
 
     image = cv2.cvtColor(cv2.imread(str(scene_dir / f"image_{index}.png"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     label = cv2.imread(str(scene_dir / f"label_{index}.png"), cv2.IMREAD_UNCHANGED)
@@ -131,7 +131,7 @@ def load_scene(scene_dir: Path, index: int, height: int, width: int):
 def build_model(s: dict, weights: Path, device):
     import torch
 
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
 
     model = build_dnlnet(depth=50, num_classes=19, attention=s["attention"])
     model.load_state_dict(torch.load(weights, weights_only=True))
@@ -145,7 +145,7 @@ def quantize_int8(model, scene: Path, size: tuple[int, int]):
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from components.models.segmentor import resize_logits
+    from components.learning.models.segmentor import resize_logits
 
     class Logits(torch.nn.Module):   # traceable: the resize to the input's size stays outside
         def __init__(self):
@@ -170,7 +170,7 @@ def infer_row(s: dict, size: tuple[int, int], reps: int, warmup: int, weights: P
     import numpy as np
     import torch
 
-    from components.models.speedups import autocast, prepare_for_inference
+    from components.learning.models.speedups import autocast, prepare_for_inference
 
     device = _device(device_name)
     model = build_model(s, weights, device)
@@ -231,8 +231,8 @@ def train_row(s: dict, size: tuple[int, int], batch: int, steps: int, warmup: in
     result, i.e. when pretraining the bench weights); times the last `steps`."""
     import torch
 
-    from components.schedules import poly_lr
-    from components.training.step import sgd, train_step
+    from components.learning.schedules import poly_lr
+    from components.learning.step import sgd, train_step
 
     device = _device(device_name)
     torch.manual_seed(seed)   # dropout
@@ -295,7 +295,7 @@ def count_flops(kind: str, size: tuple[int, int], batch: int) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
 
     with torch.device("meta"):
         model = build_dnlnet(depth=50, num_classes=19, attention="naive")
@@ -326,7 +326,7 @@ def make_weights(path: Path, scene: Path) -> None:
     """mmseg's init, DNL block on, BN statistics of two 256×512 crops of a training scene."""
     import torch
 
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
 
     torch.manual_seed(0)
     model = build_dnlnet(depth=50, num_classes=19, attention="fused")
@@ -349,7 +349,7 @@ def make_scenes(scene_dir: Path, count: int) -> None:
     (train ids). Scene 0 is the inference input, the others are the training crops' source."""
     import cv2
 
-    from components.data.datasets.cityscapes import label_ids_to_train_ids
+    from components.learning.data.datasets.cityscapes import label_ids_to_train_ids
     from components.sample import write_cityscapes
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Atomic file writes: the only place in components/ that writes a temp file and renames it over a target.
+"""Atomic writes: the only place in components/ that writes a temp file or folder and renames it over a target.
 
 A reader sees the previous file or the new one, whole, never a partial one: the data goes to a hidden
 `.<name>.<random>.tmp` in the target's folder (same filesystem, so os.replace is atomic), is fsynced,
@@ -9,6 +9,7 @@ killed mid-write leaves only the hidden temp file beside an intact target.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,3 +72,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in `parent` (same filesystem as the final destination, so os.replace is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, DIR_MODE)
+    return path
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """os.replace for a folder that may already exist (os.replace cannot overwrite a non-empty folder):
+    the old one is renamed aside first, then deleted."""
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = make_temp_dir(dest.parent, f".{dest.name}.old-")
+        os.replace(dest, old / "x")
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Build a folder in a temp sibling, then swap it in; on an error nothing changes."""
+    dest = Path(dest)
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.tmp-")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, dest)

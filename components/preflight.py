@@ -164,7 +164,7 @@ def weight_bytes(depth: int, num_classes: int) -> tuple[int, int]:
     momentum (one buffer per parameter). Built on the meta device: no memory used."""
     import torch
 
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
 
     with torch.device("meta"):
         model = build_dnlnet(depth=depth, num_classes=num_classes)

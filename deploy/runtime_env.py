@@ -3,7 +3,7 @@
     python deploy/runtime_env.py <commit> <results uri>    # prints the JSON for --runtime-env-json
 
 Excludes are gitignore patterns matched at any depth unless anchored with `/`: a bare `data` would also
-drop `components/data/` (the code), so the repo's top-level folders are anchored.
+drop `components/learning/data/` (the code), so the repo's top-level folders are anchored.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from components.backbones import BACKBONES
-from components.data.datasets import dataset_names
+from components.learning.backbones import BACKBONES
+from components.learning.data.datasets import dataset_names
 from pipeline.config import ConfigError, Params, load
 
 # albumentations otherwise calls out to the network at import to look for updates.

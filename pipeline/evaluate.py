@@ -25,11 +25,7 @@ import torch
 
 from components.atomic import atomic_write_text
 from components.console import warn
-from components.data import get_dataset
-from components.data.dataset import SegmentationDataset
-from components.data.transforms import build_test_transform
 from components.evaluation.loading import load_model
-from components.evaluation.segment import InferenceSetting, evaluate_split, ms_flip_setting
 from components.evaluation.speed import describe_device, measure_fps
 from components.evaluation.visualize import (
     finite_or_none,
@@ -38,8 +34,12 @@ from components.evaluation.visualize import (
     save_label_png,
     save_panel,
 )
-from components.experiment import RunConfig, flat_settings
-from components.models.speedups import cpu_threads, use_precision
+from components.learning.data import get_dataset
+from components.learning.data.dataset import SegmentationDataset
+from components.learning.data.transforms import build_test_transform
+from components.learning.experiment import RunConfig, flat_settings
+from components.learning.models.speedups import cpu_threads, use_precision
+from components.learning.segment import InferenceSetting, evaluate_split, ms_flip_setting
 from components.weights import fetch
 from pipeline.config import ConfigError, Params, eval_metrics_file, plots_dir
 

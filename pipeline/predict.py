@@ -44,9 +44,9 @@ def model_spec(params: Params, spec: ModelSpec | None, checkpoint: Path, experim
     """How to build and test the model: an explicit `experiment` of params.yaml, else the config.json
     logged with it, else the experiment named in the checkpoint's meta, else the weights' backbone and
     class count with the first matching experiment's test settings."""
-    from components.backbones import backbone_of_weights
-    from components.data import get_dataset
-    from components.models.checkpoint import read_checkpoint
+    from components.learning.backbones import backbone_of_weights
+    from components.learning.data import get_dataset
+    from components.learning.models.checkpoint import read_checkpoint
 
     if experiment:
         return ModelSpec.of(params.experiment(experiment))
@@ -81,14 +81,14 @@ def predict(params: Params, inputs: list[Path], out_dir: Path, model_ref: str,
     """Label PNG + overlay for every input image; returns the written paths (label, overlay per image)."""
     import torch
 
-    from components.backbones import get_backbone
-    from components.data import get_dataset
-    from components.data.transforms import build_test_transform
     from components.evaluation.loading import load_model
     from components.evaluation.registry import fetch_model
-    from components.evaluation.segment import InferenceSetting, predict_label
     from components.evaluation.visualize import overlay, save_image, save_label_png
-    from components.models.speedups import autocast
+    from components.learning.backbones import get_backbone
+    from components.learning.data import get_dataset
+    from components.learning.data.transforms import build_test_transform
+    from components.learning.models.speedups import autocast
+    from components.learning.segment import InferenceSetting, predict_label
 
     images = collect_images(inputs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ into them) and writes, per split (train, val):
 
 plus a stats json (images per split, class pixel counts and frequencies with class names).
 Cityscapes labels come from the polygon JSON via cityscapesscripts' json2labelImg('trainIds');
-ADE20K's reduce_zero_label is applied here, once (see components/data/datasets/ade20k.py).
+ADE20K's reduce_zero_label is applied here, once (see components/learning/data/datasets/ade20k.py).
 Every file is checked first (missing label, unreadable image, size mismatch, label values, empty split,
 wrong archive) and a problem stops the stage with a one-line DataError naming the file. Splits are
 built in temp folders next to the destination and swapped in with os.replace only when all splits
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from components.atomic import atomic_write_bytes
-from components.data.classes import IGNORE_INDEX
-from components.data.datasets import get_dataset
-from components.data.io import MANIFEST_COLUMNS, link_or_copy, make_temp_dir, replace_dir, sha256_bytes
-from components.data.validate import DataError, check_label_values, check_rgb_image
+from components.atomic import atomic_write_bytes, make_temp_dir, replace_dir
+from components.learning.data.classes import IGNORE_INDEX
+from components.learning.data.datasets import get_dataset
+from components.learning.data.io import MANIFEST_COLUMNS, link_or_copy, sha256_bytes
+from components.learning.data.validate import DataError, check_label_values, check_rgb_image
 
 
 def prepare_dataset(name: str, source: Path, out_dir: Path, stats_path: Path, workers: int = 0) -> dict:

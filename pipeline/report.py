@@ -20,7 +20,6 @@ from markdown_it import MarkdownIt
 
 from components.atomic import atomic_write_text
 from components.console import warn
-from components.data import get_dataset
 from components.evaluation.table import (
     ALIGN,
     COLUMNS,
@@ -29,6 +28,7 @@ from components.evaluation.table import (
     number,
     parse_seed_table,
 )
+from components.learning.data import get_dataset
 from pipeline.config import Params, eval_metrics_file, model_file, train_metrics_file
 
 NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from components.experiment import RunConfig, flat_settings
+from components.learning.experiment import RunConfig, flat_settings
 from components.training.contract import NonFiniteLossError, RunInfo, WorkerResult
 from components.training.identity import code_hash
 from pipeline.config import CODE_ROOT, Params, code_deps, model_file, plots_dir, train_metrics_file, tune_dir
@@ -31,12 +31,12 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
     """Train experiment `name` (resuming its Ray run if one exists); write its DVC outputs under out_root
     (default: the repo). `tuned`: on the schedule its sweep found (tune/<name>/best_params.yaml), as
     experiment `<name>-tuned` (stage train_tuned). `hooks` (tests only): the loop's fault-injection seam."""
+    from components.learning.distributed import plan_batches
+    from components.learning.tuning import apply_tuned
     from components.preflight import preflight
     from components.ray_cluster import scoped_env
     from components.storage import endpoint_env
-    from components.training.distributed import plan_batches
     from components.training.trainer import fetch_pretrained
-    from components.tuning import apply_tuned
 
     cfg, stage = params.experiment(name, profile), f"train@{name}"
     if tuned:   # a missing or mismatched file fails in one line saying how to get it
@@ -231,7 +231,7 @@ def _log_outputs(tracker, name: str, outputs: dict, worker: WorkerResult | None,
 
 def _worker_data_error(error: BaseException):
     """The DataError (a prepared file unreadable) behind a Ray worker-group failure, with the fix."""
-    from components.data.validate import DataError
+    from components.learning.data.validate import DataError
 
     for failure in (getattr(error, "worker_failures", None) or {}).values():
         base = getattr(failure, "_base_exc", failure)   # Ray wraps the worker's exception with its traceback

@@ -27,15 +27,16 @@ import yaml
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
-from components import ray_cluster, tuning
+from components import ray_cluster
 from components.atomic import atomic_path, atomic_write_text
-from components.experiment import RunConfig, flat_settings
+from components.learning import tuning
+from components.learning.distributed import plan_batches
+from components.learning.experiment import RunConfig, flat_settings
 from components.preflight import preflight_disk, preflight_ray, worker_bundle
 from components.storage import endpoint_env, pyarrow_filesystem
 from components.tracking import flat_params, git_commit, open_run
 from components.training.contract import RunInfo
 from components.training.data_sync import manifest_hash, publish_dataset
-from components.training.distributed import plan_batches
 from components.training.identity import code_hash, sweep_name
 from components.training.trainer import describe_init, fetch_pretrained
 from components.weights import publish
@@ -51,10 +52,6 @@ def sweep_base(cfg: RunConfig, settings: Tune, trials_storage: str) -> RunConfig
                    "resources_per_worker": trial.resources_per_worker or cfg.execution.resources_per_worker},
         recipe={"eval_every": settings.eval_interval or cfg.eval_interval},
         location={"storage_path": trials_storage})
-
-
-def trial_config(base: RunConfig, sampled: dict) -> RunConfig:
-    return base.with_schedule(**{k: tuning.TUNABLE[k](v) for k, v in sampled.items()})
 
 
 def trial_dirname(trial) -> str:
@@ -73,7 +70,7 @@ def run_trial(config: dict, setup: dict) -> None:
     from components.training.trainer import build_trainer, log_interval, run_exists
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(setup["base"], config)
+    cfg = tuning.trial_config(setup["base"], config)
     name = f"{setup['sweep']}-{trial_id}"
     tags = {**setup["tags"], "tune.trial_id": trial_id}
     if setup["parent_run_id"]:
@@ -109,7 +106,7 @@ def collect_trials(results, base: RunConfig, settings: Tune) -> list[dict]:
     columns = [k for k in tuning.TUNABLE if k in settings.space or k in ("lr", "max_iters")]
     trials = []
     for result in results:
-        cfg = trial_config(base, {k: v for k, v in (result.config or {}).items() if k in tuning.TUNABLE})
+        cfg = tuning.trial_config(base, {k: v for k, v in (result.config or {}).items() if k in tuning.TUNABLE})
         summary = tuning.summarize_trial(_trial_rows(result), cfg.max_iters, settings.metric, settings.mode,
                                          failed=result.error is not None)
         error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:300]

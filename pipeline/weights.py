@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 from components.atomic import atomic_write_text
-from components.backbones import get_backbone
+from components.learning.backbones import get_backbone
 from pipeline.config import Params, weights_record
 
 
 def fetch_weights(params: Params, backbone: str, *, out_root: Path | str | None = None) -> dict:
-    from components.models.checkpoint import check_pretrained_backbone
+    from components.learning.models.checkpoint import check_pretrained_backbone
     from components.weights import fetch, sha256_file
 
     spec = params.pretrained(backbone)

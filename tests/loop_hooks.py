@@ -1,4 +1,4 @@
-"""Fault injection for the training loop's test seam (components.training.loop.LoopHooks).
+"""Fault injection for the training loop's test seam (components.learning.loop.LoopHooks).
 
 `FaultHooks(...)` takes the faults as keyword arguments:
     fixed_batch=True                every step draws the same first batch (overfit it: the loss must fall)
@@ -29,7 +29,7 @@ import ray
 import ray.cloudpickle
 import torch
 
-from components.training.loop import LoopHooks
+from components.learning.loop import LoopHooks
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -132,7 +132,7 @@ def test_prepared_image_corrupted_after_prepare_is_one_line_naming_it(ray_local,
     no output written."""
     import shutil
 
-    from components.data.validate import DataError
+    from components.learning.data.validate import DataError
     from pipeline.train import train_experiment
 
     data = tmp_path / "prepared"

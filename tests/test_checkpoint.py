@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from components.models.checkpoint import (
+from components.learning.models.checkpoint import (
     CheckpointMismatchError,
     load_mmseg_checkpoint,
     load_pretrained_backbone,
-    save_checkpoint,
 )
-from components.models.resnet import ResNetV1c
+from components.learning.models.resnet import ResNetV1c
+from components.training.checkpointing import save_checkpoint
 
 
 class Tiny(nn.Module):
@@ -74,7 +74,7 @@ def test_many_missing_keys_are_counted_and_truncated(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}}, path)
     with pytest.raises(CheckpointMismatchError, match=r"372 missing: backbone\.stem\.0\.weight, .*, \.\.\."):
-        from components.models import build_dnlnet
+        from components.learning.models import build_dnlnet
 
         load_mmseg_checkpoint(build_dnlnet(), path)
 

@@ -9,9 +9,9 @@ import yaml
 from conftest import REPO
 from pydantic import ValidationError
 
-from components.backbones import BACKBONES
-from components.data import dataset_names, get_dataset
 from components.evaluation.table import parse_seed_table
+from components.learning.backbones import BACKBONES
+from components.learning.data import dataset_names, get_dataset
 from pipeline.config import ConfigError, load, parse, read_raw
 
 R50 = "dnl_r50-d8_512x1024_40k_cityscapes"
@@ -244,7 +244,7 @@ def test_declared_datasets_backbones_and_schedules_agree_with_params_and_dvc(raw
         spec = get_dataset(name)
         assert len(spec.classes) == len(spec.palette) == spec.num_classes
         assert set(spec.splits) == {"train", "val"}
-        assert (REPO / "components" / "data" / "datasets" / f"{name}.py").is_file()   # prepare's dep
+        assert (REPO / "components" / "learning" / "data" / "datasets" / f"{name}.py").is_file()   # prepare's dep
     # The table's backbones and schedules are exactly the declared ones, each used.
     assert {e.backbone for e in params.experiments.values()} == set(BACKBONES)
     assert {e.schedule for e in params.experiments.values()} == set(params.schedules)
@@ -252,37 +252,70 @@ def test_declared_datasets_backbones_and_schedules_agree_with_params_and_dvc(raw
     # Train / evaluate stages are generated from the experiments; the imported ones likewise.
     assert dvc["train"]["foreach"] == dvc["evaluate"]["foreach"] == "${experiments}"
     assert "schedules" in dvc["train"]["do"]["params"] and "schedules" in dvc["tune"]["params"]
-    # train_tuned runs the train stage's code (its run identity hashes train's deps).
+
+
+def test_the_train_and_tune_stages_depend_on_one_code_folder():
+    """What changes a run's result is one folder: train, train_tuned and tune list it as their only code
+    dep in dvc.yaml, and the run identity hashes those deps (components/training/identity.py)."""
     from pipeline.config import code_deps
 
-    assert code_deps("train_tuned") == code_deps("train")
+    assert code_deps("train") == code_deps("train_tuned") == code_deps("tune") == ("components/learning",)
 
 
-@pytest.mark.parametrize("stage, modules", [
-    ("train", "pipeline.cli, pipeline.train, components.training.loop, components.training.trainer, "
-              "components.preflight, components.ray_cluster, components.tuning"),
-    ("tune", "pipeline.cli, pipeline.tune, components.training.loop, components.training.trainer, "
-             "components.preflight, components.ray_cluster, components.tuning"),
-    ("evaluate", "pipeline.cli, pipeline.evaluate, components.evaluation.loading, components.evaluation.segment, "
-                 "components.evaluation.speed, components.evaluation.visualize, components.evaluation.registry, "
-                 "components.data.dataset, components.data.transforms"),
-    ("report", "pipeline.cli, pipeline.report, components.evaluation.registry, components.evaluation.table"),
-])
-def test_code_deps_of_a_stage_exist_and_cover_what_it_imports(stage, modules):
-    """A stage's dvc.yaml code deps (which the run identity hashes for train and tune) must exist and
-    cover every module of this repo the stage imports, so that DVC reruns it when that code changes;
-    for train and tune, except the orchestration code, which must not be a dep (editing it resumes)."""
+def _repo_imports(path) -> set[str]:
+    """The repo modules (components.*, pipeline.*) a file imports, at any depth of its code."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {n for n in names if n.split(".")[0] in ("components", "pipeline")}
+
+
+def test_the_learning_package_imports_nothing_of_the_repo_outside_itself():
+    """So its folder is the whole of what changes a result: no orchestration (Ray start-up, MLflow,
+    console lines, file shipping) and no params.yaml reading inside it, and nothing it needs outside it.
+    Checked on the source (every import, also inside functions) and on what importing it loads."""
     import subprocess
     import sys
 
-    from components.training.identity import ORCHESTRATION
+    from pipeline.config import CODE_ROOT
+
+    package = CODE_ROOT / "components" / "learning"
+    outside = {f"{path.relative_to(CODE_ROOT)}: {name}" for path in package.rglob("*.py")
+               for name in _repo_imports(path) if not name.startswith("components.learning")}
+    assert not outside, sorted(outside)
+    modules = ", ".join(sorted(".".join(p.relative_to(CODE_ROOT).with_suffix("").parts)
+                               for p in package.rglob("*.py") if p.name != "__init__.py"))
+    probe = (f"import sys, {modules}; "
+             "print('\\n'.join(sorted(m.__file__ for m in list(sys.modules.values()) "
+             "if getattr(m, '__file__', None))))")
+    files = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           cwd=REPO).stdout.split()
+    ours = {f for f in files if f.startswith(str(CODE_ROOT)) and "/.venv" not in f}
+    assert ours and not {f for f in ours if not f.startswith(str(package))} - {
+        str(CODE_ROOT / "components" / "__init__.py")}
+
+
+@pytest.mark.parametrize("stage, modules", [
+    ("evaluate", "pipeline.cli, pipeline.evaluate, components.evaluation.loading, components.learning.segment, "
+                 "components.evaluation.speed, components.evaluation.visualize, components.evaluation.registry, "
+                 "components.learning.data.dataset, components.learning.data.transforms"),
+    ("report", "pipeline.cli, pipeline.report, components.evaluation.registry, components.evaluation.table"),
+])
+def test_code_deps_of_a_stage_exist_and_cover_what_it_imports(stage, modules):
+    """A stage's dvc.yaml code deps must exist and cover every module of this repo the stage imports, so
+    that DVC reruns it when that code changes."""
+    import subprocess
+    import sys
+
     from pipeline.config import CODE_ROOT, code_deps
 
     deps = code_deps(stage)
-    assert all((CODE_ROOT / d).exists() for d in deps + ORCHESTRATION)
-    if stage in ("train", "tune"):
-        assert not set(deps) & set(ORCHESTRATION)
-        deps += ORCHESTRATION
+    assert all((CODE_ROOT / d).exists() for d in deps)
     deps += ("pipeline/cli.py",)   # the CLI only dispatches (a dep of no stage)
     probe = (f"import sys, {modules}; "
              "print('\\n'.join(sorted(m.__file__ for m in list(sys.modules.values()) "

@@ -14,9 +14,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DistributedSampler, Subset  # noqa: E402
 
-from components.data.dataset import SegmentationDataset, build_loader  # noqa: E402
-from components.data.transforms import build_train_transform  # noqa: E402
-from components.data.validate import DataError  # noqa: E402
+from components.learning.data.dataset import SegmentationDataset, build_loader  # noqa: E402
+from components.learning.data.transforms import build_train_transform  # noqa: E402
+from components.learning.data.validate import DataError  # noqa: E402
 
 H, W = 32, 48
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from components.models.dnl import (
+from components.learning.models.dnl import (
     DisentangledNonLocal2d,
     pairwise_attention_fused,
     pairwise_attention_naive,
@@ -186,7 +186,7 @@ def test_fused_attention_memory_is_linear_in_length():
     # L = 16,384: a materialised fp32 L×L map would be 1 GiB. Peak RSS in a fresh process.
     code = (
         "import resource, torch\n"
-        "from components.models.dnl import pairwise_attention_fused\n"
+        "from components.learning.models.dnl import pairwise_attention_fused\n"
         # N×L×C views of N×C×L tensors, as the block makes them from NCHW features
         "q, k, v = (torch.randn(1, 256, 16384).transpose(1, 2) for _ in range(3))\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

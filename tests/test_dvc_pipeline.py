@@ -38,8 +38,8 @@ def _released_checkpoint(folder: Path) -> Path:
 
     import torch
 
-    from components.data import get_dataset
-    from components.models import build_dnlnet
+    from components.learning.data import get_dataset
+    from components.learning.models import build_dnlnet
 
     spec = get_dataset("cityscapes")
     torch.manual_seed(1)
@@ -116,9 +116,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.data.datasets.spec import DatasetSpec
-from components.data.io import DirTree, Item, Source
-from components.data.validate import DataError, check_same_size, read_label_png
+from components.learning.data.datasets.spec import DatasetSpec
+from components.learning.data.io import DirTree, Item, Source
+from components.learning.data.validate import DataError, check_same_size, read_label_png
 
 
 def open_source(source: Path) -> Source:
@@ -171,7 +171,7 @@ def _write_toy_data(root: Path, seed: int = 0) -> None:
 
 
 def dataset_added_through_the_registry(work: Path, env: dict) -> None:
-    (work / "components" / "data" / "datasets" / "toy.py").write_text(textwrap.dedent(TOY_MODULE))
+    (work / "components" / "learning" / "data" / "datasets" / "toy.py").write_text(textwrap.dedent(TOY_MODULE))
     _write_toy_data(work / "data" / "toy")
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"]["datasets"]["toy"] = {"source": "data/toy"}

@@ -24,16 +24,16 @@ from fixtures.data import repo_params
 from PIL import Image
 from torch import nn
 
-from components.data import get_dataset
-from components.data.dataset import SegmentationDataset
-from components.data.transforms import build_test_transform
-from components.evaluation.segment import InferenceSetting, evaluate_split, predict_scores
 from components.evaluation.speed import measure_fps
-from components.metrics import ConfusionMatrix
-from components.models import build_dnlnet
-from components.models.checkpoint import save_checkpoint
-from components.models.speedups import autocast, prepare_for_inference
+from components.learning.data import get_dataset
+from components.learning.data.dataset import SegmentationDataset
+from components.learning.data.transforms import build_test_transform
+from components.learning.metrics import ConfusionMatrix
+from components.learning.models import build_dnlnet
+from components.learning.models.speedups import autocast, prepare_for_inference
+from components.learning.segment import InferenceSetting, evaluate_split, predict_scores
 from components.tracking import artifact_location
+from components.training.checkpointing import save_checkpoint
 from pipeline.config import ConfigError, load, read_raw
 from pipeline.evaluate import evaluate_experiment
 

@@ -96,8 +96,8 @@ def test_nan_loss_stops_cleanly_is_not_retried_and_keeps_the_last_good_checkpoin
     one line naming the iteration and the kept checkpoint; with max_failures 2 the workers started once
     (a NaN is not transient: no Ray restart); the checkpoint at 2 is complete, loads, and is finite;
     no DVC output was written; the MLflow run is FAILED with the reason as a tag."""
-    from components.models import build_dnlnet
-    from components.models.checkpoint import load_mmseg_checkpoint
+    from components.learning.models import build_dnlnet
+    from components.learning.models.checkpoint import load_mmseg_checkpoint
     from components.training.contract import NonFiniteLossError
     from pipeline.train import train_experiment
 
@@ -171,7 +171,7 @@ WRITER = textwrap.dedent("""
         copy_from_checkpoint(checkpoint, "model.pt", dest)
     elif how == "save_checkpoint":     # a checkpoint's model.pt
         import torch
-        from components.models.checkpoint import save_checkpoint
+        from components.training.checkpointing import save_checkpoint
         save_checkpoint(dest, torch.nn.Linear(300, 300), {"iteration": 2})
 """)
 

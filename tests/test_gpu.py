@@ -13,10 +13,10 @@ import torch.distributed as dist
 from test_training import HAND_LABEL, HAND_PRED, PredictsChannelZero, assert_hand_computed_metrics, image_of
 from torch import nn
 
-from components.models import build_dnlnet
+from components.learning.models import build_dnlnet
+from components.learning.step import sgd, train_step
+from components.learning.validation import evaluate
 from components.ray_cluster import free_port
-from components.training.evaluate import evaluate
-from components.training.step import sgd, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda:0")

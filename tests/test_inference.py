@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from components.models.inference import predict_logits, slide_windows
+from components.learning.models.inference import predict_logits, slide_windows
 
 
 class WindowMean(nn.Module):
@@ -114,7 +114,7 @@ def test_bad_arguments():
 
 
 def test_real_model_slide_and_ms_flip_shapes():
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
 
     torch.manual_seed(0)
     model = build_dnlnet(depth=50, num_classes=3).eval()
@@ -145,7 +145,7 @@ def test_ms_flip_takes_the_plain_pass_it_is_given():
 def test_an_evaluation_runs_the_shared_pass_once():
     """evaluate_split with single-scale and ms+flip: 1 + 3 passes per image, not 1 + 4, and each
     setting's counts as when it runs alone."""
-    from components.evaluation.segment import InferenceSetting, evaluate_split
+    from components.learning.segment import InferenceSetting, evaluate_split
 
     img, label = torch.randn(1, 3, 8, 12), torch.randint(0, 2, (1, 8, 12))
     single, ms = InferenceSetting(), InferenceSetting(ratios=(0.5, 1.0), flip=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from components.losses import cross_entropy
+from components.learning.losses import cross_entropy
 
 
 def _three_pixels():

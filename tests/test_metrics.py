@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from components.metrics import IoUAccumulator
+from components.learning.metrics import IoUAccumulator
 
 
 def _acc(pred, label, n=3):

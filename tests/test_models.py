@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from components.models import build_dnlnet
-from components.models.resnet import ResNetV1c
-from components.models.segmentor import DNLNet
+from components.learning.models import build_dnlnet
+from components.learning.models.resnet import ResNetV1c
+from components.learning.models.segmentor import DNLNet
 
 # The state_dict of mmseg 1.2.2's
 # dnlnet_r50-d8 Cityscapes model (name, shape, dtype per line).

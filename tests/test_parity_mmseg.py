@@ -144,9 +144,9 @@ def reference(request, tmp_path_factory):
 
 def build_ours(reference, align_corners: bool, attention: str):
     try:
-        from components.models import build_dnlnet
+        from components.learning.models import build_dnlnet
     except ImportError as e:
-        pytest.skip(f"components.models.build_dnlnet not importable yet: {e}")
+        pytest.skip(f"components.learning.models.build_dnlnet not importable yet: {e}")
     model = build_dnlnet(depth=reference["meta"]["depth"], num_classes=reference["meta"]["num_classes"],
                          align_corners=align_corners, attention=attention, avg_non_ignore=False,
                          aux_weight=reference["meta"]["aux_loss_weight"], dropout=0.0)
@@ -175,7 +175,7 @@ def test_reference_weights_are_not_the_initial_ones(reference):
 
 @pytest.mark.parametrize("align_corners", ALIGN_CORNERS, ids=lambda a: f"align_corners={a}")
 def test_load_mmseg_checkpoint_file(reference, tmp_path, align_corners):
-    from components.models.checkpoint import load_mmseg_checkpoint
+    from components.learning.models.checkpoint import load_mmseg_checkpoint
 
     path = tmp_path / "mmseg_dnlnet.pth"
     torch.save({"state_dict": reference["state_dict"], "meta": {}}, path)
@@ -200,7 +200,7 @@ def test_load_mmseg_checkpoint_file(reference, tmp_path, align_corners):
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("align_corners", ALIGN_CORNERS, ids=lambda a: f"align_corners={a}")
 def test_eval_logits_match_mmseg(reference, align_corners, attention, case):
-    from components.models.inference import predict_logits
+    from components.learning.models.inference import predict_logits
 
     ref = reference["results"][f"align_corners={align_corners}"][case]
     img = reference["cases"][case]["img"]

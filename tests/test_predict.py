@@ -11,10 +11,10 @@ from conftest import REPO, SMALL_EXPERIMENT, as_params
 from fixtures.data import repo_params
 from PIL import Image
 
-from components.data import get_dataset
-from components.data.transforms import build_test_transform
 from components.evaluation.registry import ModelSpec, log_model_config, register_champion
-from components.models.speedups import autocast, prepare_for_inference
+from components.learning.data import get_dataset
+from components.learning.data.transforms import build_test_transform
+from components.learning.models.speedups import autocast, prepare_for_inference
 from components.tracking import artifact_location
 from pipeline.config import load
 from pipeline.predict import predict
@@ -126,7 +126,7 @@ def test_bad_inputs_and_references(setup, tmp_path):
 def test_settings_inferred_from_the_weights_when_nothing_names_an_experiment(tmp_path):
     """A released checkpoint without config.json or a known experiment in its meta: depth from the
     number of layer3 blocks (23 -> R-101), classes from conv_seg (150 -> ADE20K)."""
-    from components.backbones import get_backbone
+    from components.learning.backbones import get_backbone
     from pipeline.predict import model_spec
 
     state_dict = {f"backbone.layer3.{i}.conv1.weight": torch.zeros(1) for i in range(23)}

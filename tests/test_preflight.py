@@ -164,9 +164,9 @@ def test_size_estimates_match_the_files_a_checkpoint_writes(tmp_path):
     folder (weights + optimizer state) after one SGD step."""
     import torch
 
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
+    from components.learning.step import sgd
     from components.training.checkpointing import save_train_checkpoint
-    from components.training.step import sgd
 
     model = build_dnlnet(depth=50, num_classes=19)
     optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -17,11 +17,11 @@ import pytest
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
-from components.data.datasets.ade20k import CLASSES as ADE20K_CLASSES
-from components.data.datasets.ade20k import reduce_zero_label
-from components.data.datasets.cityscapes import CLASSES as CITYSCAPES_CLASSES
-from components.data.datasets.cityscapes import label_ids_to_train_ids
-from components.data.validate import DataError
+from components.learning.data.datasets.ade20k import CLASSES as ADE20K_CLASSES
+from components.learning.data.datasets.ade20k import reduce_zero_label
+from components.learning.data.datasets.cityscapes import CLASSES as CITYSCAPES_CLASSES
+from components.learning.data.datasets.cityscapes import label_ids_to_train_ids
+from components.learning.data.validate import DataError
 from components.sample import generate_sample
 from pipeline.prepare import prepare_dataset
 

@@ -43,7 +43,7 @@ def test_workers_on_both_nodes_start_from_the_served_imagenet_weights(two_node_c
 
     from mlflow.tracking import MlflowClient
 
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
     from pipeline.train import train_experiment
 
     path, state_dict = imagenet_v1c50

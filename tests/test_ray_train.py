@@ -49,8 +49,8 @@ def loss_steps(client, run_id) -> list[int]:
 def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, capfd):
     """2 DDP workers on one fixed batch each: parameters stay identical on both ranks, the loss goes
     down; the driver writes the three DVC outputs and one MLflow run holds the history."""
-    from components.models import build_dnlnet
-    from components.models.checkpoint import load_mmseg_checkpoint
+    from components.learning.models import build_dnlnet
+    from components.learning.models.checkpoint import load_mmseg_checkpoint
     from pipeline.train import train_experiment
 
     out_root = tmp_path / "out"
@@ -233,11 +233,11 @@ def assert_no_checkpoint_lost(run_dir, reported: int) -> None:
 
 def chance_miou(prepared: Path, num_classes: int) -> float:
     """mIoU (%) of always predicting the most frequent class of the train labels, on the val labels, as
-    the stage's metric computes it (components.metrics.IoUAccumulator)."""
+    the stage's metric computes it (components.learning.metrics.IoUAccumulator)."""
     import numpy as np
     from PIL import Image
 
-    from components.metrics import IoUAccumulator
+    from components.learning.metrics import IoUAccumulator
 
     def labels(split: str):
         for path in sorted((prepared / split).rglob("*_labelTrainIds.png")):

@@ -1,6 +1,6 @@
 import pytest
 
-from components.schedules import poly_lr
+from components.learning.schedules import poly_lr
 
 
 def test_poly_matches_the_spec_formula():

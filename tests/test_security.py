@@ -118,8 +118,8 @@ def _evil_checkpoint(path: Path, marker: Path, state_dict: dict) -> Path:
 
 
 def test_a_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
-    from components.models import build_dnlnet
-    from components.models.checkpoint import load_mmseg_checkpoint, load_pretrained_backbone
+    from components.learning.models import build_dnlnet
+    from components.learning.models.checkpoint import load_mmseg_checkpoint, load_pretrained_backbone
     from components.training.checkpointing import load_train_checkpoint
 
     marker = tmp_path / "pwned"

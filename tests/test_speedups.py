@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from components.models import build_dnlnet
-from components.models.fold import fold_batchnorm, fold_conv_bn
-from components.models.speedups import autocast, prepare_for_inference
+from components.learning.models import build_dnlnet
+from components.learning.models.fold import fold_batchnorm, fold_conv_bn
+from components.learning.models.speedups import autocast, prepare_for_inference
 
 
 def test_fold_conv_bn_matches_the_bn_formula_by_hand():
@@ -105,7 +105,7 @@ def test_load_model_on_the_meta_device_equals_building_and_loading(tmp_path):
     """load_model builds on the meta device, takes the file's tensors and folds in place: the same network
     as a random init overwritten by load_state_dict and folded in a copy; fp16 in the file runs as fp32."""
     from components.evaluation.loading import load_model
-    from components.models.checkpoint import save_checkpoint
+    from components.training.checkpointing import save_checkpoint
 
     trained = randomized_dnlnet().eval()
     path = tmp_path / "model.pt"

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from components.learning.distributed import InfiniteDistributedSampler, plan_batches, shard
+from components.learning.step import train_step
+from components.learning.validation import evaluate
 from components.training.checkpointing import (
     load_train_checkpoint,
     save_train_checkpoint,
     staging_folder,
     write_curve_csv,
 )
-from components.training.distributed import InfiniteDistributedSampler, plan_batches, shard
-from components.training.evaluate import evaluate
 from components.training.progress import Progress
-from components.training.step import train_step
 
 # --- batch split -----------------------------------------------------------------------------------
 
@@ -268,15 +268,15 @@ def test_code_hash_follows_the_python_files_only(tmp_path):
     from pipeline.config import code_deps
 
     deps = code_deps("train")   # the train stage's code deps in dvc.yaml
-    for path in ("components/models/a.py", "pipeline/train.py", "pipeline/config/__init__.py"):
+    for path in ("components/learning/models/a.py", "pipeline/train.py", "pipeline/config/__init__.py"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("x = 1\n")
     before = code_hash(tmp_path, deps)
-    (tmp_path / "components/models/__pycache__").mkdir()
-    (tmp_path / "components/models/__pycache__/a.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "components/learning/models/__pycache__").mkdir()
+    (tmp_path / "components/learning/models/__pycache__/a.cpython-311.pyc").write_bytes(b"\0")
     (tmp_path / "pipeline/cli.py").write_text("y = 2\n")       # not a dependency of the train stage
     assert code_hash(tmp_path, deps) == before
-    (tmp_path / "components/models/a.py").write_text("x = 2\n")
+    (tmp_path / "components/learning/models/a.py").write_text("x = 2\n")
     assert code_hash(tmp_path, deps) != before
 
 
@@ -284,11 +284,13 @@ def test_code_hash_follows_the_python_files_only(tmp_path):
     ("pipeline/train.py", False),                    # the driver: Ray start-up, console lines
     ("components/tracking.py", False),               # MLflow logging
     ("components/training/progress.py", False),      # the loop's progress lines
+    ("components/training/worker.py", False),        # the loop under Ray Train, MLflow
+    ("components/training/checkpointing.py", False),  # checkpoint folders
     ("components/ray_cluster.py", False),
-    ("components/models/dnl.py", True),              # the model
-    ("components/training/loop.py", True),           # the loop
-    ("components/data/transforms.py", True),         # the augmentation
-    ("components/schedules.py", True),
+    ("components/learning/models/dnl.py", True),              # the model
+    ("components/learning/loop.py", True),           # the loop
+    ("components/learning/data/transforms.py", True),         # the augmentation
+    ("components/learning/schedules.py", True),
 ])
 def test_the_run_identity_is_what_changes_the_result(tmp_path, edited, fresh):
     """A run's name hashes the train stage's code deps: editing orchestration code keeps the name (the
@@ -316,7 +318,8 @@ def test_driver_and_controller_do_not_import_the_training_loop():
 
     probe = ("import sys, pickle, pipeline.train, pipeline.tune, components.training.trainer; "
              "pickle.loads(sys.stdin.buffer.read()); "
-             "print(sorted(m for m in ('components.training.loop', 'albumentations', 'cv2') if m in sys.modules))")
+             "print(sorted(m for m in ('components.training.worker', 'components.learning.loop', 'albumentations', "
+             "'cv2') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], input=ray.cloudpickle.dumps(train_loop_per_worker),
                          capture_output=True, check=True).stdout.decode()
     assert out.strip() == "[]"

@@ -11,7 +11,7 @@ import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from components.data.transforms import (  # noqa: E402
+from components.learning.data.transforms import (  # noqa: E402
     MEAN,
     STD,
     CatMaxRatioCrop,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import EXPERIMENT, REPO, SMALL_EXPERIMENT, as_params
 
-from components import tuning
+from components.learning import tuning
 
 # In 2-8 iterations from random init a model can learn the class prior (predict the most frequent class
 # everywhere: aAcc = its pixel share, 24% on this data) or not. mIoU cannot tell the two apart yet

@@ -9,11 +9,12 @@ import torch
 from conftest import EXPERIMENT, REPO, as_params
 from loop_hooks import poisoned
 
-from components.models import build_dnlnet
+from components.learning.models import build_dnlnet
+from components.learning.step import sgd, train_step
+from components.learning.tuning import trial_config
 from components.training.contract import NonFiniteLossError
-from components.training.step import sgd, train_step
 from pipeline.config import read_raw
-from pipeline.tune import non_finite_trial_error, sweep_base, trial_config
+from pipeline.tune import non_finite_trial_error, sweep_base
 
 
 def test_a_nan_in_a_trial_fails_it_with_its_one_line_message(tmp_path):

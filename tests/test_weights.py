@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.models.checkpoint import CheckpointMismatchError, load_pretrained_backbone
-from components.models.resnet import ResNetV1c
+from components.learning.models.checkpoint import CheckpointMismatchError, load_pretrained_backbone
+from components.learning.models.resnet import ResNetV1c
 from components.weights import (
     OPEN_MMLAB_URLS,
     WeightsError,

@@ -1,7 +1,7 @@
-"""Evaluation pieces the evaluate / report / predict stages put together (no params.yaml here).
+"""Evaluation pieces the evaluate / report / predict stages put together (no params.yaml here); inference
+on one image and the val loop are components.learning.segment.
 
 Modules (import what you need; importing this package stays light, no torch / mlflow / matplotlib):
-  segment     one image -> label map at its original size (single scale or ms+flip), the val loop
   loading     a checkpoint as a network ready for inference (evaluate and predict)
   speed       fps as the seed measures it, the device and dtype it was measured on
   visualize   palette colouring, overlays, image | ground truth | prediction panels, charts (Agg)

@@ -11,9 +11,9 @@ def load_model(checkpoint: Path, *, depth: int, num_classes: int, align_corners:
     """(model, the checkpoint's meta). A missing file is one line saying how to get it."""
     import torch
 
-    from components.models import build_dnlnet
-    from components.models.checkpoint import load_mmseg_checkpoint
-    from components.models.speedups import prepare_for_inference
+    from components.learning.models import build_dnlnet
+    from components.learning.models.checkpoint import load_mmseg_checkpoint
+    from components.learning.models.speedups import prepare_for_inference
 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found (run the train stage, or fix the path)")

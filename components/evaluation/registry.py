@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.backbones import BACKBONES, get_backbone
-from components.data.datasets import get_dataset
+from components.learning.backbones import BACKBONES, get_backbone
+from components.learning.data.datasets import get_dataset
 
 MODEL_DIR = "model"                 # artifact folder of the model in a run
 CHECKPOINT_FILE = "model.pt"
@@ -40,7 +40,7 @@ class ModelSpec:
 
     @classmethod
     def of(cls, cfg) -> ModelSpec:
-        """The spec of a resolved experiment (components.experiment.RunConfig)."""
+        """The spec of a resolved experiment (components.learning.experiment.RunConfig)."""
         return cls(experiment=cfg.name, **{f: getattr(cfg.recipe, f) for f in _FIELDS if f != "experiment"})
 
     @classmethod

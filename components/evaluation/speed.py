@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from components.evaluation.segment import InferenceSetting, predict_label
-from components.models.speedups import autocast
+from components.learning.models.speedups import autocast
+from components.learning.segment import InferenceSetting, predict_label
 
 
 def describe_device(device: torch.device | str) -> str:
@@ -50,7 +50,7 @@ def measure_fps(model, samples: Sequence[tuple[torch.Tensor, tuple[int, int]]], 
     """Images per second over images warmup+1 .. n_images (mmseg: fps = timed images / timed seconds).
 
     `samples`: (image 1×3×h×w at the test scale, original (H, W)); cycled when there are fewer than
-    n_images. `precision`: autocast (components/models/speedups.py); fp32 for the seed's exact setting.
+    n_images. `precision`: autocast (components/learning/models/speedups.py); fp32 for the seed's exact setting.
     """
     if n_images <= warmup:
         raise ValueError(f"fps: n_images ({n_images}) must be larger than warmup ({warmup})")

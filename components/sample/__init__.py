@@ -1,8 +1,8 @@
 """Procedural sample datasets in the exact official on-disk formats (Cityscapes gtFine, ADE20K), and
 their official zip archives. Deterministic for a given seed.
 
-Only the `sample` stage uses this package: it lives outside components/data (a dependency of every
-training stage), and nothing in components/data, components/training or components/models imports it.
+Only the `sample` stage uses this package: it lives outside components/learning/data (a dependency of every
+training stage), and nothing in components/learning/data, components/training or components/learning/models imports it.
 
 Modules:
   draw        Canvas, textures, polygons: one scene painted into an image, pixel-exact with its labels

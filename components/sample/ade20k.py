@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from components.data.datasets.ade20k import CLASSES as ADE20K_CLASSES
-from components.data.datasets.ade20k import PALETTE as ADE20K_PALETTE
-from components.data.io import atomic_dir
+from components.atomic import atomic_dir
+from components.learning.data.datasets.ade20k import CLASSES as ADE20K_CLASSES
+from components.learning.data.datasets.ade20k import PALETTE as ADE20K_PALETTE
 from components.sample.draw import (
     SPLIT_IDS,
     Polygon,

@@ -18,7 +18,7 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
-from components.data.io import atomic_dir
+from components.atomic import atomic_dir
 from components.sample.draw import (
     SPLIT_IDS,
     Canvas,

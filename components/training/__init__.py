@@ -1,7 +1,8 @@
-"""Distributed training with Ray Train: the per-worker loop (loop.py), one optimizer step (step.py, no
-Ray: bench/ runs it too), distributed validation (evaluate.py), checkpoint folders (checkpointing.py),
-batch split / data order / seeds (distributed.py), progress lines (progress.py) and shipping the dataset
-to worker nodes (data_sync.py).
+"""Training under Ray Train, around the loop of components/learning: the trainer and its driver-side
+pieces (trainer.py), what every worker runs (worker.py: the loop's Ray session with MLflow and console
+lines), checkpoint folders (checkpointing.py), the driver <-> worker contract (contract.py), progress
+lines (progress.py), shipping the dataset to worker nodes (data_sync.py) and the run identity
+(identity.py). None of it changes what a run learns: editing it resumes runs.
 
 Import the modules directly; this package import stays light (no ray, no torch).
 """

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from components.atomic import atomic_open, atomic_write_bytes
-from components.models.checkpoint import load_mmseg_checkpoint, save_checkpoint
+from components.learning.models.checkpoint import checkpoint_dict, load_mmseg_checkpoint
 from components.weights import sha256_file
 
 MODEL_FILE = "model.pt"
@@ -36,6 +36,12 @@ CURVE_FILE = "curve.csv"
 CHECKSUMS_FILE = "checksums.json"
 STAGING_PREFIX = "dnlseg-checkpoint-"
 CURVE_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "img_s", "mIoU")
+
+
+def save_checkpoint(path: Path | str, model: torch.nn.Module, meta: dict | None = None, **extra) -> None:
+    """A model file (checkpoint_dict: mmseg's layout), written atomically."""
+    with atomic_open(path) as f:
+        torch.save(checkpoint_dict(model, meta, **extra), f)
 
 
 def save_train_checkpoint(folder: Path | str, model: torch.nn.Module, optimizer, scaler, state: dict,

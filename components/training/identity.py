@@ -1,5 +1,10 @@
 """Run identity: a run's name is its experiment plus a hash of what changes its result, so rerunning
-the same stage resumes its Ray run from storage and a changed setting, dataset or code starts afresh."""
+the same stage resumes its Ray run from storage and a changed setting, dataset or code starts afresh.
+
+The code hashed is the train / tune stages' code deps in dvc.yaml, which are one folder:
+components/learning (so what makes DVC rerun a stage also starts a fresh run). Everything else that
+runs those stages (the drivers, Ray start-up, tracking, console lines, checkpoint folders, shipping files
+to the nodes) is outside it: editing it resumes runs instead of restarting days of GPU time."""
 
 from __future__ import annotations
 
@@ -7,17 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from components.experiment import LEARNED_PARTS, Execution, Location, RunConfig, flat_settings
-
-# Code that runs the train and tune stages without changing what a run learns: the train driver, Ray
-# start-up and checks, tracking, console lines, shipping data and weights to the nodes, file writing.
-# It is in neither the run identity nor dvc.yaml's deps of train and tune (tests/test_config.py checks
-# both ways): editing it resumes runs instead of restarting days of GPU time.
-ORCHESTRATION = ("pipeline/cli.py", "pipeline/train.py", "components/tracking.py", "components/console.py",
-                 "components/ray_cluster.py", "components/preflight.py", "components/storage.py",
-                 "components/weights.py", "components/atomic.py", "components/training/trainer.py",
-                 "components/training/progress.py", "components/training/data_sync.py",
-                 "components/training/identity.py", "components/training/contract.py")
+from components.learning.experiment import LEARNED_PARTS, Execution, Location, RunConfig, flat_settings
 
 # Fields that say where and how fast a run executes, not what it learns: changing them resumes the run.
 EXECUTION_FIELDS = frozenset(Execution.model_fields) | frozenset(Location.model_fields)

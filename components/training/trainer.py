@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.experiment import RunConfig
+from components.learning.experiment import RunConfig
 from components.training.contract import RunInfo, WorkerResult
 
 if TYPE_CHECKING:
-    from components.training.loop import LoopHooks
+    from components.learning.loop import LoopHooks
 
 
 def train_loop_per_worker(config: dict) -> WorkerResult:
     """What every Ray Train worker runs. The loop (torch's training stack, the data pipeline) is imported
     here, in the worker: the driver and Ray Train's controller unpickle this function and need none of it."""
-    from components.training.loop import run_worker
+    from components.training.worker import run_worker
 
     return run_worker(config)
 
@@ -66,7 +66,7 @@ def fetch_pretrained(cfg: RunConfig, root: Path, cache_dir: Path) -> tuple[RunCo
     """Before Ray starts: the backbone's ImageNet weights fetched once into the cache, verified (sha256
     prefix in the name, every backbone tensor present), and their sha256 put in the config, hence in
     the run identity and the MLflow params. Random init (`none`) gives (cfg, None)."""
-    from components.models.checkpoint import check_pretrained_backbone
+    from components.learning.models.checkpoint import check_pretrained_backbone
     from components.weights import fetch, sha256_file
 
     if cfg.recipe.pretrained == "none":

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import PrivateAttr, ValidationError, model_validator
 
-from components.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
+from components.learning.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
 from components.weights import default_cache_dir
 from pipeline.config import settings as section
 from pipeline.config.settings import EvalSettings, Tune

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, StrictBool, ValidationInfo, field_validator, model_validator
 
-from components.backbones import BACKBONES
-from components.data.datasets import dataset_names
-from components.experiment import (
+from components.learning.backbones import BACKBONES
+from components.learning.data.datasets import dataset_names
+from components.learning.experiment import (
     SGD,
     FieldError,
     Frozen,
@@ -30,7 +30,7 @@ from components.experiment import (
     Resources,
     number,
 )
-from components.tuning import check_space
+from components.learning.tuning import check_space
 
 # A key with one of these in its name is a credential: it belongs in the environment, not in params.yaml.
 CREDENTIAL_WORDS = ("secret", "password", "token", "access_key", "credential", "session")

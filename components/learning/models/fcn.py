@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.models.conv_module import ConvModule, NormLayer, normal_init_
+from components.learning.models.conv_module import ConvModule, NormLayer, normal_init_
 
 
 class FCNHead(nn.Module):

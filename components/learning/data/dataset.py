@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from components.data.io import MANIFEST_COLUMNS
-from components.data.transforms import seed_transform
-from components.data.validate import DataError
+from components.learning.data.io import MANIFEST_COLUMNS
+from components.learning.data.transforms import seed_transform
+from components.learning.data.validate import DataError
 
 
 def read_manifest(split_dir: Path) -> list[dict]:

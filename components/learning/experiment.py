@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
-from components.backbones import get_backbone
-from components.data.datasets import get_dataset
-from components.schedules import poly_lr
+from components.learning.backbones import get_backbone
+from components.learning.data.datasets import get_dataset
+from components.learning.schedules import poly_lr
 
 
 class FieldError(ValueError):
@@ -136,8 +136,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class Recipe(Frozen):
     """What the run learns besides its schedule: the experiment's row with the profile's sizes."""
 
-    dataset: str                        # a registered dataset (components/data/datasets)
-    backbone: str                       # a registered backbone (components/backbones.py)
+    dataset: str                        # a registered dataset (components/learning/data/datasets)
+    backbone: str                       # a registered backbone (components/learning/backbones.py)
     crop_size: Pair                     # (h, w)
     scale: Pair                         # (w, h), as mmseg's Resize `scale`
     align_corners: bool

@@ -1,5 +1,5 @@
 """What every dataset shares: the ignore label and mmseg's image normalisation. Class names and
-palettes are declared with each dataset (components/data/datasets/)."""
+palettes are declared with each dataset (components/learning/data/datasets/)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ import numpy as np
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at import
 import albumentations as A  # noqa: E402
 
-from components.data.classes import MEAN, STD  # noqa: E402
+from components.learning.data.classes import MEAN, STD  # noqa: E402
 
 
 def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from components.metrics import IoUAccumulator
-from components.models.inference import predict_logits
-from components.models.speedups import autocast
+from components.learning.metrics import IoUAccumulator
+from components.learning.models.inference import predict_logits
+from components.learning.models.speedups import autocast
 
 
 @torch.no_grad()

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.losses import cross_entropy
-from components.models.dnl import DNLHead
-from components.models.fcn import FCNHead
-from components.models.resnet import ResNetV1c
+from components.learning.losses import cross_entropy
+from components.learning.models.dnl import DNLHead
+from components.learning.models.fcn import FCNHead
+from components.learning.models.resnet import ResNetV1c
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:

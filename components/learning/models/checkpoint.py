@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from components.atomic import atomic_open
-from components.backbones import STAGE_BLOCKS
+from components.learning.backbones import STAGE_BLOCKS
 
 _SHOW = 5  # keys listed per category in error messages
 
@@ -167,24 +166,22 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | os.PathLike) -> Ba
                               unexpected=unexpected)
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict | None = None, **extra) -> None:
-    """Write {"state_dict", "meta", **extra} atomically (components.atomic: temp file + os.replace).
+def checkpoint_dict(model: nn.Module, meta: dict | None = None, **extra) -> dict:
+    """{"state_dict", "meta", **extra}: the checkpoint file's content, mmseg's layout.
 
     Tensors go to CPU so the file loads anywhere; keep `meta` / `extra` to plain types and tensors so
     it also loads with weights_only=True.
     """
     clash = {"state_dict", "meta"} & set(extra)
     if clash:
-        raise ValueError(f"save_checkpoint: extra entries may not be named {sorted(clash)}")
+        raise ValueError(f"checkpoint_dict: extra entries may not be named {sorted(clash)}")
     state_dict = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    checkpoint = {"state_dict": state_dict, "meta": dict(meta or {}), **extra}
-    with atomic_open(path) as f:
-        torch.save(checkpoint, f)
+    return {"state_dict": state_dict, "meta": dict(meta or {}), **extra}
 
 
 def check_pretrained_backbone(path: str | os.PathLike, depth: int) -> BackboneLoadResult:
     """load_pretrained_backbone into a throwaway ResNetV1c-D8 of `depth`: the driver's check, before Ray
     starts, that the file has every backbone tensor (else one CheckpointMismatchError line)."""
-    from components.models import build_dnlnet
+    from components.learning.models import build_dnlnet
 
     return load_pretrained_backbone(build_dnlnet(depth=depth, num_classes=1).backbone, path)

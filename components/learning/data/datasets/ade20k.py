@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.data.classes import IGNORE_INDEX
-from components.data.datasets.spec import DatasetSpec
-from components.data.io import DirTree, Item, Source, open_zip
-from components.data.validate import DataError, check_same_size, read_label_png
+from components.learning.data.classes import IGNORE_INDEX
+from components.learning.data.datasets.spec import DatasetSpec
+from components.learning.data.io import DirTree, Item, Source, open_zip
+from components.learning.data.validate import DataError, check_same_size, read_label_png
 
 # The 150 SceneParsing classes in mmseg's order (`mmseg/datasets/ade.py`, the order of
 # `objectInfo150.csv`) with mmseg's palette; annotations store them as 1..150 (0 = "other"),

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.backbones import BOTTLENECK_FROM_DEPTH, STAGE_BLOCKS
-from components.models.conv_module import NormLayer, kaiming_init_
+from components.learning.backbones import BOTTLENECK_FROM_DEPTH, STAGE_BLOCKS
+from components.learning.models.conv_module import NormLayer, kaiming_init_
 
 
 class BasicBlock(nn.Module):

@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from components.data.classes import IGNORE_INDEX
+from components.learning.data.classes import IGNORE_INDEX
 
 
 class DataError(ValueError):

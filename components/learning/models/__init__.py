@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from components.models.conv_module import NormLayer
-from components.models.dnl import ATTENTION_MODES, DisentangledNonLocal2d, DNLHead
-from components.models.fcn import FCNHead
-from components.models.resnet import ResNetV1c
-from components.models.segmentor import DNLNet
+from components.learning.models.conv_module import NormLayer
+from components.learning.models.dnl import ATTENTION_MODES, DisentangledNonLocal2d, DNLHead
+from components.learning.models.fcn import FCNHead
+from components.learning.models.resnet import ResNetV1c
+from components.learning.models.segmentor import DNLNet
 
 __all__ = ["ATTENTION_MODES", "DNLHead", "DNLNet", "DisentangledNonLocal2d", "FCNHead", "ResNetV1c",
            "build_dnlnet"]

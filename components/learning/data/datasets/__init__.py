@@ -10,7 +10,7 @@ import functools
 import importlib
 import pkgutil
 
-from components.data.datasets.spec import DatasetSpec
+from components.learning.data.datasets.spec import DatasetSpec
 
 __all__ = ["DatasetSpec", "dataset_names", "get_dataset"]
 

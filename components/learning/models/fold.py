@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from components.models.conv_module import ConvModule
-from components.models.resnet import Bottleneck
+from components.learning.models.conv_module import ConvModule
+from components.learning.models.resnet import Bottleneck
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from components.experiment import schedule_field_types
+from components.learning.experiment import schedule_field_types
 
 # What a sweep may change: the fields of a Schedule, with their types.
 TUNABLE = schedule_field_types()
@@ -192,3 +192,8 @@ def apply_tuned(cfg, path: Path | str):
             raise ValueError(f"{path}: tuned for {field} {data.get(field)!r}, but training {ours!r} "
                              f"(rerun `dvc repro tune`)")
     return cfg.with_schedule(**{k: TUNABLE[k](v) for k, v in data["params"].items()})
+
+
+def trial_config(base, sampled: dict):
+    """A trial's RunConfig: the sweep's base with the schedule values Tune sampled for it."""
+    return base.with_schedule(**{k: TUNABLE[k](v) for k, v in sampled.items()})

@@ -4,8 +4,8 @@ configs) is ~4x cheaper to train and what the orchestration tests and the learni
 ImageNet weights are a setting, params.yaml's `train.pretrained.<name>`.
 
 Every one is a ResNetV1c-D8 (deep stem, dilations 1, 1, 2, 4, contract_dilation), built by
-`components.models.build_dnlnet(depth=...)`, the heads' widths derived from the backbone's. Adding one
-is an entry here (and in STAGE_BLOCKS) plus its tests. (Outside components/models so that reading the
+`components.learning.models.build_dnlnet(depth=...)`, the heads' widths derived from the backbone's. Adding one
+is an entry here (and in STAGE_BLOCKS) plus its tests. (Outside components/learning/models so that reading the
 config does not import torch.)
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Blocks per stage of each ResNet depth (components/models/resnet.py builds them): BasicBlocks (two 3x3
+# Blocks per stage of each ResNet depth (components/learning/models/resnet.py builds them): BasicBlocks (two 3x3
 # convs) below depth 50, Bottlenecks (1x1, 3x3, 1x1 with 4x the width out) from 50 on, as torchvision / mmseg.
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 BOTTLENECK_FROM_DEPTH = 50

@@ -4,7 +4,7 @@ The image goes in at the size the test transform resized it to; the scores (logi
 averaged softmax probabilities for ms+flip) are bilinearly resized to the ground truth's size and only
 then argmax-ed. `evaluate_split` runs both settings over a val split and sums IoU and confusion counts.
 
-ms+flip comes from components.models.inference.predict_logits, which averages the 12 passes' softmax
+ms+flip comes from components.learning.models.inference.predict_logits, which averages the 12 passes' softmax
 at the test-scale size; mmseg averages them after resizing each to the original size. The two differ
 only by where a linear resize sits relative to the softmax: identical where the test scale is the
 original size (Cityscapes 512x1024: 2048x1024 images at scale (2048, 1024)), negligible elsewhere.
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from components.metrics import ConfusionMatrix, IoUAccumulator
-from components.models.inference import predict_logits
-from components.models.speedups import autocast
+from components.learning.metrics import ConfusionMatrix, IoUAccumulator
+from components.learning.models.inference import predict_logits
+from components.learning.models.speedups import autocast
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def evaluate_split(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], 
 
     `on_prediction(index, setting_name, pred H×W)` sees every label map (e.g. to save it);
     the first `keep_samples` predictions of each setting are kept for the overlay pictures.
-    `precision`: autocast of the forward passes (components/models/speedups.py).
+    `precision`: autocast of the forward passes (components/learning/models/speedups.py).
     """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from components.data.io import Item, Source
+from components.learning.data.io import Item, Source
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset of the table, declared once in its module of components/data/datasets/.
+    """One dataset of the table, declared once in its module of components/learning/data/datasets/.
 
     `prepare` turns its official files into the prepared layout every stage reads:
     `<prepared_dir>/<name>/<split>/{manifest.csv, images/, labels/}`, labels as train ids 0..C-1 and
-    255 = ignore (components/data/io.py MANIFEST_COLUMNS).
+    255 = ignore (components/learning/data/io.py MANIFEST_COLUMNS).
     """
 
     name: str

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.models.conv_module import ConvModule, NormLayer, normal_init_
+from components.learning.models.conv_module import ConvModule, NormLayer, normal_init_
 
 ATTENTION_MODES = ("naive", "fused")
 

@@ -19,10 +19,10 @@ from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from PIL import Image
 
-from components.data.classes import IGNORE_INDEX
-from components.data.datasets.spec import DatasetSpec
-from components.data.io import DirTree, Item, Source, open_zip
-from components.data.validate import DataError, check_same_size, read_label_png
+from components.learning.data.classes import IGNORE_INDEX
+from components.learning.data.datasets.spec import DatasetSpec
+from components.learning.data.io import DirTree, Item, Source, open_zip
+from components.learning.data.validate import DataError, check_same_size, read_label_png
 
 # The 19 evaluated classes of `cityscapesscripts.helpers.labels` (train ids 0..18), official colours.
 CLASSES = (

@@ -3,7 +3,7 @@
 - attention "fused" (chosen when the model is built): scaled_dot_product_attention, memory linear in L;
 - channels-last: NHWC activations, oneDNN's fast convolution layout on CPU, tensor cores' on GPU;
 - autocast (bf16 on CPU / GPU, fp16 on GPU): matmuls and convs in 16 bits, softmax and loss in fp32;
-- BN folding (inference only): BatchNorm merged into the preceding conv (components/models/fold.py);
+- BN folding (inference only): BatchNorm merged into the preceding conv (components/learning/models/fold.py);
 bench/bench_perf.py measures each one on and off, and torch.compile next to them; README.md has the
 figures. The pipeline does not compile: it recompiles for every input shape (six ms+flip scales), which
 costs more than it saves over a val split (see the README).
@@ -16,7 +16,7 @@ import contextlib
 import torch
 from torch import nn
 
-from components.models.fold import fold_batchnorm
+from components.learning.models.fold import fold_batchnorm
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

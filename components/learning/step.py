@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from components.models.speedups import autocast
+from components.learning.models.speedups import autocast
 
 LOSS_KEYS = ("loss", "decode_loss", "aux_loss")
 

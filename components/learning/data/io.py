@@ -11,15 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from components.atomic import DIR_MODE
-from components.data.validate import DataError
+from components.learning.data.validate import DataError
 
 MANIFEST_COLUMNS = ("image", "label", "height", "width", "sha256")  # of <split>/manifest.csv
 
@@ -122,39 +118,6 @@ def link_or_copy(src: Path, dest: Path) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A fresh folder in `parent` (same filesystem as the final destination, so os.replace is atomic)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(path, DIR_MODE)
-    return path
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """os.replace for a folder that may already exist (os.replace cannot overwrite a non-empty folder):
-    the old one is renamed aside first, then deleted."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = make_temp_dir(dest.parent, f".{dest.name}.old-")
-        os.replace(dest, old / "x")
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Build a folder in a temp sibling, then swap it in; on an error nothing changes."""
-    dest = Path(dest)
-    tmp = make_temp_dir(dest.parent, f".{dest.name}.tmp-")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, dest)
 
 
 class Source(NamedTuple):
