@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import requests
+
 from components.ray_cluster import free_port
 
 
@@ -47,8 +49,6 @@ class MlflowServer:
         return self
 
     def wait_ready(self, timeout: float = 90.0) -> MlflowServer:
-        import requests
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -24,6 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import ray
+import torch
+
+from components.learning.models import build_dnlnet
+from components.storage import StorageError, probe_writable
+from components.tracking import redact
+
 SPLITS = ("train", "val")
 
 
@@ -70,8 +77,6 @@ def check_data(data_dir: Path | str, dataset: str, splits=SPLITS) -> list[str]:
 
 def check_tracking(uri: str, timeout: float = 5.0) -> list[str]:
     """An http(s) tracking URI must answer MLflow's /health; a sqlite store's folder must be writable."""
-    from components.storage import StorageError, probe_writable
-    from components.tracking import redact
 
     fix = "start it, or set tracking.uri / $MLFLOW_TRACKING_URI to a reachable server (empty: local SQLite)"
     if uri.startswith(("http://", "https://")):
@@ -101,7 +106,6 @@ def check_tracking(uri: str, timeout: float = 5.0) -> list[str]:
 def check_storage(location: str, endpoint_url: str = "", region: str = "", key: str = "train.storage_path",
                   attempts: int = 3) -> list[str]:
     """Write and delete a probe object (S3) or file (local folder) under `location`."""
-    from components.storage import StorageError, probe_writable
 
     try:
         probe_writable(location, endpoint_url=endpoint_url or None, region=region or None,
@@ -162,9 +166,6 @@ GB = 1e9
 def weight_bytes(depth: int, num_classes: int) -> tuple[int, int]:
     """(model.pt, training checkpoint) sizes of a DNLNet in fp32: the weights, and the weights plus SGD's
     momentum (one buffer per parameter). Built on the meta device: no memory used."""
-    import torch
-
-    from components.learning.models import build_dnlnet
 
     with torch.device("meta"):
         model = build_dnlnet(depth=depth, num_classes=num_classes)
@@ -245,7 +246,6 @@ def preflight(cfg, *, data: bool = True, tracking: bool = True, storage: bool = 
 def preflight_ray(cfg, driver: dict | None = None, num_workers: int | None = None,
                   resources_per_worker: dict | None = None) -> None:
     """After ray.init: the cluster holds what `cfg` asks for (tune: pass its trial driver and workers)."""
-    import ray
 
     problems = check_ray_resources(
         num_workers or cfg.execution.num_workers, resources_per_worker or cfg.execution.resources_per_worker,

@@ -18,6 +18,11 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import boto3
+import pyarrow.fs
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, NoCredentialsError
+
 from components.console import warn
 
 RETRYABLE_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling",
@@ -70,8 +75,6 @@ def endpoint_env(endpoint_url: str, region: str) -> dict[str, str]:
 
 def client(endpoint_url: str | None = None, region: str | None = None):
     """A boto3 S3 client that fails fast (our own retry loop decides how long to keep trying)."""
-    import boto3
-    from botocore.config import Config
 
     config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=30)
     return boto3.client("s3", endpoint_url=resolve_endpoint(endpoint_url) or None,
@@ -91,8 +94,6 @@ def _error_code(error: BaseException) -> str:
 
 
 def _retryable(error: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
     if isinstance(error, (ConnectionError, HTTPClientError)):   # refused, DNS, timeouts, resets
         return True
     if isinstance(error, ClientError):
@@ -106,7 +107,6 @@ def with_retries(what: str, uri: str, call, *, attempts: int = 5, first_delay: f
                  max_delay: float = 8.0, endpoint_url: str | None = None, sleep=time.sleep):
     """`call()` with up to `attempts` tries, backing off first_delay, 2x, 4x ... (at most max_delay)
     between them on transient errors (each retry is reported on one stderr line). Raises StorageError."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     endpoint = resolve_endpoint(endpoint_url) or "AWS"
     tic = time.monotonic()
@@ -217,7 +217,6 @@ def pyarrow_filesystem(uri: str, endpoint_url: str | None = None, region: str | 
     custom endpoint (pyarrow's from_uri would ask AWS for the bucket's region) and a retry strategy that
     rides out a brief outage (10 attempts with backoff) instead of failing a checkpoint upload at once.
     The filesystem object carries the endpoint to Ray's controller and workers, never credentials."""
-    import pyarrow.fs
 
     if not is_s3(uri):
         return pyarrow.fs.FileSystem.from_uri(uri)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow.entities import Metric, Param, RunTag
+
 from components.console import redact, redact_text, warn  # redact / redact_text: re-exported
 
 RUN_NAME_TAG = "dnlseg.run_name"       # the deterministic Ray run name: the key to resume a run
@@ -129,24 +131,18 @@ class RunLogger:
             return False
 
     def log_metrics(self, metrics: dict, step: int) -> bool:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         batch = [Metric(metric_name(k), float(v), now, int(step)) for k, v in metrics.items()
                  if v is not None and v == v]  # NaN (class absent) is left out, as mmseg's nanmean does
         return self.safely("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_params(self, params: dict) -> bool:
-        from mlflow.entities import Param
-
         items = [Param(k, v) for k, v in flat_params(params).items()]
         # log_batch takes at most 100 params per call.
         return self.safely("log_params", lambda: [self.client.log_batch(self.run_id, params=items[i:i + 100])
                                                   for i in range(0, len(items), 100)])
 
     def set_tags(self, tags: dict) -> bool:
-        from mlflow.entities import RunTag
-
         items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
         return self.safely("set_tags", lambda: self.client.log_batch(self.run_id, tags=items))
 

@@ -20,9 +20,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pyarrow.fs
 from tqdm import tqdm
 
 from components.atomic import atomic_open
+from components.storage import pyarrow_filesystem
 
 # From mmcv 1.x's mmcv/model_zoo/open_mmlab.json (github.com/open-mmlab/mmcv): only the entries DNLNet's
 # configs use (`pretrained='open-mmlab://resnet{50,101}_v1c'`), and mmseg's r18-d8 configs' for R-18-D8.
@@ -223,9 +225,6 @@ def publish(path: str | os.PathLike, storage_path: str, sha256: str) -> str | No
     """Driver: copy the verified file to the run storage (`<storage_path>/_weights/<sha256[:16]>-<name>`,
     once per content) for nodes that lack it; None when storage is a local folder (one machine or a
     shared filesystem: the workers read `path` itself)."""
-    import pyarrow.fs
-
-    from components.storage import pyarrow_filesystem
 
     if "://" not in storage_path:
         return None
@@ -240,8 +239,6 @@ def on_this_node(path: str | os.PathLike, uri: str | None, sha256: str,
                  cache_dir: str | os.PathLike | None = None) -> Path:
     """Worker: the weights on this node: `path` when it is here with that content, else a verified copy
     of `uri` (what `publish` returned) in this node's cache."""
-
-    from components.storage import pyarrow_filesystem
 
     path = Path(path)
     if path.is_file() and sha256_file(path) == sha256:

@@ -26,6 +26,7 @@ import torch
 from components.atomic import atomic_write_text
 from components.console import warn
 from components.evaluation.loading import load_model
+from components.evaluation.registry import ModelSpec, ensure_model_file, log_model_config
 from components.evaluation.speed import describe_device, measure_fps
 from components.evaluation.visualize import (
     finite_or_none,
@@ -40,6 +41,7 @@ from components.learning.data.transforms import build_test_transform
 from components.learning.experiment import RunConfig, flat_settings
 from components.learning.models.speedups import cpu_threads, use_precision
 from components.learning.segment import InferenceSetting, evaluate_split, ms_flip_setting
+from components.tracking import RunLogger, find_training_run, mark_training_experiment, metric_name, open_run, redact
 from components.weights import fetch
 from pipeline.config import ConfigError, Params, eval_metrics_file, plots_dir
 
@@ -274,13 +276,6 @@ def _open_tracking(cfg: RunConfig, name: str, imported: bool, source: str):
     """The MLflow run to log into: the experiment's training run; for imported checkpoints (or when no
     training run is found) a run of the evaluation's own, found again by its deterministic name on the
     next evaluation."""
-    from components.tracking import (
-        RunLogger,
-        find_training_run,
-        mark_training_experiment,
-        open_run,
-        redact,
-    )
 
     try:
         from mlflow.tracking import MlflowClient
@@ -308,7 +303,6 @@ def _open_tracking(cfg: RunConfig, name: str, imported: bool, source: str):
 
 def eval_metrics(summary: dict) -> dict:
     """The MLflow metrics of an evaluation (percent; per-class IoU under eval.IoU.<class>)."""
-    from components.tracking import metric_name
 
     ss, ms = summary["single_scale"], summary["ms_flip"]
     metrics = {f"eval.{k}": ss[k] for k in ("mIoU", "mAcc", "aAcc")}
@@ -324,8 +318,6 @@ def eval_metrics(summary: dict) -> dict:
 
 def _log_to_mlflow(tracker, cfg: RunConfig, summary: dict, checkpoint: Path, metrics_path: Path,
                    plots: dict, single) -> None:
-    from components.evaluation.registry import ModelSpec, ensure_model_file, log_model_config
-
     tracker.log_metrics(eval_metrics(summary), step=int(summary.get("iteration") or 0))
     tags = {"eval.device": summary["device"], "eval.dtype": summary["dtype"],
             "eval.images": summary["images"],

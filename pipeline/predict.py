@@ -13,7 +13,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from components.evaluation.registry import ModelSpec
+import cv2
+import torch
+
+from components.evaluation.loading import load_model
+from components.evaluation.registry import ModelSpec, fetch_model
+from components.evaluation.visualize import overlay, save_image, save_label_png
+from components.learning.backbones import backbone_of_weights, get_backbone
+from components.learning.data import get_dataset
+from components.learning.data.transforms import build_test_transform
+from components.learning.models.checkpoint import read_checkpoint
+from components.learning.models.speedups import autocast
+from components.learning.segment import InferenceSetting, predict_label
 from pipeline.config import ConfigError, Params
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -44,9 +55,6 @@ def model_spec(params: Params, spec: ModelSpec | None, checkpoint: Path, experim
     """How to build and test the model: an explicit `experiment` of params.yaml, else the config.json
     logged with it, else the experiment named in the checkpoint's meta, else the weights' backbone and
     class count with the first matching experiment's test settings."""
-    from components.learning.backbones import backbone_of_weights
-    from components.learning.data import get_dataset
-    from components.learning.models.checkpoint import read_checkpoint
 
     if experiment:
         return ModelSpec.of(params.experiment(experiment))
@@ -68,8 +76,6 @@ def model_spec(params: Params, spec: ModelSpec | None, checkpoint: Path, experim
 
 
 def _read_rgb(path: Path):
-    import cv2
-
     image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ValueError(f"{path}: not a readable image")
@@ -79,16 +85,6 @@ def _read_rgb(path: Path):
 def predict(params: Params, inputs: list[Path], out_dir: Path, model_ref: str,
             experiment: str | None = None) -> list[Path]:
     """Label PNG + overlay for every input image; returns the written paths (label, overlay per image)."""
-    import torch
-
-    from components.evaluation.loading import load_model
-    from components.evaluation.registry import fetch_model
-    from components.evaluation.visualize import overlay, save_image, save_label_png
-    from components.learning.backbones import get_backbone
-    from components.learning.data import get_dataset
-    from components.learning.data.transforms import build_test_transform
-    from components.learning.models.speedups import autocast
-    from components.learning.segment import InferenceSetting, predict_label
 
     images = collect_images(inputs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

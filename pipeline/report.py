@@ -17,9 +17,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from markdown_it import MarkdownIt
+from mlflow.tracking import MlflowClient
 
 from components.atomic import atomic_write_text
 from components.console import warn
+from components.evaluation.registry import CHAMPION, register_champion
 from components.evaluation.table import (
     ALIGN,
     COLUMNS,
@@ -97,9 +99,6 @@ def load_evaluations(params: Params, out_root: Path) -> dict[str, dict]:
 def register_champions(params: Params, evaluations: dict[str, dict]) -> dict[str, dict]:
     """Per dataset, the evaluation with the best single-scale mIoU that has an MLflow run: registered, alias
     champion. Returns {dataset: {name, version, model, run_id, mIoU}}; MLflow failures are warnings."""
-    from mlflow.tracking import MlflowClient
-
-    from components.evaluation.registry import CHAMPION, register_champion
 
     champions = {}
     by_dataset: dict[str, list[tuple[str, dict]]] = {}

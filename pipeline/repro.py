@@ -20,6 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import networkx as nx
+import ray
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
+from mlflow.tracking import MlflowClient
+
 from components.mlflow_server import MlflowServer
 from components.ray_cluster import connect_ray, shutdown_ray
 from components.tracking import ensure_experiment
@@ -42,8 +48,6 @@ class Plan:
 def plan_stages(root: Path, targets: list[str]) -> Plan:
     """The stages of `targets` (default: all) and their dependencies that DVC would run: the changed ones
     (`dvc status`) and everything downstream of them."""
-    import networkx as nx
-    from dvc.repo import Repo
 
     # From the repo root: stage names (and `dvc status`'s keys) are relative to the working directory.
     with contextlib.chdir(root), Repo(str(root)) as repo:
@@ -68,8 +72,6 @@ def plan_stages(root: Path, targets: list[str]) -> Plan:
 
 
 def _collect(repo, target: str) -> list:
-    from dvc.exceptions import DvcException
-
     try:
         return repo.stage.collect(target)
     except DvcException as e:
@@ -255,8 +257,6 @@ def _resources(need: dict) -> str:
 
 
 def _ray_free() -> dict[str, float]:
-    import ray
-
     return {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
 
 
@@ -315,7 +315,6 @@ def _launch_store_server(params: Params, plan: Plan, jobs: str) -> MlflowServer 
     if not ((jobs == "auto" or int(jobs) > 1) and params.tracking_uri == default_store(root)):
         return None
     # Lazy, as ray's below: mlflow's import takes seconds, and most runs of repro need neither.
-    from mlflow.tracking import MlflowClient
 
     # The experiments first, in the file (artifacts beside it, as a sequential run makes them);
     # the server then boots while Ray does.
@@ -328,7 +327,6 @@ def _launch_store_server(params: Params, plan: Plan, jobs: str) -> MlflowServer 
 
 def _cluster_fits(need: dict[str, float]) -> int:
     """How many training runs the connected Ray cluster holds at once."""
-    import ray
 
     return runs_that_fit(ray.cluster_resources(), need)
 

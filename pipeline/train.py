@@ -20,9 +20,29 @@ from pathlib import Path
 
 import yaml
 
+from components.atomic import atomic_write_text
+from components.console import warn
+from components.learning.data.validate import DataError
+from components.learning.distributed import plan_batches
 from components.learning.experiment import RunConfig, flat_settings
+from components.learning.tuning import apply_tuned
+from components.preflight import preflight, preflight_disk, preflight_ray
+from components.ray_cluster import connect_ray, scoped_env, shutdown_ray
+from components.storage import endpoint_env
+from components.tracking import flat_params, git_commit, open_run
+from components.training.checkpointing import (
+    DamagedCheckpointError,
+    export_weights,
+    finished_checkpoint,
+    prune_finished_run,
+    read_curve,
+    read_summary,
+)
 from components.training.contract import NonFiniteLossError, RunInfo, WorkerResult
-from components.training.identity import code_hash
+from components.training.data_sync import manifest_hash, publish_dataset
+from components.training.identity import code_hash, run_name
+from components.training.trainer import build_trainer, describe_init, fetch_pretrained, log_interval, run_exists
+from components.weights import publish
 from pipeline.config import CODE_ROOT, Params, code_deps, model_file, plots_dir, train_metrics_file, tune_dir
 
 
@@ -31,12 +51,6 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
     """Train experiment `name` (resuming its Ray run if one exists); write its DVC outputs under out_root
     (default: the repo). `tuned`: on the schedule its sweep found (tune/<name>/best_params.yaml), as
     experiment `<name>-tuned` (stage train_tuned). `hooks` (tests only): the loop's fault-injection seam."""
-    from components.learning.distributed import plan_batches
-    from components.learning.tuning import apply_tuned
-    from components.preflight import preflight
-    from components.ray_cluster import scoped_env
-    from components.storage import endpoint_env
-    from components.training.trainer import fetch_pretrained
 
     cfg, stage = params.experiment(name, profile), f"train@{name}"
     if tuned:   # a missing or mismatched file fails in one line saying how to get it
@@ -56,8 +70,6 @@ def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:
     model is the table's model (as mmseg's, the last iteration), never the best of the validation
     checkpoints, which would pick on the split the table reports; the best validation figure is kept,
     labelled. The model file is checked against the checkpoint's checksums.json."""
-    from components.atomic import atomic_write_text
-    from components.training.checkpointing import export_weights, read_curve, read_summary
 
     summary = read_summary(latest)
     if summary["iteration"] != cfg.max_iters:
@@ -82,13 +94,6 @@ def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:
 
 
 def _train(cfg: RunConfig, stage: str, out_root: Path, hooks, repo: Path, weights: Path | None) -> dict:
-    from components.preflight import preflight_disk
-    from components.ray_cluster import connect_ray, shutdown_ray
-    from components.training.checkpointing import finished_checkpoint
-    from components.training.data_sync import manifest_hash
-    from components.training.identity import run_name
-    from components.training.trainer import run_exists
-
     data_hash, code = manifest_hash(cfg.location.data_dir), code_hash(CODE_ROOT, code_deps("train"))
     ray_name = run_name(cfg, data_hash, code)
     run_uri = f"{cfg.location.storage_path.rstrip('/')}/{ray_name}"
@@ -110,8 +115,6 @@ def _train(cfg: RunConfig, stage: str, out_root: Path, hooks, repo: Path, weight
 
 
 def _tags(cfg: RunConfig, stage: str, data_hash: str, code: str, repo: Path) -> dict:
-    from components.tracking import git_commit
-
     commit = git_commit(repo)
     return {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_stage": stage,
             "dataset_manifest_sha256": data_hash, "code_sha256": code, "experiment": cfg.name, "profile": cfg.profile}
@@ -124,8 +127,6 @@ class _Tracking:
         self.cfg, self.ray_name, self.resuming, self.tags = cfg, ray_name, resuming, tags
 
     def open(self):
-        from components.tracking import flat_params, open_run
-
         flat = flat_settings(self.cfg)
         tracker = open_run(self.cfg.tracking_uri, experiment=self.cfg.recipe.dataset, run_name=self.ray_name,
                            resume=self.resuming, params=flat, tags=self.tags)
@@ -137,8 +138,6 @@ def _outputs_of_finished_run(cfg: RunConfig, final, ray_name: str, out_root: Pat
                              tic: float) -> dict | None:
     """The stage's outputs from a finished run's final checkpoint, no training; None where its weights
     are damaged or gone (said in one line): the caller trains again."""
-    from components.console import warn
-    from components.training.checkpointing import DamagedCheckpointError, prune_finished_run
 
     print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} finished already: its "
           f"outputs from the final checkpoint, no training", flush=True)
@@ -159,9 +158,6 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
          track: _Tracking, data_hash: str, tic: float) -> dict:
     """Trains the run on Ray (resuming it when it exists) and writes the stage's outputs from its final
     checkpoint; the MLflow run says FINISHED, FAILED or KILLED."""
-    from components.preflight import preflight_ray
-    from components.training.checkpointing import prune_finished_run
-    from components.training.trainer import build_trainer, describe_init
 
     preflight_ray(cfg)
     print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
@@ -197,9 +193,6 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
 def _run_info(cfg: RunConfig, mlflow_run_id: str, data_hash: str, weights: Path | None) -> RunInfo:
     """What the workers get beside the config: the MLflow run, and the data and pretrained weights
     published where every node can fetch them."""
-    from components.training.data_sync import publish_dataset
-    from components.training.trainer import log_interval
-    from components.weights import publish
 
     return RunInfo(mlflow_run_id=mlflow_run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
                    data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
@@ -231,7 +224,6 @@ def _log_outputs(tracker, name: str, outputs: dict, worker: WorkerResult | None,
 
 def _worker_data_error(error: BaseException):
     """The DataError (a prepared file unreadable) behind a Ray worker-group failure, with the fix."""
-    from components.learning.data.validate import DataError
 
     for failure in (getattr(error, "worker_failures", None) or {}).values():
         base = getattr(failure, "_base_exc", failure)   # Ray wraps the worker's exception with its traceback
@@ -243,7 +235,6 @@ def _worker_data_error(error: BaseException):
 
 def _non_finite_error(cfg: RunConfig, message: str, result, tracker) -> NonFiniteLossError:
     """The stage's error for a NaN/inf stop: what happened and which checkpoint is kept where."""
-    from components.training.checkpointing import read_summary
 
     latest = result.checkpoint
     kept = (f"the last good checkpoint ({read_summary(latest)['iteration']}) is "

@@ -22,9 +22,14 @@ import json
 import time
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import ray
+import ray.tune
 import yaml
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from components import ray_cluster
@@ -32,15 +37,45 @@ from components.atomic import atomic_path, atomic_write_text
 from components.learning import tuning
 from components.learning.distributed import plan_batches
 from components.learning.experiment import RunConfig, flat_settings
-from components.preflight import preflight_disk, preflight_ray, worker_bundle
+from components.preflight import preflight, preflight_disk, preflight_ray, worker_bundle
 from components.storage import endpoint_env, pyarrow_filesystem
 from components.tracking import flat_params, git_commit, open_run
-from components.training.contract import RunInfo
+from components.training.contract import NonFiniteLossError, RunInfo
 from components.training.data_sync import manifest_hash, publish_dataset
 from components.training.identity import code_hash, sweep_name
-from components.training.trainer import describe_init, fetch_pretrained
+from components.training.trainer import build_trainer, describe_init, fetch_pretrained, log_interval, run_exists
 from components.weights import publish
 from pipeline.config import CODE_ROOT, ConfigError, Params, Tune, code_deps, tune_dir
+
+
+def search_space(space: dict) -> dict:
+    """`tune.space` (validated once: check_space) as a Ray Tune param_space (randint's high inclusive, as in YAML)."""
+    make = {"loguniform": lambda a: tune.loguniform(a[0], a[1]),
+            "uniform": lambda a: tune.uniform(a[0], a[1]),
+            "randint": lambda a: tune.randint(a[0], a[1] + 1),
+            "choice": tune.choice, "grid": tune.grid_search}
+    out = {}
+    for key, spec in space.items():   # validated once, with params.yaml (tune.space)
+        if isinstance(spec, dict):
+            kind, args = next(iter(spec.items()))
+            out[key] = make[kind](list(args))
+        else:
+            out[key] = spec
+    return out
+
+
+def asha_scheduler(metric: str, mode: str, eval_interval: int, grace_period: int, reduction_factor: float,
+                   max_iters: int):
+    """ASHA on the metric rank 0 reports at each evaluation, its clock the training iteration.
+
+    `grace_period` counts evaluations (every trial evaluates every `eval_interval` iterations), so a
+    trial is first compared with the others after `grace_period * eval_interval` iterations.
+    """
+    grace = grace_period * eval_interval   # at or past the longest schedule: nothing is stopped early
+    # max_t one past the longest schedule: a trial that reaches its end finishes by itself (its Train
+    # run shuts down cleanly) instead of being stopped by ASHA at its last report.
+    return ASHAScheduler(time_attr="iteration", metric=metric, mode=mode, grace_period=grace,
+                         reduction_factor=reduction_factor, max_t=max_iters + 1)
 
 
 def sweep_base(cfg: RunConfig, settings: Tune, trials_storage: str) -> RunConfig:
@@ -63,11 +98,6 @@ def run_trial(config: dict, setup: dict) -> None:
     """One trial: the sweep's base config with this trial's schedule, trained by one TorchTrainer whose
     rank 0 reports each evaluation to Tune. Restarted (sweep restored), it resumes its Train run and
     its MLflow child run. A NaN/inf loss fails the trial (the loop stops cleanly, Tune records why)."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from components.tracking import open_run
-    from components.training.trainer import build_trainer, log_interval, run_exists
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = tuning.trial_config(setup["base"], config)
@@ -89,7 +119,6 @@ def run_trial(config: dict, setup: dict) -> None:
 def non_finite_trial_error(trial_id: str, cfg: RunConfig, stopped: str):
     """A trial's one-line failure for a NaN/inf stop: which trial, its learning rate, the loss and iteration
     (`stopped` is the loop's message; what it says about checkpoints is the train stage's business)."""
-    from components.training.contract import NonFiniteLossError
 
     return NonFiniteLossError(f"trial {trial_id} (lr {cfg.schedule.lr:g}): {stopped.split(': stopping')[0]}")
 
@@ -137,10 +166,8 @@ def write_best_params(path: Path, cfg: RunConfig, settings: Tune, best: dict, sw
 def plot_trials(path: Path, trials: list[dict], metric: str) -> None:
     """Best metric against learning rate (log) and against iterations run; stopped trials as crosses."""
     # Here, not at the top: the backend must be chosen before pyplot is first imported.
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     key = f"best_{metric}"
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
@@ -185,7 +212,6 @@ def tune_experiment(params: Params, name: str | None = None, *, profile: str | N
     """Sweep experiment `name` (default: tune.experiment), restoring the sweep if it was interrupted;
     write tune/<exp>/{best_params.yaml, trials.csv, trials.png} under out_root (default: the repo)."""
     # looked up when called, as the train stage does: the tests replace it to stop before Ray
-    from components.preflight import preflight
 
     settings = params.tune
     name = name or settings.experiment
@@ -211,7 +237,7 @@ def _tune(cfg: RunConfig, settings: Tune, name: str, out_root: Path, repo: Path,
     sweep_path = f"{storage}/{sweep}"
     base = sweep_base(cfg, settings, f"{sweep_path}/train_runs")
     max_iters = tuning.largest_value(settings.space, "max_iters", base.max_iters)
-    scheduler = tuning.asha_scheduler(settings.metric, settings.mode, base.eval_interval,
+    scheduler = asha_scheduler(settings.metric, settings.mode, base.eval_interval,
                                       settings.scheduler.grace_period, settings.scheduler.reduction_factor, max_iters)
     store = _SweepStore.at(storage, cfg)
     out_dir = tune_dir(out_root, name)
@@ -336,7 +362,7 @@ def _new_tuner(trainable, store: _SweepStore, sweep: str, settings: Tune, schedu
     # only to the default one it builds itself.
     search = BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent)
     return tune.Tuner(
-        trainable, param_space=tuning.search_space(settings.space),
+        trainable, param_space=search_space(settings.space),
         tune_config=tune.TuneConfig(num_samples=settings.num_samples, scheduler=scheduler,
                                     search_alg=search, max_concurrent_trials=concurrent,
                                     trial_dirname_creator=trial_dirname),

@@ -10,13 +10,12 @@ from pathlib import Path
 
 from components.atomic import atomic_write_text
 from components.learning.backbones import get_backbone
+from components.learning.models.checkpoint import check_pretrained_backbone
+from components.weights import fetch, sha256_file
 from pipeline.config import Params, weights_record
 
 
 def fetch_weights(params: Params, backbone: str, *, out_root: Path | str | None = None) -> dict:
-    from components.learning.models.checkpoint import check_pretrained_backbone
-    from components.weights import fetch, sha256_file
-
     spec = params.pretrained(backbone)
     record = {"backbone": backbone, "pretrained": spec}
     if spec != "none":

@@ -20,6 +20,7 @@ import yaml
 from conftest import EXPERIMENT, REPO, SMALL_EXPERIMENT, as_params
 
 from components.learning import tuning
+from pipeline.tune import search_space
 
 # In 2-8 iterations from random init a model can learn the class prior (predict the most frequent class
 # everywhere: aAcc = its pixel share, 24% on this data) or not. mIoU cannot tell the two apart yet
@@ -45,7 +46,7 @@ def test_space_errors_name_the_key():
 def test_search_space_samples_inside_the_bounds():
     from ray.tune.search.sample import Domain
 
-    space = tuning.search_space({"lr": {"loguniform": [1e-3, 1e-1]}, "max_iters": {"choice": [8, 16]},
+    space = search_space({"lr": {"loguniform": [1e-3, 1e-1]}, "max_iters": {"choice": [8, 16]},
                                  "warmup_iters": {"randint": [0, 2]}, "poly_power": 0.9,
                                  "weight_decay": {"grid": [1e-4, 5e-4]}})
     assert space["poly_power"] == 0.9 and space["weight_decay"] == {"grid_search": [1e-4, 5e-4]}

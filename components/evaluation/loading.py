@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from components.learning.models import build_dnlnet
+from components.learning.models.checkpoint import load_mmseg_checkpoint
+from components.learning.models.speedups import prepare_for_inference
+
 
 def load_model(checkpoint: Path, *, depth: int, num_classes: int, align_corners: bool, attention: str, device,
                channels_last: bool = True, fold_bn: bool = False):
     """(model, the checkpoint's meta). A missing file is one line saying how to get it."""
-    import torch
-
-    from components.learning.models import build_dnlnet
-    from components.learning.models.checkpoint import load_mmseg_checkpoint
-    from components.learning.models.speedups import prepare_for_inference
 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found (run the train stage, or fix the path)")

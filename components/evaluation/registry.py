@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import mlflow.artifacts
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from components.learning.backbones import BACKBONES, get_backbone
 from components.learning.data.datasets import get_dataset
@@ -90,8 +96,6 @@ def ensure_model_file(client, run_id: str, checkpoint: Path) -> None:
     if Path(checkpoint).name == CHECKPOINT_FILE:
         client.log_artifact(run_id, str(checkpoint), MODEL_DIR)
         return
-    import shutil
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / CHECKPOINT_FILE
@@ -104,7 +108,6 @@ def register_champion(client, name: str, run_id: str, checkpoint: Path, tags: di
     """Register the run's model folder under `name` (reusing the version of that run if there is one; the
     run's model file uploaded from `checkpoint` first if it lacks one) and point the `champion` alias at
     it. Returns (version, created)."""
-    from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
@@ -126,8 +129,6 @@ def register_champion(client, name: str, run_id: str, checkpoint: Path, tags: di
 # --- resolving a model reference --------------------------------------------------------------------
 
 def _download(uri: str, tracking_uri: str, dst: Path) -> Path:
-    import mlflow.artifacts
-
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, dst_path=str(dst)))
 
 
@@ -144,8 +145,6 @@ def fetch_model(ref: str, tracking_uri: str, dst: Path) -> FetchedModel:
     """A local model.pt (+ config.json) for `ref`, registry and run artifacts downloaded under `dst` (the
     caller's temp folder: MLflow's own default is a temp folder nobody removes); clear one-line errors
     for refs that do not resolve."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     if ref.startswith("models:/"):
         body = ref[len("models:/"):]

@@ -9,6 +9,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
@@ -62,8 +64,6 @@ def save_label_png(path: Path | str, label: np.ndarray, palette: Sequence[tuple[
 
 
 def _save_figure(fig, path: Path | str, dpi: int = 100) -> Path:
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
@@ -74,10 +74,7 @@ def _save_figure(fig, path: Path | str, dpi: int = 100) -> Path:
 
 
 def _pyplot():
-    import matplotlib
-
     matplotlib.use("Agg")   # no display on servers and CI
-    import matplotlib.pyplot as plt
 
     return plt
 

@@ -1,4 +1,4 @@
-"""Building blocks of a schedule sweep: the search space, ASHA, how many trials fit the cluster at once,
+"""Building blocks of a schedule sweep: the search space's checks, how many trials fit the cluster at once,
 what each trial achieved, the best parameters, and applying them to a training config.
 
 Pure functions over plain values (pipeline/config validates params.yaml and the tune stage passes them in). Errors
@@ -65,24 +65,6 @@ def check_space(space: dict) -> dict:
     return space
 
 
-def search_space(space: dict) -> dict:
-    """`tune.space` (validated once: check_space) as a Ray Tune param_space (randint's high inclusive, as in YAML)."""
-    from ray import tune
-
-    make = {"loguniform": lambda a: tune.loguniform(a[0], a[1]),
-            "uniform": lambda a: tune.uniform(a[0], a[1]),
-            "randint": lambda a: tune.randint(a[0], a[1] + 1),
-            "choice": tune.choice, "grid": tune.grid_search}
-    out = {}
-    for key, spec in space.items():   # validated once, with params.yaml (tune.space)
-        if isinstance(spec, dict):
-            kind, args = next(iter(spec.items()))
-            out[key] = make[kind](list(args))
-        else:
-            out[key] = spec
-    return out
-
-
 def largest_value(space: dict, key: str, default):
     """The largest value `key` can take in the space (ASHA's max_t for max_iters), else `default`."""
     spec = space.get(key, default)
@@ -92,22 +74,6 @@ def largest_value(space: dict, key: str, default):
 
 
 # --- scheduler and resources -----------------------------------------------------------------------
-
-def asha_scheduler(metric: str, mode: str, eval_interval: int, grace_period: int, reduction_factor: float,
-                   max_iters: int):
-    """ASHA on the metric rank 0 reports at each evaluation, its clock the training iteration.
-
-    `grace_period` counts evaluations (every trial evaluates every `eval_interval` iterations), so a
-    trial is first compared with the others after `grace_period * eval_interval` iterations.
-    """
-    from ray.tune.schedulers import ASHAScheduler
-
-    grace = grace_period * eval_interval   # at or past the longest schedule: nothing is stopped early
-    # max_t one past the longest schedule: a trial that reaches its end finishes by itself (its Train
-    # run shuts down cleanly) instead of being stopped by ASHA at its last report.
-    return ASHAScheduler(time_attr="iteration", metric=metric, mode=mode, grace_period=grace,
-                         reduction_factor=reduction_factor, max_t=max_iters + 1)
-
 
 def trial_demand(num_workers: int, worker_bundle: dict, driver: dict) -> dict[str, float]:
     """What one trial holds while it trains: its driver (the Tune trial, which builds and waits on one

@@ -23,10 +23,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.fs
 import torch
+from ray.train import Checkpoint
 
 from components.atomic import atomic_open, atomic_write_bytes
 from components.learning.models.checkpoint import checkpoint_dict, load_mmseg_checkpoint
+from components.storage import is_s3, pyarrow_filesystem
 from components.weights import sha256_file
 
 MODEL_FILE = "model.pt"
@@ -151,8 +154,6 @@ def _iteration(checkpoint) -> int:
 
 def _checkpoints_in(fs, folder: str) -> list:
     """The checkpoint folders of the Ray run at `folder` on `fs`, as ray.train.Checkpoint objects."""
-    import pyarrow.fs
-    from ray.train import Checkpoint
 
     try:
         found = fs.get_file_info(pyarrow.fs.FileSelector(folder))
@@ -175,7 +176,6 @@ def _local_copy(checkpoint):
     """The checkpoint as a local folder: itself when local, else a download of this process's own.
     (Ray's `as_directory` shares one temp folder per checkpoint among a node's processes and deletes
     it when the last reader leaves; ranks arriving at different times raced on it.)"""
-    import pyarrow.fs
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         yield Path(checkpoint.path)
@@ -220,7 +220,6 @@ def load_chosen(checkpoint, path: str, model: torch.nn.Module) -> dict:
     """The state of the checkpoint at `path` (on `checkpoint`'s filesystem) that rank 0 chose to resume
     from, weights into `model`: every rank resumes from the same one. Damaged in this rank's copy
     (checked again after the download): raised, so that Ray restarts the worker group."""
-    from ray.train import Checkpoint
 
     state, problem = _load_if_intact(Checkpoint(path, filesystem=checkpoint.filesystem), model)
     if problem is not None:
@@ -258,7 +257,6 @@ def export_weights(checkpoint, dest: Path) -> None:
     """The checkpoint's model.pt at `dest`, checked against its checksums.json. On local storage, on the
     same filesystem, `dest` is a hard link to it: one copy on disk for the checkpoint, the stage's model
     file and DVC's cache (whose first link type, .dvc/config, adopts the same file). Elsewhere a copy."""
-    import pyarrow.fs
 
     try:
         expected = json.loads(read_text(checkpoint, CHECKSUMS_FILE))[MODEL_FILE]
@@ -299,7 +297,6 @@ def _link(source: Path, dest: Path) -> bool:
 
 def finished_checkpoint(run_uri: str, max_iters: int):
     """The checkpoint at `max_iters` of the Ray run at `run_uri` (local or s3://; the run finished), or None."""
-    from components.storage import is_s3, pyarrow_filesystem
 
     fs, folder = pyarrow_filesystem(run_uri if is_s3(run_uri) else str(Path(run_uri).resolve()))
     return next((c for c in _checkpoints_in(fs, folder) if _iteration(c) == max_iters), None)

@@ -15,6 +15,11 @@ import os
 import socket
 from pathlib import Path
 
+import pyarrow.fs
+
+from components.atomic import atomic_write_bytes
+from components.storage import pyarrow_filesystem
+
 SPLITS = ("train", "val")
 DONE_MARKER = "_COMPLETE"
 
@@ -33,7 +38,6 @@ def manifest_hash(data_dir: Path | str, splits=SPLITS) -> str:
 def _fs(uri: str):
     """pyarrow filesystem + path; the S3 endpoint comes from $AWS_ENDPOINT_URL (the train stage sets it
     from params' storage: section in the driver and the workers)."""
-    from components.storage import pyarrow_filesystem
 
     return pyarrow_filesystem(uri)
 
@@ -43,7 +47,6 @@ def publish_dataset(data_dir: Path | str, storage_path: str, digest: str) -> str
 
     None when storage is a local path: then workers share the driver's filesystem view of data_dir.
     """
-    import pyarrow.fs
 
     if "://" not in storage_path:
         return None
@@ -63,9 +66,6 @@ def publish_dataset(data_dir: Path | str, storage_path: str, digest: str) -> str
 def local_dataset(data_dir: Path | str, data_uri: str | None, digest: str | None,
                   cache_root: Path | str | None = None) -> Path:
     """Worker: `data_dir` if this node has it (same manifests), else a cached copy of `data_uri`."""
-    import pyarrow.fs
-
-    from components.atomic import atomic_write_bytes
 
     data_dir = Path(data_dir)
     if digest is None:   # nothing to check against (the loop run outside the train stage)

@@ -6,8 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import ray.train
+from ray.train.torch import TorchTrainer
+
 from components.learning.experiment import RunConfig
+from components.learning.models.checkpoint import check_pretrained_backbone
+from components.storage import endpoint_env, exists, pyarrow_filesystem
+from components.tracking import redact
 from components.training.contract import RunInfo, WorkerResult
+from components.weights import fetch, sha256_file
 
 if TYPE_CHECKING:
     from components.learning.loop import LoopHooks
@@ -34,11 +41,6 @@ def build_trainer(cfg: RunConfig, ray_name: str, run: RunInfo, *, hooks: LoopHoo
     without them and use their own environment's). An s3:// storage_path on a custom endpoint gets an
     explicit filesystem (Ray's controller may not share the driver's environment) and the workers get
     the endpoint variables; credentials stay in each node's own environment."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from components.storage import endpoint_env, pyarrow_filesystem
-    from components.tracking import redact
 
     storage, env = {"storage_path": cfg.location.storage_path}, {}
     if cfg.location.storage_path.startswith("s3://") or cfg.location.endpoint_url:
@@ -66,8 +68,6 @@ def fetch_pretrained(cfg: RunConfig, root: Path, cache_dir: Path) -> tuple[RunCo
     """Before Ray starts: the backbone's ImageNet weights fetched once into the cache, verified (sha256
     prefix in the name, every backbone tensor present), and their sha256 put in the config, hence in
     the run identity and the MLflow params. Random init (`none`) gives (cfg, None)."""
-    from components.learning.models.checkpoint import check_pretrained_backbone
-    from components.weights import fetch, sha256_file
 
     if cfg.recipe.pretrained == "none":
         return cfg, None
@@ -85,6 +85,5 @@ def describe_init(cfg: RunConfig) -> str:
 
 def run_exists(storage_path: str, name: str) -> bool:
     """Whether Ray run `name` has anything in storage (S3 through storage.exists, with retries)."""
-    from components.storage import exists
 
     return exists(f"{storage_path.rstrip('/')}/{name}" + ("/" if "://" in storage_path else ""))

@@ -19,7 +19,7 @@ from pydantic import PrivateAttr, ValidationError, model_validator
 from components.learning.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
 from components.weights import default_cache_dir
 from pipeline.config import settings as section
-from pipeline.config.settings import EvalSettings, Tune
+from pipeline.config.settings import ConfigError, EvalSettings, Tune
 
 __all__ = ["ConfigError", "EvalSettings", "Params", "RunConfig", "Tune", "load", "parse"]
 
@@ -29,10 +29,6 @@ CODE_ROOT = Path(__file__).resolve().parents[2]
 # Set by `dnlseg repro --jobs`: its loopback MLflow server for the repo's default store, which the
 # concurrent stages write through instead of opening the SQLite file each.
 STORE_SERVER_ENV = "DNLSEG_MLFLOW_SERVER"
-
-
-class ConfigError(ValueError):
-    """A bad value in params.yaml; the message names the key."""
 
 
 def fail(key: str, what: str) -> ConfigError:

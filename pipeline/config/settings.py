@@ -32,6 +32,11 @@ from components.learning.experiment import (
 )
 from components.learning.tuning import check_space
 
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml; the message names the key."""
+
+
 # A key with one of these in its name is a credential: it belongs in the environment, not in params.yaml.
 CREDENTIAL_WORDS = ("secret", "password", "token", "access_key", "credential", "session")
 CREDENTIALS_HINT = ("params.yaml is committed: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
@@ -324,8 +329,6 @@ class Tune(Frozen):
     @field_validator("space", mode="before")
     @classmethod
     def _space(cls, value):
-        from pipeline.config import ConfigError
-
         try:
             return check_space(value)
         except ValueError as e:

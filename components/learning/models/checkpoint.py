@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from components.learning.backbones import STAGE_BLOCKS
+from components.learning.models import build_dnlnet
 
 _SHOW = 5  # keys listed per category in error messages
 
@@ -182,6 +183,5 @@ def checkpoint_dict(model: nn.Module, meta: dict | None = None, **extra) -> dict
 def check_pretrained_backbone(path: str | os.PathLike, depth: int) -> BackboneLoadResult:
     """load_pretrained_backbone into a throwaway ResNetV1c-D8 of `depth`: the driver's check, before Ray
     starts, that the file has every backbone tensor (else one CheckpointMismatchError line)."""
-    from components.learning.models import build_dnlnet
 
     return load_pretrained_backbone(build_dnlnet(depth=depth, num_classes=1).backbone, path)
