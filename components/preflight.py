@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import ray
+import requests
 import torch
 
 from components.learning.models import build_dnlnet
@@ -80,8 +81,6 @@ def check_tracking(uri: str, timeout: float = 5.0) -> list[str]:
 
     fix = "start it, or set tracking.uri / $MLFLOW_TRACKING_URI to a reachable server (empty: local SQLite)"
     if uri.startswith(("http://", "https://")):
-        import requests
-
         try:
             response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
         except requests.RequestException as e:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
 from components.console import redact, redact_text, warn  # redact / redact_text: re-exported
 
@@ -108,8 +109,6 @@ class RunLogger:
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
@@ -179,8 +178,6 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, resume: bool, ta
     """
     logger = RunLogger(tracking_uri, run_id=None, who="train driver")
     try:
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient(tracking_uri=tracking_uri)
         experiment_id = ensure_experiment(client, experiment)
         previous = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
