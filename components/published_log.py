@@ -21,6 +21,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 TRAIN_COLUMNS = ("iteration", "loss", "decode_loss", "aux_loss", "lr", "memory_gb")
 VAL_COLUMNS = ("iteration", "mIoU", "mAcc", "aAcc")
@@ -159,3 +160,13 @@ def ended_early(curve: PublishedCurve) -> str | None:
     if planned and curve.last_iteration < planned:
         return f"ends at iteration {curve.last_iteration} of {planned}"
     return None
+
+
+def recorded_curve(record: Path | str) -> PublishedCurve | None:
+    """The curve a published@<exp> stage recorded (published/<exp>.json), for the train stage's check;
+    None when the row has no published log (`none`) or the stage has not run."""
+    try:
+        data = json.loads(Path(record).read_text())
+    except (OSError, ValueError):
+        return None
+    return PublishedCurve.from_json(data["curve"]) if data.get("source", "none") != "none" else None

@@ -126,13 +126,3 @@ def plot_csv(curve: PublishedCurve) -> str:
     for iteration in sorted(rows):
         writer.writerow({k: "" if rows[iteration].get(k) is None else rows[iteration][k] for k in PLOT_COLUMNS})
     return text.getvalue()
-
-
-def read_published(root: Path | str, name: str) -> PublishedCurve | None:
-    """The recorded published curve of `name` (the train stage's reference), None when the row has none
-    or its published stage has not run."""
-    try:
-        record = json.loads(published_record(Path(root), name).read_text())
-    except (OSError, ValueError):
-        return None
-    return PublishedCurve.from_json(record["curve"]) if record.get("source", "none") != "none" else None

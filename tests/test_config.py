@@ -267,6 +267,8 @@ def test_declared_datasets_backbones_and_schedules_agree_with_params_and_dvc(raw
                  "components.evaluation.speed, components.evaluation.visualize, components.evaluation.registry, "
                  "components.data.dataset, components.data.transforms"),
     ("report", "pipeline.cli, pipeline.report, components.evaluation.registry, components.evaluation.table"),
+    ("published", "pipeline.cli, pipeline.published, components.published_run, components.published_log, "
+                  "components.weights, components.evaluation.table"),
 ])
 def test_code_deps_of_a_stage_exist_and_cover_what_it_imports(stage, modules):
     """A stage's dvc.yaml code deps (which the run identity hashes for train and tune) must exist and

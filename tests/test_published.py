@@ -27,7 +27,7 @@ from components.behind_published import (
     warning_line,
 )
 from components.evaluation.table import parse_seed_table
-from components.published_log import ended_early, parse_log
+from components.published_log import ended_early, parse_log, recorded_curve
 from pipeline.config import ConfigError, published_plot, published_record, read_raw
 
 EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
@@ -245,6 +245,7 @@ def test_fetched_once_recorded_and_a_run_in_mlflow_at_the_training_iterations(se
     on_disk = json.loads(published_record(tmp_path, EXP).read_text())
     assert on_disk["curve"]["train"] == approx_rows(RESUMED_TRAIN)
     assert on_disk["curve"]["val"] == approx_rows(RESUMED_VAL)
+    assert recorded_curve(published_record(tmp_path, EXP)).val == approx_rows(RESUMED_VAL)   # the train stage's
     csv_lines = published_plot(tmp_path, EXP).read_text().splitlines()
     assert csv_lines[0] == "iteration,loss,decode_loss,aux_loss,lr,memory_gb,mIoU,mAcc,aAcc"
     assert csv_lines[1] == "50,2.4,2.0,1.0,0.01,2.0,,,"
@@ -332,6 +333,7 @@ def test_none_under_the_sample_profile_writes_an_empty_record_and_no_run(tmp_pat
     header = "iteration,loss,decode_loss,aux_loss,lr,memory_gb,mIoU,mAcc,aAcc\n"
     assert published_plot(tmp_path, EXP).read_text() == header
     assert f"[published] {EXP}: none (profile sample" in capsys.readouterr().out
+    assert recorded_curve(published_record(tmp_path, EXP)) is None
     assert not (tmp_path / "mlflow.db").exists()
 
 
