@@ -70,6 +70,17 @@ def behind_since(ours: list[dict], val: list[dict], band: float) -> int | None:
     return since
 
 
+def behind_summary(ours: list[dict], val: list[dict], band: float) -> dict | None:
+    """What train.json's `behind_published` holds (the report's "behind since iteration N"): since when,
+    and the gap at our last evaluation; None when the last evaluation is within the band."""
+    since = behind_since(ours, val, band)
+    if since is None:
+        return None
+    last = max((r for r in ours if r.get("mIoU") is not None), key=lambda r: r["iteration"])
+    behind = behind_published(last["mIoU"], last["iteration"], val, band)
+    return {"since": since, "iteration": behind.iteration, "gap": round(behind.gap, 2), "band": band}
+
+
 def warning_line(experiment: str, behind: Behind) -> str:
     """The console line at the evaluation where the run is behind."""
     return (f"[{experiment}] warning: behind the published curve at iteration {behind.iteration}: mIoU "

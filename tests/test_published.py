@@ -21,6 +21,7 @@ from components.behind_published import (
     TAG,
     behind_published,
     behind_since,
+    behind_summary,
     noise_band,
     published_miou_at,
     tag,
@@ -376,3 +377,22 @@ def test_noise_bands_per_dataset():
     assert noise_band("cityscapes") == 0.7 and noise_band("ade20k") == 1.0
     with pytest.raises(ValueError, match="no run-to-run noise band for dataset 'voc'"):
         noise_band("voc")
+
+
+def test_behind_summary_is_what_the_report_shows(tmp_path):
+    from pipeline.report import _measured_line, _published_line
+
+    ours = [{"iteration": 100, "mIoU": 19.9}, {"iteration": 200, "mIoU": 28.0}, {"iteration": 400, "mIoU": 37.5}]
+    summary = behind_summary(ours, VAL, 0.7)
+    assert summary == {"since": 200, "iteration": 400, "gap": 2.5, "band": 0.7}
+    assert behind_summary(ours[:1], VAL, 0.7) is None
+    trained = {"final": {"iteration": 400}, "best_val": {"mIoU": 37.5, "iteration": 400}, "precision": "fp32",
+               "pretrained": "none", "behind_published": summary}
+    ev = {"device": "cpu", "dtype": "fp32", "images": 4, "test": {"mode": "whole", "scale": [256, 128]},
+          "ms_flip": {"ratios": [1.0], "flip": True}}
+    assert ("; behind the published curve since iteration 200 (2.50 mIoU behind at iteration 400, noise band "
+            "0.70); eval cpu") in _measured_line(EXP, ev, trained)
+    assert "behind the published" not in _measured_line(EXP, ev, {**trained, "behind_published": None})
+    params = as_params(read_raw(REPO / "params.yaml"), tmp_path)
+    assert _published_line(params, tmp_path).startswith("Published training curves: none under profile `sample` "
+                                                         "(no network here, as for the ImageNet weights")
