@@ -7,7 +7,7 @@ first there is nothing to compare with. A run is behind when the published value
 than the band (exactly at the band is within noise).
 
 The band is the run-to-run standard deviation retrained rows show, the upper end of the ranges users
-measured (../docs/pipeline.md, "run-to-run noise"; the public threads in published-runs.md): 0.3-0.7
+measured (docs/pipeline.md, "Behind the published curve", and the public threads it cites): 0.3-0.7
 mIoU on Cityscapes, 0.5-1.0 on ADE20K. A changed GPU count or SyncBN group moves a row more than that.
 """
 
