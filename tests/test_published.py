@@ -396,3 +396,24 @@ def test_behind_summary_is_what_the_report_shows(tmp_path):
     params = as_params(read_raw(REPO / "params.yaml"), tmp_path)
     assert _published_line(params, tmp_path).startswith("Published training curves: none under profile `sample` "
                                                          "(no network here, as for the ImageNet weights")
+
+
+def test_a_published_run_cut_short_is_logged_again_once(tmp_path, mlflow_db_template):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from components.published_run import log_published_run
+
+    shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("cityscapes")
+    cut = client.create_run(experiment_id, tags={"source": "published", "experiment": EXP,
+                                                 "dnlseg.published_sha256": "ab" * 32})   # left RUNNING
+    curve = parse_log(RESUMED_LOG, "resumed.log.json")
+    run_id, created = log_published_run(uri, "cityscapes", EXP, curve, sha256="ab" * 32, source="x")
+    assert created and run_id != cut.info.run_id
+    assert client.get_run(cut.info.run_id).info.lifecycle_stage == "deleted"
+    assert log_published_run(uri, "cityscapes", EXP, curve, sha256="ab" * 32, source="x") == (run_id, False)
+    assert history(client, run_id, "lr") == [(r["iteration"], r["lr"]) for r in RESUMED_TRAIN]
