@@ -103,11 +103,12 @@ def _compare(name: str, source: str, sha256: str, previous_path: Path) -> dict:
 def _track(params: Params, name: str, curve: PublishedCurve, record: dict) -> None:
     """The MLflow run; a tracking store that fails is a warning (the record and plot are written)."""
     from components.published_run import log_published_run
-    from components.tracking import redact
+    from components.tracking import FAIL_FAST_ENV, _environment_defaults, redact
 
-    try:
-        run_id, created = log_published_run(params.tracking_uri, record["dataset"], name, curve,
-                                            sha256=record["sha256"], source=record["source"])
+    try:   # fail fast: MLflow's HTTP client otherwise retries an unreachable server for minutes
+        with _environment_defaults(FAIL_FAST_ENV):
+            run_id, created = log_published_run(params.tracking_uri, record["dataset"], name, curve,
+                                                sha256=record["sha256"], source=record["source"])
     except Exception as e:  # noqa: BLE001 - tracking is optional, as for training
         warn(f"[published] warning: {name}: MLflow at {redact(params.tracking_uri)} failed "
              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the record is written")

@@ -417,3 +417,17 @@ def test_a_published_run_cut_short_is_logged_again_once(tmp_path, mlflow_db_temp
     assert client.get_run(cut.info.run_id).info.lifecycle_stage == "deleted"
     assert log_published_run(uri, "cityscapes", EXP, curve, sha256="ab" * 32, source="x") == (run_id, False)
     assert history(client, run_id, "lr") == [(r["iteration"], r["lr"]) for r in RESUMED_TRAIN]
+
+
+def test_an_unreachable_tracking_server_is_a_warning_and_the_record_is_written(served, tmp_path, capsys):
+    from components.ray_cluster import free_port
+    from pipeline.published import fetch_published
+
+    raw, log, _ = served
+    raw["tracking"] = {"uri": f"http://127.0.0.1:{free_port()}"}
+    record = fetch_published(as_params(raw, tmp_path), EXP)
+    assert record["sha256"] == hashlib.sha256(log.read_bytes()).hexdigest()
+    assert json.loads(published_record(tmp_path, EXP).read_text())["sha256"] == record["sha256"]
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert line.startswith(f"[published] warning: {EXP}: MLflow at http://127.0.0.1:")
+    assert line.endswith("the record is written")
