@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import time
 
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
 from components.published_log import TRAIN_COLUMNS, VAL_COLUMNS, PublishedCurve
 from components.tracking import _environment_defaults, ensure_experiment, flat_params, mark_training_experiment
 
@@ -42,9 +45,6 @@ def _existing(client, experiment_id: str, experiment: str) -> list:
 def log_published_run(tracking_uri: str, dataset: str, experiment: str, curve: PublishedCurve, *,
                       sha256: str, source: str) -> tuple[str, bool]:
     """The MLflow run of experiment `experiment`'s published curve: (run_id, created)."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = ensure_experiment(client, dataset)
     mark_training_experiment(client, dataset)
@@ -66,7 +66,5 @@ def log_published_run(tracking_uri: str, dataset: str, experiment: str, curve: P
     return run_id, True
 
 
-def _param(key: str, value: str):
-    from mlflow.entities import Param
-
+def _param(key: str, value: str) -> Param:
     return Param(f"published.{key}", value)

@@ -23,8 +23,11 @@ import json
 from pathlib import Path
 
 from components.atomic import atomic_write_text
-from components.console import warn
+from components.console import redact, warn
 from components.published_log import TRAIN_COLUMNS, VAL_COLUMNS, PublishedCurve, ended_early, parse_log
+from components.published_run import log_published_run
+from components.tracking import FAIL_FAST_ENV, _environment_defaults
+from components.weights import WeightsError, fetch, sha256_file
 from pipeline.config import Params, published_plot, published_record
 
 PLOT_COLUMNS = TRAIN_COLUMNS + VAL_COLUMNS[1:]
@@ -44,7 +47,7 @@ def fetch_published(params: Params, name: str, *, out_root: Path | str | None = 
     curve = PublishedCurve()
     if source != "none":
         path = _fetch(name, source, params, refresh)
-        record["sha256"] = _sha256(path)
+        record["sha256"] = sha256_file(path)
         record |= _compare(name, source, record["sha256"], published_record(out_root, name))
         curve = parse_log(path.read_bytes().decode("utf-8", errors="replace"), source)
         for line in curve.warnings:
@@ -66,8 +69,6 @@ def fetch_published(params: Params, name: str, *, out_root: Path | str | None = 
 
 def _fetch(name: str, source: str, params: Params, refresh: bool) -> Path:
     """The log, through the weights' download cache; failures as one PublishedLogError line."""
-    from components.weights import WeightsError, fetch
-
     try:
         path = fetch(source, root=params.root, cache_dir=params.cache_dir)
         if refresh and source.startswith(("http://", "https://")):
@@ -77,12 +78,6 @@ def _fetch(name: str, source: str, params: Params, refresh: bool) -> Path:
         raise PublishedLogError(f"published log of {name}: {str(e).removeprefix('weights: ')} "
                                 f"(experiments.{name}.published_log: a URL, a local path or none)") from None
     return path
-
-
-def _sha256(path: Path) -> str:
-    from components.weights import sha256_file
-
-    return sha256_file(path)
 
 
 def _compare(name: str, source: str, sha256: str, previous_path: Path) -> dict:
@@ -102,9 +97,6 @@ def _compare(name: str, source: str, sha256: str, previous_path: Path) -> dict:
 
 def _track(params: Params, name: str, curve: PublishedCurve, record: dict) -> None:
     """The MLflow run; a tracking store that fails is a warning (the record and plot are written)."""
-    from components.published_run import log_published_run
-    from components.tracking import FAIL_FAST_ENV, _environment_defaults, redact
-
     try:   # fail fast: MLflow's HTTP client otherwise retries an unreachable server for minutes
         with _environment_defaults(FAIL_FAST_ENV):
             run_id, created = log_published_run(params.tracking_uri, record["dataset"], name, curve,

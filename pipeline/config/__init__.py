@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import PrivateAttr, ValidationError, model_validator
 
+from components.evaluation.table import parse_seed_table
 from components.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
 from components.weights import default_cache_dir
 from pipeline.config import settings as section
@@ -155,8 +156,6 @@ class Params(Frozen):
         spec = exp.published_log or self.profiles[self.profile_name(profile)].published_log
         if spec != "released":
             return spec
-        from components.evaluation.table import parse_seed_table
-
         link = next((row.log_url for row in parse_seed_table() if row.config == name), None)
         if link is None and exp.published_log == "released":
             raise fail(f"experiments.{name}.published_log", "released: the results table has no published "
