@@ -45,6 +45,15 @@ def _weights(args, params: Params) -> None:
     fetch_weights(params, args.backbone)
 
 
+def _published(args, params: Params) -> None:
+    from pipeline.published import fetch_published
+
+    if args.experiment not in params.experiments:
+        raise ConfigError(f"params.yaml: experiments: no experiment {args.experiment!r} "
+                          f"(known: {', '.join(sorted(params.experiments))})")
+    fetch_published(params, args.experiment, refresh=args.refresh)
+
+
 def _train(args, params: Params) -> None:
     from pipeline.train import train_experiment
 
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_commands(sub) -> None:
-    """sample, prepare, weights: the inputs."""
+    """sample, prepare, weights, published: the inputs."""
     p = sub.add_parser("sample", help="generate the sample Cityscapes and ADE20K in the official formats")
     p.add_argument("--out", default="data/sample")
     p.add_argument("--archives", action="store_true", help="also write the official zip archives")
@@ -127,6 +136,12 @@ def _add_data_commands(sub) -> None:
     p = sub.add_parser("weights", help="fetch and check a backbone's pretrained weights (train.pretrained)")
     p.add_argument("backbone", choices=list(BACKBONES))
     p.set_defaults(func=_weights)
+
+    p = sub.add_parser("published", help="fetch and read an experiment's published training log "
+                       "(experiments.<exp>.published_log), log it to MLflow as `<exp> (published)`")
+    p.add_argument("experiment")
+    p.add_argument("--refresh", action="store_true", help="ask the server again instead of using the cached copy")
+    p.set_defaults(func=_published)
 
 
 def _add_training_commands(sub) -> None:

@@ -31,7 +31,8 @@ from components.evaluation.table import (
     parse_seed_table,
 )
 from components.learning.data import get_dataset
-from pipeline.config import Params, eval_metrics_file, model_file, train_metrics_file
+from components.published_log import recorded_curve
+from pipeline.config import Params, eval_metrics_file, model_file, published_record, train_metrics_file
 
 NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page
 COMPARED = ("mIoU", "mIoU(ms+flip)", "Mem (GB)", "Inf time (fps)")   # published vs ours, with the difference
@@ -137,6 +138,7 @@ def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict
     lines += [f"Profile `{profile}`. Published numbers: mmseg's DNLNet table (verbatim copy in "
               f"`components/evaluation/seed_dnlnet_results.md`); ours: `metrics/<experiment>/eval.json` "
               f"(val split; mIoU single scale and ms+flip).", ""]
+    lines += [_published_line(params, out_root), ""]
     if profile != "reference":
         lines += [f"**Profile `{profile}` runs shortened schedules on small inputs (the generated sample "
                   f"data unless data sources point at the real datasets): these numbers check the pipeline, "
@@ -148,6 +150,16 @@ def build_markdown(params: Params, evaluations: dict[str, dict], champions: dict
             lines += _dataset_lines(params, dataset, {r.config: r for r in rows}, names, evaluations,
                                     champions, out_root)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _published_line(params: Params, out_root: Path) -> str:
+    """Which rows have a published training curve beside ours (stage published@<exp>)."""
+    with_curve = [n for n in params.experiments if recorded_curve(published_record(out_root, n)) is not None]
+    if not with_curve:
+        return (f"Published training curves: none under profile `{params.profile}` (no network here, as for "
+                f"the ImageNet weights: a choice; `experiments.<exp>.published_log` names one).")
+    return (f"Published training curves: {len(with_curve)} of {len(params.experiments)} rows "
+            f"(`published/<exp>.json`, `plots/<exp>/published.csv`, MLflow runs `<exp> (published)`).")
 
 
 def _names_of(params: Params, dataset: str) -> list[str]:
@@ -243,6 +255,10 @@ def _measured_line(name: str, ev: dict, trained: dict | None) -> str:
                      f"init {trained.get('pretrained', '?')}); best val mIoU during training "
                      f"{trained['best_val']['mIoU']:.2f} at iteration {trained['best_val']['iteration']} "
                      f"(not the table's figure)")
+        if trained.get("behind_published"):
+            b = trained["behind_published"]
+            parts.append(f"behind the published curve since iteration {b['since']} ({b['gap']:.2f} mIoU behind "
+                         f"at iteration {b['iteration']}, noise band {b['band']:.2f})")
     parts += [f"eval {ev['device']}, {ev['dtype']}, {ev['images']} val images, {ev['test']['mode']} at scale "
              f"{ev['test']['scale']}, ms+flip ratios {ev['ms_flip']['ratios']} flip {ev['ms_flip']['flip']}"]
     if ev.get("speed"):

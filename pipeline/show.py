@@ -15,6 +15,7 @@ from pipeline.config import (
     eval_metrics_file,
     model_file,
     plots_dir,
+    published_record,
     train_metrics_file,
     tune_dir,
     weights_record,
@@ -37,17 +38,19 @@ def describe(params: Params, name: str, profile: str | None = None) -> dict:
             identity = run_name(cfg, manifest_hash(cfg.location.data_dir), code_hash(CODE_ROOT, code_deps("train")))
         except FileNotFoundError as e:
             why = str(e)
-    stages = [f"train@{name}", f"evaluate@{name}"]
+    stages = [f"train@{name}", f"evaluate@{name}", f"published@{name}"]
     if name == params.tune.experiment:
         stages += ["tune", "train_tuned"]
     root = params.root
     outputs = {"model": model_file(root, name), "train_metrics": train_metrics_file(root, name),
                "eval_metrics": eval_metrics_file(root, name), "plots": plots_dir(root, name),
-               "checkpoints": f"{cfg.location.storage_path.rstrip('/')}/{identity or '<run name>'}"}
+               "checkpoints": f"{cfg.location.storage_path.rstrip('/')}/{identity or '<run name>'}",
+               "published": published_record(root, name)}
     if name == params.tune.experiment:
         outputs["tune"] = tune_dir(root, name)
     return {"experiment": name, "profile": cfg.profile, "run_name": identity, "run_name_unknown": why,
             "stages": stages, "outputs": {k: str(v) for k, v in outputs.items()},
+            "published_log": params.published_log(name, cfg.profile),
             "config": cfg.model_dump(mode="json"),
             "evaluate": params.eval_settings(cfg.profile).model_dump(mode="json")}
 
@@ -70,7 +73,8 @@ def show(params: Params, name: str, profile: str | None = None, as_json: bool = 
         return json.dumps(info, indent=2)
     run = info["run_name"] or f"unknown: {info['run_name_unknown']}"
     text = [f"{name} under profile {info['profile']}", f"run name: {run}",
-            f"DVC stages: {', '.join(info['stages'])}", "outputs:", *_lines(info["outputs"]),
+            f"DVC stages: {', '.join(info['stages'])}", f"published log: {info['published_log']}",
+            "outputs:", *_lines(info["outputs"]),
             "trains with:", *_lines(info["config"]), "evaluates with:", *_lines(info["evaluate"])]
     return "\n".join(text)
 

@@ -316,7 +316,7 @@ def test_the_cli_starts_without_torch_ray_or_mlflow():
 
 # Not prepare: its deps are its dataset's reader on purpose (pipeline/config and the rest of the learning
 # code it imports do not decide what it writes, and re-preparing 25k images for a loop edit is waste).
-@pytest.mark.parametrize("stage", ["weights", "evaluate", "report"])
+@pytest.mark.parametrize("stage", ["weights", "evaluate", "report", "published"])
 def test_code_deps_of_a_stage_exist_and_cover_what_it_imports(stage):
     """A stage's dvc.yaml code deps must exist and cover every module of this repo the stage imports, so
     that DVC reruns it when that code changes. Imports are at module top, so importing the stage's module

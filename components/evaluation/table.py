@@ -35,6 +35,7 @@ class SeedRow:
     config: str                  # mmseg config name == our experiment name, from the download link
     cells: dict                  # column -> published string, for COLUMNS
     model_url: str               # the released checkpoint
+    log_url: str | None = None   # the training log of the published run (mmcv 1.x JSON lines)
 
     def __getitem__(self, column: str) -> str:
         return self.cells[column]
@@ -81,7 +82,9 @@ def parse_seed_table(text: str | None = None) -> list[SeedRow]:
             found = re.search(r"\[model\]\((\S+/dnlnet/([^/]+)/[^)]+\.pth)\)", record.get("download", ""))
             if not found:
                 raise ValueError(f"{SEED_TABLE.name}: row {record} has no model link naming its config")
-            rows.append(SeedRow(dataset, found.group(2), {c: record[c] for c in COLUMNS}, found.group(1)))
+            log = re.search(r"\[log\]\((\S+\.log\.json)\)", record.get("download", ""))
+            rows.append(SeedRow(dataset, found.group(2), {c: record[c] for c in COLUMNS}, found.group(1),
+                                log.group(1) if log else None))
     if not rows:
         raise ValueError(f"{SEED_TABLE.name}: no table with the columns {' | '.join(COLUMNS)}")
     return rows

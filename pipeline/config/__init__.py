@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import PrivateAttr, ValidationError, model_validator
 
+from components.evaluation.table import parse_seed_table
 from components.learning.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
 from components.weights import default_cache_dir
 from pipeline.config import settings as section
@@ -142,6 +143,21 @@ class Params(Frozen):
             return "none"
         return self.train.pretrained.get(backbone) or "none"
 
+    def published_log(self, name: str, profile: str | None = None) -> str:
+        """The published training log of experiment `name` under `profile`: its URL or local path, or
+        `none`. The row's `published_log` when it says, else the profile's (reference: released, sample:
+        none); `released` is the seed table's log.json link, and none for a row the table does not have
+        unless the row asked for it."""
+        exp = self.experiments[name]
+        spec = exp.published_log or self.profiles[self.profile_name(profile)].published_log
+        if spec != "released":
+            return spec
+        link = next((row.log_url for row in parse_seed_table() if row.config == name), None)
+        if link is None and exp.published_log == "released":
+            raise fail(f"experiments.{name}.published_log", "released: the results table has no published "
+                                                              f"log of {name!r} (give a URL, a path or none)")
+        return link or "none"
+
     def evaluation_names(self) -> list[str]:
         return list(self.experiments) + list(self.imported)
 
@@ -208,6 +224,15 @@ def tune_dir(root: Path, name: str) -> Path:
 
 def weights_record(root: Path, backbone: str) -> Path:
     return Path(root) / "weights" / f"{backbone}.json"
+
+
+def published_record(root: Path, name: str) -> Path:
+    """The published run of experiment `name`: source, sha256 and its parsed curve (stage published@<name>)."""
+    return Path(root) / "published" / f"{name}.json"
+
+
+def published_plot(root: Path, name: str) -> Path:
+    return Path(root) / "plots" / name / "published.csv"
 
 
 def default_store(root: Path) -> str:

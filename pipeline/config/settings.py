@@ -59,6 +59,19 @@ def _in_repo(value: str | None, info: ValidationInfo) -> str | None:
 
 Url = Annotated[str, AfterValidator(_no_credentials)]
 RepoPath = Annotated[str, AfterValidator(_in_repo)]
+PUBLISHED_LOG_WORDS = ("released", "none")   # the seed table's log.json link | no published curve
+
+
+def _published_log(value: str, info: ValidationInfo) -> str:
+    """released, none, an http(s) URL (no credentials) or a local path (made absolute against the repo)."""
+    if value in PUBLISHED_LOG_WORDS:
+        return value
+    if "://" in value and urlsplit(value).scheme not in ("http", "https"):
+        raise ValueError(f"expected released, none, an http(s) URL or a local path, got {value!r}")
+    return _in_repo(_no_credentials(value), info)
+
+
+PublishedLog = Annotated[str, AfterValidator(_published_log)]
 
 
 class Profile(Frozen):
@@ -78,6 +91,7 @@ class Profile(Frozen):
     evals_per_run: PositiveInt
     val_max_images: PositiveIntOrNull = None
     iterations: dict[str, PositiveInt] = {}    # experiment -> its iterations under this profile (a showcase)
+    published_log: Literal["released", "none"] = "none"   # rows that do not set experiments.<exp>.published_log
 
     @model_validator(mode="after")
     def _fp16_on_gpu(self):
@@ -98,6 +112,7 @@ class Experiment(Frozen):
     align_corners: StrictBool
     test_mode: Literal["whole", "slide"] = "whole"
     test_stride: Pair | None = None         # None: the crop size
+    published_log: PublishedLog | None = None   # the published run's training log; None: the profile's
 
     @field_validator("backbone")
     @classmethod
