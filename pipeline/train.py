@@ -14,6 +14,8 @@ NonFiniteLossError, the last good checkpoint kept in storage.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -21,12 +23,14 @@ from pathlib import Path
 import yaml
 
 from components.atomic import atomic_write_text
+from components.behind_published import behind_summary, noise_band
 from components.console import warn
 from components.learning.data.validate import DataError
 from components.learning.distributed import plan_batches
 from components.learning.experiment import RunConfig, flat_settings
 from components.learning.tuning import apply_tuned
 from components.preflight import preflight, preflight_disk, preflight_ray
+from components.published_log import recorded_curve
 from components.ray_cluster import connect_ray, scoped_env, shutdown_ray
 from components.storage import endpoint_env
 from components.tracking import flat_params, git_commit, open_run
@@ -43,7 +47,16 @@ from components.training.data_sync import manifest_hash, publish_dataset
 from components.training.identity import code_hash, run_name
 from components.training.trainer import build_trainer, describe_init, fetch_pretrained, log_interval, run_exists
 from components.weights import publish
-from pipeline.config import CODE_ROOT, Params, code_deps, model_file, plots_dir, train_metrics_file, tune_dir
+from pipeline.config import (
+    CODE_ROOT,
+    Params,
+    code_deps,
+    model_file,
+    plots_dir,
+    published_record,
+    train_metrics_file,
+    tune_dir,
+)
 
 
 def train_experiment(params: Params, name: str, *, tuned: bool = False, profile: str | None = None,
@@ -89,6 +102,11 @@ def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:
         "train_time_s": round(summary["train_time_s"], 1),
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
+    published = _published_val(cfg, out_root)
+    if published:   # since when the run trails the published curve by more than the noise (report)
+        ours = [{"iteration": int(r["iteration"]), "mIoU": float(r["mIoU"])}
+                for r in csv.DictReader(io.StringIO(read_curve(latest))) if r.get("mIoU")]
+        metrics["behind_published"] = behind_summary(ours, published, noise_band(cfg.recipe.dataset))
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     return {"model": model_path, "metrics": metrics_path, "curve": curve_path, **metrics}
 
@@ -165,7 +183,8 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
           f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)
     tracker = track.open()
     try:
-        result = build_trainer(cfg, ray_name, _run_info(cfg, tracker.run_id, data_hash, weights), hooks=hooks).fit()
+        run_info = _run_info(cfg, tracker.run_id, data_hash, weights, out_root)
+        result = build_trainer(cfg, ray_name, run_info, hooks=hooks).fit()
         worker: WorkerResult | None = result.return_value
         tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
         if worker is not None and worker.stopped:
@@ -190,11 +209,19 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
             "mlflow_failures": worker.mlflow_failures if worker else 0, "driver_mlflow_failures": tracker.failures}
 
 
-def _run_info(cfg: RunConfig, mlflow_run_id: str, data_hash: str, weights: Path | None) -> RunInfo:
-    """What the workers get beside the config: the MLflow run, and the data and pretrained weights
-    published where every node can fetch them."""
+def _published_val(cfg: RunConfig, out_root: Path) -> list[dict]:
+    """The published run's evaluations, as the published@ stage recorded them ([]: none for this row)."""
+    curve = recorded_curve(published_record(out_root, cfg.name))
+    return curve.val if curve else []
+
+
+def _run_info(cfg: RunConfig, mlflow_run_id: str, data_hash: str, weights: Path | None, out_root: Path) -> RunInfo:
+    """What the workers get beside the config: the MLflow run, the data and pretrained weights published
+    where every node can fetch them, and the published run's evaluations to compare with."""
+    published = _published_val(cfg, out_root)
 
     return RunInfo(mlflow_run_id=mlflow_run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
+                   published_val=tuple(published), noise_band=noise_band(cfg.recipe.dataset) if published else None,
                    data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
                    pretrained_path=str(weights) if weights else None,
                    pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)

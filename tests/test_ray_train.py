@@ -18,6 +18,7 @@ from conftest import EXPERIMENT as R50_EXPERIMENT
 from conftest import REPO, as_params
 from conftest import SMALL_EXPERIMENT as EXPERIMENT
 from loop_hooks import FaultHooks
+from test_published import META, train_line, val_line
 
 pytestmark = pytest.mark.integration
 
@@ -46,17 +47,37 @@ def loss_steps(client, run_id) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 
 
+def published_log_ahead(path: Path, miou: float) -> Path:
+    """An mmcv 1.x log of a 6-iteration run evaluated at 3 and 6 with mIoU `miou` (a fraction, as mmcv
+    writes it; the val line's `iter` is the val loop's count, 4 images)."""
+    meta = {**META, "config": "runner = dict(type='IterBasedRunner', max_iters=6)\n"
+                              "evaluation = dict(interval=3, metric='mIoU')\n"}
+    lines = [json.dumps(meta)]
+    for it in (3, 6):
+        lines += [train_line(it, 1.0, 0.5, 0.01, 1024), val_line(miou, miou, miou, count=4)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, capfd):
     """2 DDP workers on one fixed batch each: parameters stay identical on both ranks, the loss goes
-    down; the driver writes the three DVC outputs and one MLflow run holds the history."""
+    down; the driver writes the three DVC outputs and one MLflow run holds the history. A published run
+    far ahead (recorded by the published stage) makes every evaluation warn, tag and land in train.json."""
     from components.learning.models import build_dnlnet
     from components.learning.models.checkpoint import load_mmseg_checkpoint
+    from pipeline.published import fetch_published
     from pipeline.train import train_experiment
 
     out_root = tmp_path / "out"
     params = make_params(tmp_path, max_iters=6, evals_per_run=2)
+    params["experiments"][EXPERIMENT]["published_log"] = str(published_log_ahead(tmp_path / "pub.log.json", 0.9))
+    fetch_published(as_params(params), EXPERIMENT, out_root=out_root)
+    capfd.readouterr()
     out = train_experiment(as_params(params), EXPERIMENT, out_root=out_root,
                            hooks=FaultHooks(fixed_batch=True, dump_dir=str(tmp_path / "facts")))
+    # at both evaluations (3 and 6) 90 % published against our few %: behind by more than the band (0.7)
+    warned = [line for line in capfd.readouterr().out.splitlines() if "behind the published curve" in line]
+    assert [line.split("at iteration ")[1].split(":")[0] for line in warned] == ["3", "6"], warned
 
     facts = [json.loads((tmp_path / "facts" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert facts[0]["params_sha256"] == facts[1]["params_sha256"]
@@ -74,6 +95,9 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     assert metrics["best_val"]["mIoU"] >= metrics["final"]["mIoU"]
     assert 0 <= metrics["final"]["mIoU"] <= 100 and metrics["train_time_s"] > 0
     assert (metrics["precision"], metrics["pretrained"]) == ("bf16", "none")
+    behind = metrics["behind_published"]
+    assert (behind["since"], behind["iteration"], behind["band"]) == (3, 6, 0.7)
+    assert behind["gap"] == pytest.approx(90.0 - metrics["final"]["mIoU"], abs=0.01)
 
     # model.pt: mmseg layout, loads strictly into a fresh model, and is the LAST iteration's weights (the
     # table's model), equal to the latest checkpoint's, whichever validation checkpoint scored best.
@@ -87,8 +111,9 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     assert json.loads((latest / "checksums.json").read_text())["model.pt"] == digest(model_file, "sha256")
 
     client, runs = mlflow_runs(tmp_path)
-    assert len(runs) == 1
-    run = runs[0]
+    assert sorted(r.data.tags.get("source", "ours") for r in runs) == ["ours", "published"]
+    [run] = [r for r in runs if r.data.tags.get("source") != "published"]
+    assert run.data.tags["dnlseg.behind_published"].startswith(f"{behind['gap']:.2f} mIoU behind at iteration 6")
     assert run.info.run_id == out["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.tags["dvc_stage"] == f"train@{EXPERIMENT}"
     assert len(run.data.tags["dataset_manifest_sha256"]) == 64 and "git_commit" in run.data.tags

@@ -17,6 +17,8 @@ class RunInfo:
     data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
     pretrained_path: str | None = None    # the driver's verified copy of cfg.recipe.pretrained
     pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
+    published_val: tuple = ()             # the published run's evaluations ({iteration, mIoU}): none, no check
+    noise_band: float | None = None       # mIoU points our run may trail them by (the dataset's)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from components.behind_published import behind_published, tag, warning_line
 from components.console import warn
 from components.learning.distributed import gather_text
 from components.learning.experiment import RunConfig
@@ -126,6 +127,12 @@ class RaySession:
         self.progress.say(f"[{c.name}] eval at iter {summary['iteration']}: mIoU {summary['mIoU']:.2f}  "
                           f"mAcc {summary['mAcc']:.2f}  aAcc {summary['aAcc']:.2f}  (best {best['mIoU']:.2f} "
                           f"at {best['iteration']})")
+        if self.run.published_val:   # further behind the published run than the noise: say so, tag it
+            behind = behind_published(summary["mIoU"], summary["iteration"], list(self.run.published_val),
+                                      self.run.noise_band)
+            if behind:
+                self.progress.say(warning_line(c.name, behind))
+                self.tracker.set_tags(tag(behind))
 
     def checkpoint(self, state: dict, model: nn.Module, optimizer, scaler, summary: dict) -> None:
         with staging_folder() as folder:   # rank 0 writes, Ray copies it to storage_path
