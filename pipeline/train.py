@@ -23,14 +23,25 @@ import yaml
 from components.experiment import RunConfig, flat_settings
 from components.training.contract import NonFiniteLossError, RunInfo, WorkerResult
 from components.training.identity import code_hash
-from pipeline.config import CODE_ROOT, Params, code_deps, model_file, plots_dir, train_metrics_file, tune_dir
+from pipeline.config import (
+    CODE_ROOT,
+    Params,
+    code_deps,
+    model_file,
+    plots_dir,
+    seeded_name,
+    train_metrics_file,
+    tune_dir,
+)
 
 
 def train_experiment(params: Params, name: str, *, tuned: bool = False, profile: str | None = None,
-                     out_root: Path | str | None = None, hooks=None) -> dict:
+                     out_root: Path | str | None = None, hooks=None, seed: int | None = None) -> dict:
     """Train experiment `name` (resuming its Ray run if one exists); write its DVC outputs under out_root
     (default: the repo). `tuned`: on the schedule its sweep found (tune/<name>/best_params.yaml), as
-    experiment `<name>-tuned` (stage train_tuned). `hooks` (tests only): the loop's fault-injection seam."""
+    experiment `<name>-tuned` (stage train_tuned). `seed`: one of params' seeds (default train.seed), as
+    `<name>-s<seed>` (stages train_seed, train_tuned_seed). `hooks` (tests only): the loop's
+    fault-injection seam."""
     from components.preflight import preflight
     from components.ray_cluster import scoped_env
     from components.storage import endpoint_env
@@ -38,10 +49,13 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
     from components.training.trainer import fetch_pretrained
     from components.tuning import apply_tuned
 
-    cfg, stage = params.experiment(name, profile), f"train@{name}"
+    cfg = params.experiment(name, profile, seed=seed)
+    stage = f"train@{name}" if cfg.name == name else f"train_seed@{name}-{cfg.recipe.seed}"
     if tuned:   # a missing or mismatched file fails in one line saying how to get it
-        cfg = apply_tuned(cfg, tune_dir(params.root, name) / "best_params.yaml").updated(name=f"{name}-tuned")
-        stage = "train_tuned"
+        tuned_name = seeded_name(f"{name}-tuned", cfg.recipe.seed, params.train.seed)
+        cfg = apply_tuned(cfg.updated(name=name), tune_dir(params.root, name) / "best_params.yaml")
+        cfg = cfg.updated(name=tuned_name)
+        stage = "train_tuned" if tuned_name == f"{name}-tuned" else f"train_tuned_seed@{cfg.recipe.seed}"
     # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
     # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
     plan_batches(cfg.recipe.batch_size, cfg.execution.num_workers, cfg.execution.micro_batch_size)
