@@ -78,7 +78,7 @@ def _fmt(value: float | None) -> str:
 
 def verdict_lines(params: Params, rows: dict, names: list[str], evaluations: dict[str, dict]) -> list[str]:
     """The section: the table (one line per experiment of the dataset), then the rule it applies."""
-    header = ["experiment"] + [f"{column} {part}" for column, _ in COLUMNS.values()
+    header = ["row"] + [f"{column} {part}" for column, _ in COLUMNS.values()
                                for part in ("published", "released", "released check", "ours", "verdict")]
     table = [row_cells(params, name, rows[name].cells if name in rows else {}, evaluations)
              for name in names if name in params.experiments]

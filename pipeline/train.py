@@ -47,6 +47,21 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
     from components.storage import endpoint_env
     from components.training.distributed import plan_batches
     from components.training.trainer import fetch_pretrained
+
+    cfg, stage = run_config(params, name, tuned=tuned, profile=profile, seed=seed)
+    # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
+    # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
+    plan_batches(cfg.recipe.batch_size, cfg.execution.num_workers, cfg.execution.micro_batch_size)
+    cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
+    with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
+        preflight(cfg)
+        return _train(cfg, stage, Path(out_root or params.root), hooks, params.root, weights)
+
+
+def run_config(params: Params, name: str, *, tuned: bool = False, profile: str | None = None,
+               seed: int | None = None) -> tuple[RunConfig, str]:
+    """(config, DVC stage) of one training run: `name` with `seed` (`<name>-s<seed>` unless train.seed),
+    on its sweep's schedule when `tuned` (`<name>-tuned`, `<name>-tuned-s<seed>`)."""
     from components.tuning import apply_tuned
 
     cfg = params.experiment(name, profile, seed=seed)
@@ -56,13 +71,7 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
         cfg = apply_tuned(cfg.updated(name=name), tune_dir(params.root, name) / "best_params.yaml")
         cfg = cfg.updated(name=tuned_name)
         stage = "train_tuned" if tuned_name == f"{name}-tuned" else f"train_tuned_seed@{cfg.recipe.seed}"
-    # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
-    # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
-    plan_batches(cfg.recipe.batch_size, cfg.execution.num_workers, cfg.execution.micro_batch_size)
-    cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
-    with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
-        preflight(cfg)
-        return _train(cfg, stage, Path(out_root or params.root), hooks, params.root, weights)
+    return cfg, stage
 
 
 def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:

@@ -60,11 +60,11 @@ def spread(values: list[float], prior_std: float) -> Spread:
 
 def verdict(published: float | None, ours: Spread | None, not_comparable: list[str] = ()) -> str:
     """`reproduced`, `below` or `above` (ours vs the published value); `not comparable: ...` with the
-    reasons; `-` where there is no published value or no figure of ours."""
-    if not_comparable:
-        return "not comparable: " + "; ".join(not_comparable)
+    reasons; `-` where there is no published value or no figure of ours (nothing to compare)."""
     if published is None or ours is None:
         return "-"
+    if not_comparable:
+        return "not comparable: " + "; ".join(not_comparable)
     gap = ours.mean - published
     if abs(gap) <= ours.half_band + EPSILON:
         return "reproduced"
@@ -73,10 +73,10 @@ def verdict(published: float | None, ours: Spread | None, not_comparable: list[s
 
 def released_check(published: float | None, released: float | None, not_comparable: list[str] = ()) -> str:
     """The check of our evaluation: the released checkpoint within RELEASED_TOLERANCE of the published value."""
-    if not_comparable:
-        return "not comparable: " + "; ".join(not_comparable)
     if published is None or released is None:
         return "-"
+    if not_comparable:
+        return "not comparable: " + "; ".join(not_comparable)
     gap = released - published
     if abs(gap) <= RELEASED_TOLERANCE + EPSILON:
         return "evaluation matches"
