@@ -256,6 +256,11 @@ def test_declared_datasets_backbones_and_schedules_agree_with_params_and_dvc(raw
     from pipeline.config import code_deps
 
     assert code_deps("train_tuned") == code_deps("train")
+    # so do the seeds' stages (one run per extra seed), and evaluate_seed evaluate's code
+    assert code_deps("train_seed") == code_deps("train_tuned_seed") == code_deps("train")
+    assert code_deps("evaluate_seed") == code_deps("evaluate")
+    assert dvc["train_seed"]["matrix"] == dvc["evaluate_seed"]["matrix"] == {"experiment": "${experiments}",
+                                                                             "seed": "${extra_seeds}"}
 
 
 @pytest.mark.parametrize("stage, modules", [

@@ -364,3 +364,12 @@ def test_three_sample_seeds_are_three_runs_with_different_metrics(ray_local, mak
     mean, sd = sum(values) / 3, math.sqrt(sum((v - sum(values) / 3) ** 2 for v in values) / 2)
     assert row["mIoU ours"] == f"{mean:.2f} ± {sd:.2f} (n=3)"
     assert row["mIoU verdict"] == "-"   # our own R-18 row: no published figure
+
+
+def test_repro_counts_the_seed_stages_as_ray_stages_of_their_dataset():
+    from pipeline.repro import RAY_GROUPS, _experiment_datasets
+
+    params = params_with(extra_seeds=[1])
+    assert {"train_seed", "train_tuned_seed"} <= set(RAY_GROUPS) and "evaluate_seed" not in RAY_GROUPS
+    assert _experiment_datasets(params, [f"train_seed@{ADE}-1"]) == {"ade20k"}
+    assert _experiment_datasets(params, [f"dvc.yaml:evaluate_seed@{EXP}-1", "train_tuned_seed@1"]) == {"cityscapes"}
