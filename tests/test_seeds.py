@@ -357,6 +357,7 @@ def test_three_sample_seeds_are_three_runs_with_different_metrics(ray_local, mak
 
     evaluations = [evaluate_experiment(params, SMALL_EXPERIMENT, seed=s, out_root=out) for s in (0, 1, 2)]
     values = [e["single_scale"]["mIoU"] for e in evaluations]
+    assert [e["mlflow"]["run_id"] for e in evaluations] == [r["mlflow_run_id"] for r in runs]   # each its own run
     assert [json.loads((out / "metrics" / n / "eval.json").read_text())["single_scale"]["mIoU"]
             for n in names] == values
     text = write_report(params, out_root=out).read_text()
@@ -373,3 +374,28 @@ def test_repro_counts_the_seed_stages_as_ray_stages_of_their_dataset():
     assert {"train_seed", "train_tuned_seed"} <= set(RAY_GROUPS) and "evaluate_seed" not in RAY_GROUPS
     assert _experiment_datasets(params, [f"train_seed@{ADE}-1"]) == {"ade20k"}
     assert _experiment_datasets(params, [f"dvc.yaml:evaluate_seed@{EXP}-1", "train_tuned_seed@1"]) == {"cityscapes"}
+
+
+@pytest.mark.stage
+def test_a_seeds_evaluation_finds_its_training_run(tmp_path, mlflow_db_template):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking import find_training_run
+
+    shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("cityscapes", artifact_location=str(tmp_path / "artifacts"))
+
+    def run(name: str, stage: str) -> str:
+        created = client.create_run(experiment_id, run_name=name, tags={"experiment": name.rsplit("-", 1)[0]
+                                                                        if "eval" in name else name,
+                                                                        "dvc_stage": stage})
+        client.set_terminated(created.info.run_id)
+        return created.info.run_id
+
+    base, seeded = run(EXP, f"train@{EXP}"), run(f"{EXP}-s1", f"train_seed@{EXP}-1")
+    run(f"{EXP}-s1-eval", f"evaluate_seed@{EXP}-1")   # an evaluation's own run: never the training run
+    assert find_training_run(client, "cityscapes", EXP) == base
+    assert find_training_run(client, "cityscapes", f"{EXP}-s1") == seeded
