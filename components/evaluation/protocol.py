@@ -38,7 +38,8 @@ def protocol(recipe, ms_ratios, flip: bool, images: int, precision: str) -> dict
         "align_corners": recipe.align_corners,
         "ms_ratios": [float(r) for r in ms_ratios],
         "flip": flip,
-        "label_conversion": LABEL_CONVERSION.get(recipe.dataset, "unknown"),
+        "label_conversion": LABEL_CONVERSION.get(recipe.dataset,
+                                                 f"make_label of components/data/datasets/{recipe.dataset}.py"),
         "images": images,
         "precision": precision,
     }
