@@ -399,3 +399,23 @@ def test_a_seeds_evaluation_finds_its_training_run(tmp_path, mlflow_db_template)
     run(f"{EXP}-s1-eval", f"evaluate_seed@{EXP}-1")   # an evaluation's own run: never the training run
     assert find_training_run(client, "cityscapes", EXP) == base
     assert find_training_run(client, "cityscapes", f"{EXP}-s1") == seeded
+
+
+def test_each_seed_has_its_own_data_order_and_augmentation_stream():
+    """recipe.seed drives the init (seed_everything before the model is built), the data order and the
+    augmentation (components/training/loop.py). Seed 0's streams are the ones before seeds existed
+    (torch's DistributedSampler with seed 0; crops seeded 1_000_003 x rank + iteration); seed 1's are not
+    seed 0's one epoch / one iteration later, as `seed + epoch` would make them."""
+    from torch.utils.data import DistributedSampler
+
+    from components.training.distributed import InfiniteDistributedSampler, augmentation_seed, stream_seed
+
+    assert [augmentation_seed(0, rank, it) for rank, it in ((0, 0), (1, 5), (3, 7))] == [0, 1_000_008, 3_000_016]
+    reference = DistributedSampler(list(range(20)), num_replicas=2, rank=1, shuffle=True, seed=0)
+    reference.set_epoch(1)
+    seed0 = InfiniteDistributedSampler(20, 1, 2, seed=stream_seed(0))
+    assert seed0.order(1) == list(reference)
+    seed1 = InfiniteDistributedSampler(20, 1, 2, seed=stream_seed(1))
+    assert all(seed1.order(epoch) != seed0.order(epoch + 1) for epoch in range(5))
+    crops = {augmentation_seed(seed, rank, it) for seed in range(3) for rank in range(4) for it in range(1000)}
+    assert len(crops) == 3 * 4 * 1000   # no two (seed, rank, iteration) share an augmentation stream

@@ -35,6 +35,7 @@ from components.training.distributed import (
     plan_batches,
     seed_everything,
     shard,
+    stream_seed,
 )
 from components.training.evaluate import evaluate
 from components.training.progress import Progress, peak_memory_gb
@@ -118,7 +119,7 @@ def train(c: RunConfig, run: RunInfo, hooks: LoopHooks, ctx) -> WorkerResult:
     data_dir = local_dataset(c.location.data_dir, run.data_uri, run.manifest_sha256)   # fetched on a node lacking it
     train_set = SegmentationDataset(data_dir / "train", build_train_transform(
         scale=c.recipe.scale, crop_size=c.recipe.crop_size, cat_max_ratio=c.recipe.cat_max_ratio))
-    sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=c.recipe.seed,
+    sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=stream_seed(c.recipe.seed),
                                          start=start * accum * per_step)
     batches = iter(build_loader(train_set, per_step, c.execution.loader_workers, seed=aug_seed, sampler=sampler))
     val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=c.recipe.scale),
