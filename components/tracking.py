@@ -207,14 +207,15 @@ def ensure_experiment(client, experiment: str) -> str:
 
 
 def find_training_run(client, dataset: str, experiment: str) -> str | None:
-    """The MLflow run of experiment `experiment`'s training (the latest finished one tagged
-    dvc_stage=train@<experiment>, else the latest), in MLflow experiment `dataset`."""
+    """The MLflow run of experiment `experiment`'s training (the latest finished one tagged with a train
+    stage: train@<experiment>, or train_seed@... for a seed's run `<exp>-s<seed>`; else the latest), in
+    MLflow experiment `dataset`."""
     found = client.get_experiment_by_name(dataset)
     if found is None:
         return None
     runs = client.search_runs([found.experiment_id],
                               filter_string=(f"tags.experiment = '{experiment}' "
-                                             f"and tags.dvc_stage = 'train@{experiment}'"),
+                                             f"and tags.dvc_stage LIKE 'train%'"),
                               order_by=["attributes.start_time DESC"], max_results=20)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     return (finished or runs)[0].info.run_id if runs else None

@@ -57,7 +57,7 @@ def _published(args, params: Params) -> None:
 def _train(args, params: Params) -> None:
     from pipeline.train import train_experiment
 
-    train_experiment(params, args.experiment, tuned=args.tuned)
+    train_experiment(params, args.experiment, tuned=args.tuned, seed=args.seed)
 
 
 def _tune(args, params: Params) -> None:
@@ -69,7 +69,7 @@ def _tune(args, params: Params) -> None:
 def _evaluate(args, params: Params) -> None:
     from pipeline.evaluate import evaluate_experiment
 
-    evaluate_experiment(params, args.experiment)
+    evaluate_experiment(params, args.experiment, seed=args.seed)
 
 
 def _report(args, params: Params) -> None:
@@ -150,6 +150,7 @@ def _add_training_commands(sub) -> None:
     p.add_argument("experiment")
     p.add_argument("--tuned", action="store_true", help="on the schedule `dnlseg tune` found for it "
                    "(tune/<experiment>/best_params.yaml), as <experiment>-tuned")
+    _add_seed_option(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("tune", help="sweep an experiment's schedule with Ray Tune (ASHA)")
@@ -158,6 +159,7 @@ def _add_training_commands(sub) -> None:
 
     p = sub.add_parser("evaluate", help="single-scale and ms+flip evaluation of a trained experiment")
     p.add_argument("experiment")
+    _add_seed_option(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("show", help="an experiment's resolved settings, run name, DVC stages and outputs")
@@ -165,6 +167,11 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--profile", default=None, help="a profile of params.yaml (default: its `profile`)")
     p.add_argument("--json", action="store_true", help="machine-readable: the whole resolved config, nested")
     p.set_defaults(func=_show)
+
+
+def _add_seed_option(parser) -> None:
+    parser.add_argument("--seed", type=int, default=None, help="one of params.yaml's extra_seeds: the run "
+                        "<experiment>-s<seed> (default: train.seed, the run <experiment>)")
 
 
 def _add_result_commands(sub) -> None:

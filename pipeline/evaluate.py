@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from components.atomic import atomic_write_text
 from components.console import warn
 from components.evaluation.loading import load_model
+from components.evaluation.protocol import protocol, protocol_hash
 from components.evaluation.registry import ModelSpec, ensure_model_file, log_model_config
 from components.evaluation.speed import describe_device, measure_fps
 from components.evaluation.visualize import (
@@ -93,14 +94,16 @@ def training_memory(client, run_id: str | None) -> dict | None:
 
 
 def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | None = None,
-                        predictions_dir: Path | str | None = None) -> dict:
-    """Evaluate `name` (an experiments key or an imported_checkpoints key); returns what eval.json holds.
+                        predictions_dir: Path | str | None = None, seed: int | None = None) -> dict:
+    """Evaluate `name` (an experiments key, with `seed` one of its seeds, or an imported_checkpoints key);
+    returns what eval.json holds.
 
     `predictions_dir` (tests, debugging): every label map is also saved there as
     `<single_scale|ms_flip>/<index>.png` in manifest order.
     """
     out_root = Path(out_root or params.root)
-    cfg, source, imported = params.evaluation_target(name, out_root)
+    cfg, source, imported = params.evaluation_target(name, out_root, seed)
+    name = cfg.name   # <experiment>-s<seed> for a seed other than train.seed: its own outputs and run
     # A released checkpoint: fetched once into the download cache, its sha256 checked against its name.
     checkpoint = fetch(source, root=params.root, cache_dir=params.cache_dir) if imported else Path(source)
     settings = params.eval_settings(cfg.profile)
@@ -221,7 +224,16 @@ def _summary(params: Params, name: str, cfg: RunConfig, settings, run: _Inferenc
         "speed": run.speed,
         "train_memory": memory,
         "mlflow": mlflow,
+        "protocol": evaluation_protocol(cfg, settings, run),
     }
+
+
+def evaluation_protocol(cfg: RunConfig, settings, run: _Inference) -> dict:
+    """eval.json's `protocol`: the settings its figures depend on, and their hash (the report compares a
+    row with the published one only under the same protocol)."""
+    measured = protocol(cfg.recipe, settings.ms_ratios, settings.flip, run.results["single_scale"].images,
+                        run.precision)
+    return {**measured, "hash": protocol_hash(measured)}
 
 
 def _trained_as(params: Params, name: str, cfg: RunConfig, imported: bool) -> dict:

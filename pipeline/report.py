@@ -33,6 +33,7 @@ from components.evaluation.table import (
 from components.learning.data import get_dataset
 from components.published_log import recorded_curve
 from pipeline.config import Params, eval_metrics_file, model_file, published_record, train_metrics_file
+from pipeline.report_verdict import tuned_line, verdict_lines
 
 NUMERIC = re.compile(r"[-+]?\d+(\.\d+)?|-")   # table cells right-aligned in the HTML page
 COMPARED = ("mIoU", "mIoU(ms+flip)", "Mem (GB)", "Inf time (fps)")   # published vs ours, with the difference
@@ -163,9 +164,10 @@ def _published_line(params: Params, out_root: Path) -> str:
 
 
 def _names_of(params: Params, dataset: str) -> list[str]:
-    """The dataset's experiments, then its imported checkpoints, in params.yaml's order."""
+    """The dataset's experiments (each with its seeds' runs), then its imported checkpoints, in params.yaml's
+    order."""
     experiments = params.experiments
-    names = [n for n, e in experiments.items() if e.dataset == dataset]
+    names = [run for n, e in experiments.items() if e.dataset == dataset for run in params.seeded_runs(n)]
     return names + [n for n, e in params.imported.items() if experiments[e.experiment].dataset == dataset]
 
 
@@ -183,6 +185,7 @@ def _dataset_lines(params: Params, dataset: str, seed_of: dict, names: list[str]
                                for which in ("published", "released", "ours", "diff")]
     compare_rows = _compare_rows(params, seed_of, names, cells)
     lines += [format_markdown_table(header, compare_rows, {h: "right" for h in header[1:]}), ""]
+    lines += verdict_lines(params, seed_of, names, evaluations)
     if run_links:
         runs = f"{len(run_links)} run{'s' if len(run_links) != 1 else ''}"
         lines += [f"Compare these runs side by side in MLflow: [{runs}]({compare_url(base, run_links)})",
@@ -201,7 +204,7 @@ def _our_rows(params: Params, seed_of: dict, names: list[str], evaluations: dict
     """Per evaluation: its table row (with its MLflow link), its run, its measured-on line, its cells."""
     ours_rows, run_links, measured, cells = [], [], [], {}
     for name in names:
-        config = params.imported[name].experiment if name in params.imported else name
+        config = params.imported[name].experiment if name in params.imported else _experiment_of(params, name)
         seed = seed_of.get(config)
         ev = evaluations.get(name)
         cells[name] = ours = our_cells(ev, seed["Method"] if seed else "dnl", params.experiments[config].backbone)
@@ -216,10 +219,16 @@ def _our_rows(params: Params, seed_of: dict, names: list[str], evaluations: dict
     return ours_rows, run_links, measured, cells
 
 
+def _experiment_of(params: Params, run: str) -> str:
+    """The experiment a run of the table belongs to (`<exp>` or `<exp>-s<seed>`)."""
+    return next(name for name in params.experiments if run in params.seeded_runs(name))
+
+
 def _compare_rows(params: Params, seed_of: dict, names: list[str], cells: dict[str, dict]) -> list[list[str]]:
-    """Per row of the table: published, the released checkpoint evaluated here, our own run, the difference."""
+    """Per row of the table: published, the released checkpoint evaluated here, our own run (train.seed's),
+    the difference."""
     rows = []
-    for config in (n for n in names if n not in params.imported):
+    for config in (n for n in names if n in params.experiments):
         released = [n for n, e in params.imported.items() if e.experiment == config]
         pub = seed_of[config].cells if config in seed_of else dict.fromkeys(COLUMNS, "-")
         rel = cells[released[0]] if released else dict.fromkeys(COLUMNS, "-")
@@ -230,15 +239,11 @@ def _compare_rows(params: Params, seed_of: dict, names: list[str], cells: dict[s
 
 
 def _tuned_lines(params: Params, dataset: str, out_root: Path) -> list[str]:
-    """The train_tuned stage's run beside the untuned one, both as training's own final evaluation."""
-    name = params.tune.experiment
-    tuned, untuned = _train_record(out_root, f"{name}-tuned"), _train_record(out_root, name)
-    if params.experiments[name].dataset != dataset or tuned is None:
+    """The train_tuned stages' runs (one per seed) beside the untuned row's, as mean ± std of training's
+    own final evaluation."""
+    if params.tune.experiment is None or params.experiments[params.tune.experiment].dataset != dataset:
         return []
-    before = f"{untuned['final']['mIoU']:.2f}" if untuned else "-"
-    return [f"Tuned: `{name}-tuned`, trained on the schedule the sweep found (`tune/{name}/best_params.yaml`): "
-            f"final val mIoU {tuned['final']['mIoU']:.2f} at iteration {tuned['final']['iteration']}; "
-            f"`{name}` on params.yaml's schedule: {before} (both training's own single-scale evaluation).", ""]
+    return tuned_line(params, lambda run: _train_record(out_root, run))
 
 
 def _train_record(out_root: Path, name: str) -> dict | None:

@@ -31,7 +31,8 @@ from components.ray_cluster import connect_ray, shutdown_ray
 from components.tracking import ensure_experiment
 from pipeline.config import STORE_SERVER_ENV, Params, default_store
 
-RAY_GROUPS = ("train", "train_tuned", "tune")   # stages whose command runs on Ray (workers queue there)
+# stages whose command runs on Ray (workers queue there)
+RAY_GROUPS = ("train", "train_seed", "train_tuned", "train_tuned_seed", "tune")
 LOG_DIR = Path(".dnlseg") / "logs"   # under the repo: one log per stage (the console gets one line each)
 STATUS_EVERY_S = 60.0
 
@@ -122,8 +123,10 @@ def _experiment_datasets(params: Params, stages: list[str]) -> set[str]:
     datasets = set()
     for stage in stages:
         group, _, key = stage.split(":")[-1].partition("@")
-        if group in ("tune", "train_tuned"):
+        if group in ("tune", "train_tuned", "train_tuned_seed"):
             key = params.tune.experiment
+        if group in ("train_seed", "evaluate_seed"):   # <experiment>-<seed>
+            key = key.rpartition("-")[0]
         if key in params.imported:
             key = params.imported[key].experiment
         if key in params.experiments:

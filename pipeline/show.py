@@ -39,8 +39,9 @@ def describe(params: Params, name: str, profile: str | None = None) -> dict:
         except FileNotFoundError as e:
             why = str(e)
     stages = [f"train@{name}", f"evaluate@{name}", f"published@{name}"]
+    stages += [f"{group}@{name}-{seed}" for seed in params.extra_seeds for group in ("train_seed", "evaluate_seed")]
     if name == params.tune.experiment:
-        stages += ["tune", "train_tuned"]
+        stages += ["tune", "train_tuned"] + [f"train_tuned_seed@{seed}" for seed in params.extra_seeds]
     root = params.root
     outputs = {"model": model_file(root, name), "train_metrics": train_metrics_file(root, name),
                "eval_metrics": eval_metrics_file(root, name), "plots": plots_dir(root, name),

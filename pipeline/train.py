@@ -54,21 +54,20 @@ from pipeline.config import (
     model_file,
     plots_dir,
     published_record,
+    seeded_name,
     train_metrics_file,
     tune_dir,
 )
 
 
 def train_experiment(params: Params, name: str, *, tuned: bool = False, profile: str | None = None,
-                     out_root: Path | str | None = None, hooks=None) -> dict:
+                     out_root: Path | str | None = None, hooks=None, seed: int | None = None) -> dict:
     """Train experiment `name` (resuming its Ray run if one exists); write its DVC outputs under out_root
     (default: the repo). `tuned`: on the schedule its sweep found (tune/<name>/best_params.yaml), as
-    experiment `<name>-tuned` (stage train_tuned). `hooks` (tests only): the loop's fault-injection seam."""
-
-    cfg, stage = params.experiment(name, profile), f"train@{name}"
-    if tuned:   # a missing or mismatched file fails in one line saying how to get it
-        cfg = apply_tuned(cfg, tune_dir(params.root, name) / "best_params.yaml").updated(name=f"{name}-tuned")
-        stage = "train_tuned"
+    experiment `<name>-tuned` (stage train_tuned). `seed`: one of params' seeds (default train.seed), as
+    `<name>-s<seed>` (stages train_seed, train_tuned_seed). `hooks` (tests only): the loop's
+    fault-injection seam."""
+    cfg, stage = run_config(params, name, tuned=tuned, profile=profile, seed=seed)
     # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
     # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
     plan_batches(cfg.recipe.batch_size, cfg.execution.num_workers, cfg.execution.micro_batch_size)
@@ -76,6 +75,21 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
     with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
         preflight(cfg)
         return _train(cfg, stage, Path(out_root or params.root), hooks, params.root, weights)
+
+
+def run_config(params: Params, name: str, *, tuned: bool = False, profile: str | None = None,
+               seed: int | None = None) -> tuple[RunConfig, str]:
+    """(config, DVC stage) of one training run: `name` with `seed` (`<name>-s<seed>` unless train.seed),
+    on its sweep's schedule when `tuned` (`<name>-tuned`, `<name>-tuned-s<seed>`)."""
+
+    cfg = params.experiment(name, profile, seed=seed)
+    stage = f"train@{name}" if cfg.name == name else f"train_seed@{name}-{cfg.recipe.seed}"
+    if tuned:   # a missing or mismatched file fails in one line saying how to get it
+        tuned_name = seeded_name(f"{name}-tuned", cfg.recipe.seed, params.train.seed)
+        cfg = apply_tuned(cfg.updated(name=name), tune_dir(params.root, name) / "best_params.yaml")
+        cfg = cfg.updated(name=tuned_name)
+        stage = "train_tuned" if tuned_name == f"{name}-tuned" else f"train_tuned_seed@{cfg.recipe.seed}"
+    return cfg, stage
 
 
 def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:

@@ -260,6 +260,12 @@ def test_the_train_and_tune_stages_depend_on_one_code_folder():
     from pipeline.config import code_deps
 
     assert code_deps("train") == code_deps("train_tuned") == code_deps("tune") == ("components/learning",)
+    # so do the seeds' stages (one run per extra seed), and evaluate_seed evaluate's code
+    assert code_deps("train_seed") == code_deps("train_tuned_seed") == code_deps("train")
+    assert code_deps("evaluate_seed") == code_deps("evaluate")
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert dvc["train_seed"]["matrix"] == dvc["evaluate_seed"]["matrix"] == {"experiment": "${experiments}",
+                                                                             "seed": "${extra_seeds}"}
 
 
 def _repo_imports(path) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import shutil
 import time
@@ -175,6 +176,16 @@ def test_eval_json_records_settings_speed_and_memory(evaluated):
     sample = evaluated["params"]["profiles"]["sample"]
     iterations = round(40000 * sample["schedule_scale"])   # the 40k schedule scaled by the sample profile
     assert s["train"] == {"crop_size": [16, 32], "max_iters": iterations, "batch_size": sample["batch_size"]}
+    # The protocol its figures were measured under (whole-image: no window), and its hash: the first 16 hex
+    # digits of the sha256 of those settings as compact JSON with sorted keys.
+    protocol = dict(s["protocol"])
+    digest = protocol.pop("hash")
+    assert protocol == {"mode": "whole", "crop": None, "stride": None, "scale": [64, 32], "align_corners": False,
+                        "ms_ratios": [0.5, 1.0], "flip": True, "images": 2, "precision": "bf16",
+                        "label_conversion": "gtFine polygons -> labelTrainIds (cityscapesscripts json2labelImg), "
+                                            "255 ignored"}
+    compact = json.dumps(protocol, sort_keys=True, separators=(",", ":")).encode()
+    assert digest == hashlib.sha256(compact).hexdigest()[:16]
 
 
 def test_pictures_and_dvc_plot_files(evaluated):

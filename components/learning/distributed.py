@@ -38,9 +38,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Seeds' streams lie this far apart, more than any run's epochs or iterations: with `seed + epoch` (torch's
+# DistributedSampler) seed s + 1 would replay seed s's shuffles one epoch later, and its crops one
+# iteration later. Seed 0's streams are what they always were.
+SEED_STRIDE = 1_000_000_007
+
+
+def stream_seed(seed: int) -> int:
+    """The first of seed `seed`'s data-order and augmentation seeds."""
+    return seed * SEED_STRIDE
+
+
 def augmentation_seed(seed: int, rank: int, iteration: int) -> int:
     """Different crops on every rank, and a resumed run does not replay the crops of iteration 0."""
-    return seed + 1_000_003 * rank + iteration
+    return stream_seed(seed) + 1_000_003 * rank + iteration
 
 
 class InfiniteDistributedSampler(Sampler[int]):

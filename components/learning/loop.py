@@ -23,6 +23,7 @@ from components.learning.distributed import (
     plan_batches,
     seed_everything,
     shard,
+    stream_seed,
 )
 from components.learning.experiment import RunConfig
 from components.learning.models import build_dnlnet
@@ -116,7 +117,7 @@ def train(c: RunConfig, session: Session, hooks: LoopHooks | None = None) -> Loo
     data_dir = session.dataset_dir()
     train_set = SegmentationDataset(data_dir / "train", build_train_transform(
         scale=c.recipe.scale, crop_size=c.recipe.crop_size, cat_max_ratio=c.recipe.cat_max_ratio))
-    sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=c.recipe.seed,
+    sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=stream_seed(c.recipe.seed),
                                          start=start * accum * per_step)
     batches = iter(build_loader(train_set, per_step, c.execution.loader_workers, seed=aug_seed, sampler=sampler))
     val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=c.recipe.scale),

@@ -17,7 +17,16 @@ import yaml
 from pydantic import PrivateAttr, ValidationError, model_validator
 
 from components.evaluation.table import parse_seed_table
-from components.learning.experiment import Execution, FieldError, Frozen, Location, Recipe, RunConfig, Schedule
+from components.learning.experiment import (
+    Execution,
+    FieldError,
+    Frozen,
+    Location,
+    NonNegativeInt,
+    Recipe,
+    RunConfig,
+    Schedule,
+)
 from components.weights import default_cache_dir
 from pipeline.config import settings as section
 from pipeline.config.settings import ConfigError, EvalSettings, Tune
@@ -30,6 +39,7 @@ CODE_ROOT = Path(__file__).resolve().parents[2]
 # Set by `dnlseg repro --jobs`: its loopback MLflow server for the repo's default store, which the
 # concurrent stages write through instead of opening the SQLite file each.
 STORE_SERVER_ENV = "DNLSEG_MLFLOW_SERVER"
+SAMPLE_DIR = "data/sample"   # where the `sample` stage writes the generated datasets (dvc.yaml, under the repo)
 
 
 def fail(key: str, what: str) -> ConfigError:
@@ -55,6 +65,9 @@ class Params(Frozen):
     imported_checkpoints: dict[str, section.Imported] = {}
     report: section.Report = section.Report()
     tune: section.Tune
+    # Seeds every experiment is trained with besides train.seed, each its own run `<exp>-s<seed>` (stages
+    # train_seed / evaluate_seed / train_tuned_seed): `dvc exp run -S 'extra_seeds=[1,2]'` gives n = 3.
+    extra_seeds: list[NonNegativeInt] = []
     _root: Path = PrivateAttr()
 
     @model_validator(mode="after")
@@ -80,7 +93,22 @@ class Params(Frozen):
                                      f"unknown experiment (known: {', '.join(sorted(self.experiments))})")
         if self.tune.experiment is not None and self.tune.experiment not in self.experiments:
             raise FieldError("tune.experiment", f"unknown experiment {self.tune.experiment!r}")
+        self._distinct_seeds()
         return self
+
+    def _distinct_seeds(self) -> None:
+        """Each seed one run: none twice, none equal to train.seed (that run is `<exp>` itself), and no
+        seeded run name taken by an experiment."""
+        seen = [self.train.seed]
+        for seed in self.extra_seeds:
+            if seed in seen:
+                raise FieldError("extra_seeds", f"seed {seed} is listed twice (train.seed is {self.train.seed}; "
+                                                f"got {self.extra_seeds})")
+            seen.append(seed)
+        taken = {seeded_name(n, s, self.train.seed) for n in self.experiments for s in self.extra_seeds}
+        if taken & set(self.experiments):
+            raise FieldError("extra_seeds", f"the seeded run {sorted(taken & set(self.experiments))[0]!r} "
+                                            f"is also an experiment's name")
 
     # --- resolved views ---------------------------------------------------------------------------
 
@@ -158,24 +186,49 @@ class Params(Frozen):
                                                               f"log of {name!r} (give a URL, a path or none)")
         return link or "none"
 
-    def evaluation_names(self) -> list[str]:
-        return list(self.experiments) + list(self.imported)
 
-    def evaluation_target(self, name: str, out_root: Path | None = None) -> tuple[RunConfig, str, bool]:
-        """(config, checkpoint, imported?) of a trained experiment or an imported checkpoint (whose
-        checkpoint is a URL or a local path: components.weights.fetch gets it)."""
+    @property
+    def seeds(self) -> list[int]:
+        """Every experiment's seeds: train.seed (the run `<exp>`), then extra_seeds (`<exp>-s<seed>`)."""
+        return [self.train.seed, *self.extra_seeds]
+
+    def seeded_runs(self, name: str) -> list[str]:
+        """The runs of experiment `name`, one per seed (their models/, metrics/ and plots/ folders)."""
+        return [seeded_name(name, seed, self.train.seed) for seed in self.seeds]
+
+    def evaluation_names(self) -> list[str]:
+        return [run for name in self.experiments for run in self.seeded_runs(name)] + list(self.imported)
+
+    def evaluation_target(self, name: str, out_root: Path | None = None,
+                          seed: int | None = None) -> tuple[RunConfig, str, bool]:
+        """(config, checkpoint, imported?) of a trained experiment (with `seed`, default train.seed) or an
+        imported checkpoint (whose checkpoint is a URL or a local path: components.weights.fetch gets it)."""
         if name in self.experiments:
-            return self.experiment(name), str(model_file(out_root or self.root, name)), False
+            cfg = self.experiment(name, seed=seed)
+            return cfg, str(model_file(out_root or self.root, cfg.name)), False
+        if seed is not None:
+            raise fail("imported_checkpoints", f"{name!r} is a released checkpoint: it has no seeds")
         if name not in self.imported:
             raise ConfigError(f"params.yaml: no experiment or imported_checkpoints entry named {name!r} "
                               f"(known: {', '.join(sorted(self.evaluation_names()))})")
         entry = self.imported[name]
         return self.experiment(entry.experiment).updated(name=name), entry.source, True
 
-    def experiment(self, name: str, profile: str | None = None) -> RunConfig:
-        """Experiment `name` under `profile` (default: the file's `profile`)."""
+    def experiment(self, name: str, profile: str | None = None, seed: int | None = None) -> RunConfig:
+        """Experiment `name` under `profile` (default: the file's `profile`), trained with `seed` (default
+        train.seed; another of `seeds` names the run `<name>-s<seed>`)."""
         if name not in self.experiments:
             raise fail("experiments", f"unknown experiment {name!r} (known: {', '.join(sorted(self.experiments))})")
+        cfg = self._experiment(name, profile)
+        if seed is None or seed == self.train.seed:
+            return cfg
+        if seed not in self.extra_seeds:
+            raise fail("extra_seeds", f"seed {seed} is not one of the experiments' seeds {self.seeds} "
+                                      f"(train.seed, then extra_seeds)")
+        return cfg.updated(name=seeded_name(name, seed, self.train.seed), recipe={"seed": seed})
+
+    def _experiment(self, name: str, profile: str | None) -> RunConfig:
+        """The row under the profile, with train.seed."""
         exp, prof, train = self.experiments[name], self.profiles[self.profile_name(profile)], self.train
 
         def scaled(pair):
@@ -201,6 +254,12 @@ class Params(Frozen):
 
 
 # --- where the stages' outputs live (dvc.yaml names the same paths) ---------------------------------
+
+def seeded_name(name: str, seed: int, base_seed: int) -> str:
+    """The run of `name` with `seed`: `name` itself for train.seed (`base_seed`), else `<name>-s<seed>`
+    (its Ray and MLflow run, and its models/, metrics/, plots/ folders)."""
+    return name if seed == base_seed else f"{name}-s{seed}"
+
 
 def model_file(root: Path, name: str) -> Path:
     return Path(root) / "models" / name / "model.pt"
