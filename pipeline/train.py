@@ -159,11 +159,12 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
          track: _Tracking, data_hash: str, tic: float) -> dict:
     """Trains the run on Ray (resuming it when it exists) and writes the stage's outputs from its final
     checkpoint; the MLflow run says FINISHED, FAILED or KILLED."""
-    from components.preflight import preflight_ray
+    from components.preflight import preflight_hardware, preflight_ray
     from components.training.checkpointing import prune_finished_run
     from components.training.trainer import build_trainer, describe_init
 
     preflight_ray(cfg)
+    preflight_hardware(cfg)   # GPU profiles: every GPU node's torch, driver, kernels, /dev/shm
     print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
           f"({'resuming' if resuming else 'new'}), {cfg.execution.num_workers} workers, profile {cfg.profile}, "
           f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)

@@ -30,7 +30,7 @@ from ray.tune.search import BasicVariantGenerator
 from components import ray_cluster, tuning
 from components.atomic import atomic_path, atomic_write_text
 from components.experiment import RunConfig, flat_settings
-from components.preflight import preflight_disk, preflight_ray, worker_bundle
+from components.preflight import preflight_disk, preflight_hardware, preflight_ray, worker_bundle
 from components.storage import endpoint_env, pyarrow_filesystem
 from components.tracking import flat_params, git_commit, open_run
 from components.training.contract import RunInfo
@@ -272,6 +272,7 @@ def _concurrency(base: RunConfig, settings: Tune, sweep_path: str) -> tuple[int,
     sweep's checkpoints fit the disk."""
     driver = settings.resources_per_trial.driver
     preflight_ray(base, driver=driver)   # one trial (its driver + workers) fits the cluster
+    preflight_hardware(base)             # GPU profiles: every GPU node's torch, driver, kernels, /dev/shm
     run_on = base.execution
     demand = tuning.trial_demand(run_on.num_workers, worker_bundle(run_on.resources_per_worker, run_on.use_gpu),
                                  driver)

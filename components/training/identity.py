@@ -14,7 +14,8 @@ from components.experiment import LEARNED_PARTS, Execution, Location, RunConfig,
 # It is in neither the run identity nor dvc.yaml's deps of train and tune (tests/test_config.py checks
 # both ways): editing it resumes runs instead of restarting days of GPU time.
 ORCHESTRATION = ("pipeline/cli.py", "pipeline/train.py", "components/tracking.py", "components/console.py",
-                 "components/ray_cluster.py", "components/preflight.py", "components/storage.py",
+                 "components/ray_cluster.py", "components/preflight.py", "components/hardware.py",
+                 "components/storage.py",
                  "components/weights.py", "components/atomic.py", "components/training/trainer.py",
                  "components/training/progress.py", "components/training/data_sync.py",
                  "components/training/identity.py", "components/training/contract.py")
