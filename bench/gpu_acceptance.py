@@ -43,7 +43,6 @@ from components.training.loop import LoopHooks  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the hooks travel to the Ray workers by value
 
-EXPERIMENT = "dnl_r50-d8_512x1024_40k_cityscapes"
 STEPS = ("hardware", "step", "ray", "evaluate", "mlflow")
 PRECISIONS = ("fp32", "tf32", "bf16")
 GiB = 2**30
@@ -54,6 +53,7 @@ class Sizes:
     """What the checks run at: the reference sizes on a GPU, toy ones on the CPU (--dry)."""
 
     gpu: bool
+    experiment: str                # the row the Ray run and the evaluation train and test
     crop: tuple[int, int]          # (h, w) of the step benchmark
     depth: int                     # the step benchmark's backbone
     step_reps: int                 # timed steps per precision (after 3 untimed)
@@ -63,8 +63,9 @@ class Sizes:
     fps_images: int
 
 
-GPU = Sizes(True, (512, 1024), 50, 20, (1024, 2048), 1.0, 12, 20)
-DRY = Sizes(False, (32, 64), 50, 2, (128, 256), 0.125, 4, 3)
+GPU = Sizes(True, "dnl_r50-d8_512x1024_40k_cityscapes", (512, 1024), 50, 20, (1024, 2048), 1.0, 12, 20)
+# The small R-18-D8 row at 1/16 of the sizes: the code paths of the real run, in seconds on 2 CPU cores.
+DRY = Sizes(False, "dnl_r18-d8_512x1024_40k_cityscapes", (32, 64), 18, 1, (64, 128), 0.0625, 4, 2)
 
 
 @dataclass
@@ -120,14 +121,41 @@ def check_hardware(sizes: Sizes, report: Report, work: Path) -> None:
 
 # --- 2. step time and memory ----------------------------------------------------------------------------
 
-def check_steps(sizes: Sizes, report: Report, work: Path) -> None:
-    """One reference training step as the loop runs it: channels-last, fused SGD, SyncBN modules (GPU),
-    each precision from the same weights and batch."""
+def time_steps(sizes: Sizes, device: torch.device, precision: str, img, label) -> tuple[list, list]:
+    """(seconds, loss) of each step, from the same initial weights: 3 untimed (cuDNN's autotuning), then
+    sizes.step_reps; the peak memory counted from the 4th."""
     from torch import nn
 
     from components.models import build_dnlnet
-    from components.models.speedups import fp32_math, use_precision
+    from components.models.speedups import use_precision
     from components.training.step import sgd, train_step
+
+    use_precision(precision)
+    torch.manual_seed(0)
+    model = build_dnlnet(depth=sizes.depth, num_classes=19)
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # as the loop on GPUs (one rank: plain BN math)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    batches, times, losses = itertools.repeat((img, label)), [], []
+    for it in range(1, 4 + sizes.step_reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        losses.append(train_step(model, optimizer, scaler, batches, 1, device, precision, True, it)["loss"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - tic)
+        if it == 3 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)   # after cuDNN's autotuning (the seed's Mem: steady)
+    return times, losses
+
+
+def check_steps(sizes: Sizes, report: Report, work: Path) -> None:
+    """One reference training step as the loop runs it: channels-last, fused SGD, SyncBN modules (GPU),
+    each precision from the same weights and batch."""
+    from components.models.speedups import cpu_threads, fp32_math
 
     device = device_of(sizes)
     torch.backends.cudnn.benchmark = True
@@ -138,25 +166,10 @@ def check_steps(sizes: Sizes, report: Report, work: Path) -> None:
         img, label = img.pin_memory(), label.pin_memory()
     medians = {}
     for precision in PRECISIONS:
-        use_precision(precision)
-        torch.manual_seed(0)
-        model = build_dnlnet(depth=sizes.depth, num_classes=19)
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # as the loop on GPUs (one rank: plain BN math)
-        model = model.to(device, memory_format=torch.channels_last).train()
-        optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        batches, times, losses = itertools.repeat((img, label)), [], []
-        for it in range(1, 4 + sizes.step_reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            tic = time.perf_counter()
-            losses.append(train_step(model, optimizer, scaler, batches, 1, device, precision, True, it)["loss"])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - tic)
-            if it == 3 and device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)   # after cuDNN's autotuning (the seed's Mem: steady)
+        # CPU: one thread, as the sample profile's workers: on a CPU shared with other jobs OpenMP's
+        # barriers wait for descheduled threads (seen here under load: 7 s a toy step with 2 threads).
+        with cpu_threads(1 if device.type == "cpu" else 0):
+            times, losses = time_steps(sizes, device, precision, img, label)
         medians[precision] = median = statistics.median(times[3:])
         math = fp32_math()
         report.add("step", f"{precision} step, R-{sizes.depth}-D8 {sizes.crop[0]}x{sizes.crop[1]} batch 2",
@@ -164,7 +177,6 @@ def check_steps(sizes: Sizes, report: Report, work: Path) -> None:
                    f"median {1000 * median:.0f} ms ({2 / median:.1f} img/s) over {sizes.step_reps}, first "
                    f"{times[0]:.1f} s, peak {peak_gib(device)}, conv {math['conv']} / matmul {math['matmul']}, "
                    f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        del model, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"[step] fp32 / tf32 = {medians['fp32'] / medians['tf32']:.2f}x, tf32 / bf16 = "
@@ -276,7 +288,7 @@ def check_ray(sizes: Sizes, report: Report, work: Path) -> None:
         tic = time.perf_counter()
         first = StopOnceThenDigest(str(work / "first"), stop_at=half + 1)
         try:   # 1 worker (NCCL on the GPU), 2 loader worker processes; stops after the checkpoint at `half`
-            train_experiment(params_for(sizes, work), EXPERIMENT, out_root=work / "out", hooks=first)
+            train_experiment(params_for(sizes, work), sizes.experiment, out_root=work / "out", hooks=first)
             stopped = False
         except TrainingFailedError:
             stopped = True
@@ -288,7 +300,7 @@ def check_ray(sizes: Sizes, report: Report, work: Path) -> None:
         shared = {"num_workers": 2, "resources_per_worker": {"CPU": 2, "GPU": 0.5} if sizes.gpu else {"CPU": 1}}
         tic = time.perf_counter()
         digests = work / "resumed"
-        out = train_experiment(params_for(sizes, work, **shared), EXPERIMENT, out_root=work / "out",
+        out = train_experiment(params_for(sizes, work, **shared), sizes.experiment, out_root=work / "out",
                                hooks=StopOnceThenDigest(str(digests)))
         same = len({(digests / f"rank{r}.sha256").read_text() for r in (0, 1)}) == 1
         report.add("ray", f"resumed on 2 workers (gloo{', GPU 0.5 each' if sizes.gpu else ''}) from the checkpoint",
@@ -314,7 +326,7 @@ def check_evaluate(sizes: Sizes, report: Report, work: Path) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tic = time.perf_counter()
-    summary = evaluate_experiment(params_for(sizes, work), EXPERIMENT, out_root=work / "out")
+    summary = evaluate_experiment(params_for(sizes, work), sizes.experiment, out_root=work / "out")
     within = torch.cuda.max_memory_allocated(device) < 16 * GiB if device.type == "cuda" else None
     h, w = sizes.image
     report.add("evaluate", f"whole {h}x{w}, single scale + ms+flip {summary['ms_flip']['ratios']}",
