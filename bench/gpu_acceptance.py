@@ -18,6 +18,8 @@ Exit status 1 when a check fails. bench/gpu_acceptance.sh wraps it with the mach
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -37,9 +39,26 @@ for _key, _value in {"NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_SYSTEM_METRICS_SAM
     os.environ.setdefault(_key, _value)   # one machine: gloo on loopback; Ray's workers inherit these
 
 import ray.cloudpickle  # noqa: E402
+import ray.train  # noqa: E402
+import ray.train.torch as ray_torch  # noqa: E402
 import torch  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray.train import TrainingFailedError  # noqa: E402
+from ray.train.torch import TorchConfig  # noqa: E402
+from torch import nn  # noqa: E402
 
+from components.hardware import gather_facts, loader_shm_bytes, node_problems, sm  # noqa: E402
+from components.models import build_dnlnet  # noqa: E402
+from components.models.speedups import cpu_threads, fp32_math, use_precision  # noqa: E402
+from components.ray_cluster import shutdown_ray, start_local_ray  # noqa: E402
+from components.sample import write_cityscapes  # noqa: E402
+from components.training import trainer as trainer_module  # noqa: E402
 from components.training.loop import LoopHooks  # noqa: E402
+from components.training.step import sgd, train_step  # noqa: E402
+from pipeline.config import parse, read_raw  # noqa: E402
+from pipeline.evaluate import evaluate_experiment  # noqa: E402
+from pipeline.prepare import prepare_dataset  # noqa: E402
+from pipeline.train import train_experiment  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the hooks travel to the Ray workers by value
 
@@ -99,7 +118,6 @@ def peak_gib(device: torch.device) -> str:
 # --- 1. hardware ------------------------------------------------------------------------------------------
 
 def check_hardware(sizes: Sizes, report: Report, work: Path) -> None:
-    from components.hardware import gather_facts, loader_shm_bytes, node_problems, sm
 
     facts = gather_facts()
     # The Ray step's loaders: 2 ranks x 2 loader workers, batch 1 each, val images at the test scale.
@@ -124,12 +142,6 @@ def check_hardware(sizes: Sizes, report: Report, work: Path) -> None:
 def time_steps(sizes: Sizes, device: torch.device, precision: str, img, label) -> tuple[list, list]:
     """(seconds, loss) of each step, from the same initial weights: 3 untimed (cuDNN's autotuning), then
     sizes.step_reps; the peak memory counted from the 4th."""
-    from torch import nn
-
-    from components.models import build_dnlnet
-    from components.models.speedups import use_precision
-    from components.training.step import sgd, train_step
-
     use_precision(precision)
     torch.manual_seed(0)
     model = build_dnlnet(depth=sizes.depth, num_classes=19)
@@ -155,8 +167,6 @@ def time_steps(sizes: Sizes, device: torch.device, precision: str, img, label) -
 def check_steps(sizes: Sizes, report: Report, work: Path) -> None:
     """One reference training step as the loop runs it: channels-last, fused SGD, SyncBN modules (GPU),
     each precision from the same weights and batch."""
-    from components.models.speedups import cpu_threads, fp32_math
-
     device = device_of(sizes)
     torch.backends.cudnn.benchmark = True
     g = torch.Generator().manual_seed(0)
@@ -188,8 +198,6 @@ def check_steps(sizes: Sizes, report: Report, work: Path) -> None:
 def wait_until_committed(reports: int, timeout_s: float = 120) -> None:
     """Ray commits a report (and its checkpoint) once its controller collected it from every rank; the
     controller's snapshot in storage counts them (as tests/loop_hooks.py does)."""
-    import ray.train
-
     storage = ray.train.get_context().get_storage()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -226,9 +234,6 @@ class StopOnceThenDigest(LoopHooks):
 
 
 def make_data(sizes: Sizes, work: Path) -> None:
-    from components.sample import write_cityscapes
-    from pipeline.prepare import prepare_dataset
-
     if (work / "prepared" / "cityscapes" / "val" / "manifest.csv").exists():
         return
     tic = time.perf_counter()
@@ -241,8 +246,6 @@ def make_data(sizes: Sizes, work: Path) -> None:
 def params_for(sizes: Sizes, work: Path, **profile):
     """The reference profile (SyncBN on GPU, tf32, loader workers, evaluation + checkpoint at half and at
     the end), on the generated data, 1 worker and batch 2 unless `profile` says otherwise."""
-    from pipeline.config import parse, read_raw
-
     raw = read_raw(REPO / "params.yaml")
     raw["profile"] = "reference"
     raw["profiles"]["reference"].update({
@@ -262,25 +265,30 @@ def params_for(sizes: Sizes, work: Path, **profile):
 
 def training_run(work: Path):
     """(MlflowClient, the one run of the cityscapes experiment) of the acceptance's MLflow store."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cityscapes")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     return client, runs
 
 
+@contextlib.contextmanager
+def over_gloo():
+    """The train stage's TorchTrainer on the gloo backend (NCCL refuses two ranks on one GPU; gloo
+    all-reduces CUDA tensors too), wherever the stage's module finds the class."""
+    original = ray_torch.TorchTrainer
+    modules = [m for m in (ray_torch, trainer_module) if getattr(m, "TorchTrainer", None) is original]
+    for module in modules:
+        module.TorchTrainer = functools.partial(original, torch_config=TorchConfig(backend="gloo"))
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.TorchTrainer = original
+
+
 def check_ray(sizes: Sizes, report: Report, work: Path) -> None:
-    import ray.train.torch as ray_torch
-    from ray.train import TrainingFailedError
-    from ray.train.torch import TorchConfig
-
-    from components.ray_cluster import shutdown_ray, start_local_ray
-    from pipeline.train import train_experiment
-
     make_data(sizes, work)
     start_local_ray(**({} if sizes.gpu else {"num_cpus": 2}))
-    trainer = ray_torch.TorchTrainer
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         report.add("ray", "Ray sees the GPU", gpus >= 1 if sizes.gpu else None, f"{gpus:g} GPU")
@@ -296,12 +304,12 @@ def check_ray(sizes: Sizes, report: Report, work: Path) -> None:
                    f"{time.perf_counter() - tic:.0f} s (Ray start, data, cuDNN autotuning included)")
 
         # The same run on 2 workers sharing the GPU over gloo: resumes from the GPU checkpoint.
-        ray_torch.TorchTrainer = lambda *a, **k: trainer(*a, torch_config=TorchConfig(backend="gloo"), **k)
         shared = {"num_workers": 2, "resources_per_worker": {"CPU": 2, "GPU": 0.5} if sizes.gpu else {"CPU": 1}}
         tic = time.perf_counter()
         digests = work / "resumed"
-        out = train_experiment(params_for(sizes, work, **shared), sizes.experiment, out_root=work / "out",
-                               hooks=StopOnceThenDigest(str(digests)))
+        with over_gloo():
+            out = train_experiment(params_for(sizes, work, **shared), sizes.experiment, out_root=work / "out",
+                                   hooks=StopOnceThenDigest(str(digests)))
         same = len({(digests / f"rank{r}.sha256").read_text() for r in (0, 1)}) == 1
         report.add("ray", f"resumed on 2 workers (gloo{', GPU 0.5 each' if sizes.gpu else ''}) from the checkpoint",
                    out["start_iteration"] == half and same,
@@ -313,15 +321,12 @@ def check_ray(sizes: Sizes, report: Report, work: Path) -> None:
         report.add("ray", "one MLflow run, FINISHED", len(runs) == 1 and runs[0].info.status == "FINISHED",
                    f"{len(runs)} run(s), {runs[0].info.status if runs else '-'}; training memory_gb max {memory:.2f}")
     finally:
-        ray_torch.TorchTrainer = trainer
         shutdown_ray()
 
 
 # --- 4. the evaluate stage --------------------------------------------------------------------------------
 
 def check_evaluate(sizes: Sizes, report: Report, work: Path) -> None:
-    from pipeline.evaluate import evaluate_experiment
-
     device = device_of(sizes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

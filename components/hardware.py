@@ -21,6 +21,11 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import pynvml
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 # torch 2.13's CUDA 12.6 build: the newest with sm_70 (V100) kernels; PyPI's default build is CUDA 13.
 CU126_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 # The oldest Linux driver that runs any build of a CUDA major version (NVIDIA's minor version
@@ -71,8 +76,6 @@ def _first_line(error: BaseException) -> str:
 def smoke_kernel(index: int) -> None:
     """A 256x256 matmul on GPU `index`, synchronized and checked against the CPU's (a kernel that cannot
     run raises here: "no kernel image is available for execution on the device")."""
-    import torch
-
     device = torch.device("cuda", index)
     a = torch.arange(256 * 256, dtype=torch.float32).reshape(256, 256) % 7 - 3   # small integers: exact
     result = (a.to(device) @ a.to(device)).cpu()
@@ -84,8 +87,6 @@ def smoke_kernel(index: int) -> None:
 def nvml_facts() -> tuple[str | None, tuple[int, int] | None, tuple[str, ...]]:
     """(driver version, newest CUDA it runs, GPU names) from NVML; Nones where NVML is not there."""
     try:
-        import pynvml
-
         pynvml.nvmlInit()
     except Exception:  # noqa: BLE001 - no driver, no library: say so through the Nones
         return None, None, ()
@@ -109,8 +110,6 @@ def shm_free() -> int | None:
 
 def gather_facts(node: str | None = None) -> NodeFacts:
     """This node's facts; each visible GPU runs the smoke kernel when the wheel has kernels for it."""
-    import torch
-
     arch = tuple(torch.cuda.get_arch_list())
     gpus, cuda_error = [], None
     if torch.cuda.is_available():
@@ -241,9 +240,6 @@ def check_gpu_nodes(shm_need_of, timeout_s: float = 180.0) -> list[str]:
     """`node_problems` on every alive Ray node with GPUs, each by a task pinned there (NodeAffinity);
     `shm_need_of(node resources)` gives that node's (bytes, detail). A node that does not answer within
     `timeout_s` is a failure line too."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
     task = ray.remote(_node_check)
     pending = {}
