@@ -96,6 +96,8 @@ def nvml_facts() -> tuple[str | None, tuple[int, int] | None, tuple[str, ...]]:
         names = tuple(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
                       for i in range(pynvml.nvmlDeviceGetCount()))
         return _text(driver), (cuda // 1000, cuda % 1000 // 10), tuple(map(_text, names))
+    except pynvml.NVMLError:   # a driver half there: what torch says is the fact then
+        return None, None, ()
     finally:
         pynvml.nvmlShutdown()
 
