@@ -10,7 +10,8 @@ Each failure is ONE line that says what is wrong and what to fix; all failures a
 
 `preflight(cfg)` covers data, tracking and storage (no Ray needed); `preflight_disk(...)` checks that the
 local folders the run writes to have room for its checkpoints and outputs; `preflight_ray(cfg)` runs
-after ray.init and compares the cluster's resources with what the experiment asks for. Set
+after ray.init and compares the cluster's resources with what the experiment asks for;
+`preflight_hardware(cfg)`, for profiles that use GPUs, checks every GPU node (components/hardware.py). Set
 DNLSEG_RAY_AUTOSCALING=1 on clusters that add nodes on demand (deploy/): their current resources say
 nothing about what they can get, so the Ray check only reports there.
 """
@@ -28,6 +29,8 @@ import ray
 import requests
 import torch
 
+from components.hardware import check_gpu_nodes, loader_shm_bytes
+from components.learning.distributed import plan_batches
 from components.learning.models import build_dnlnet
 from components.storage import StorageError, probe_writable
 from components.tracking import redact
@@ -256,3 +259,32 @@ def preflight_ray(cfg, driver: dict | None = None, num_workers: int | None = Non
             sys.stderr.write(line.replace("preflight: ray:", "preflight: ray (autoscaling, go on):") + "\n")
         return
     _raise(problems)
+
+
+# --- GPU nodes ---------------------------------------------------------------------------------------
+
+def node_shm_need(cfg, node_resources: dict, num_workers: int | None = None) -> tuple[int, str]:
+    """(bytes, how they add up) of loader batches in /dev/shm on a node, for as many of the run's ranks as
+    the node holds (components/hardware.py loader_shm_bytes)."""
+
+    workers = num_workers or cfg.execution.num_workers
+    bundle = worker_bundle(cfg.execution.resources_per_worker, cfg.execution.use_gpu)
+    fits = min(int(float(node_resources.get(k, 0.0)) // v) for k, v in bundle.items())
+    per_rank, _ = plan_batches(cfg.recipe.batch_size, workers, cfg.execution.micro_batch_size)
+    scale_w, scale_h = cfg.recipe.scale   # val images come at the test scale (keep-ratio within it)
+    return loader_shm_bytes(max(1, min(workers, fits)), cfg.execution.loader_workers, per_rank,
+                            cfg.recipe.crop_size, (scale_h, scale_w))
+
+
+def preflight_hardware(cfg, num_workers: int | None = None) -> None:
+    """After ray.init, for a run on GPUs: every alive GPU node checked by a task pinned there (torch sees
+    the GPUs, has kernels for them, the driver runs its CUDA, a kernel runs, /dev/shm holds the loader
+    batches). With no GPU node up yet (an autoscaling cluster) there is nothing to check: it says so."""
+
+    if not cfg.execution.use_gpu:
+        return
+    if not any(n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0 for n in ray.nodes()):
+        sys.stderr.write("preflight: gpu: no GPU node is up yet: the nodes the autoscaler adds are not "
+                         "checked before the workers start\n")
+        return
+    _raise(check_gpu_nodes(lambda resources: node_shm_need(cfg, resources, num_workers)))

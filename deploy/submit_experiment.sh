@@ -6,6 +6,8 @@
 # Environment:
 #   RAY_ADDRESS          job server, default http://127.0.0.1:8265 (`ray dashboard deploy/cluster.yaml`)
 #   DNLSEG_RESULTS_URI   where the job leaves dvc.lock / metrics / plots, e.g. s3://bucket/dnlseg/jobs
+#   DNLSEG_DRIVER_RESOURCES  what the job's driver asks for, default {"dnlseg_head": 1}: the on-demand head
+#                        of cluster.yaml; empty on a cluster without that resource
 #
 # The job runs `dvc repro train@<experiment>` on the head node in an uploaded copy of this checkout
 # (deploy/job_entrypoint.sh); the training itself runs on the GPU nodes. Run from the repo root.
@@ -26,8 +28,10 @@ python -c "import sys; from pipeline.config import load; load().experiment(sys.a
 runtime_env=$(python deploy/runtime_env.py "$commit" "$results/$submission_id")
 
 echo "submitting $submission_id to $address"
+# The driver (and so Ray Train's controller) on the on-demand head, never on a spot GPU node.
+driver_resources=${DNLSEG_DRIVER_RESOURCES-'{"dnlseg_head": 1}'}
 ray job submit --address "$address" --submission-id "$submission_id" --working-dir . \
-    --runtime-env-json "$runtime_env" \
+    --runtime-env-json "$runtime_env" ${driver_resources:+--entrypoint-resources "$driver_resources"} \
     -- bash deploy/job_entrypoint.sh "$experiment" "$@"
 
 # The job finished (ray job submit waits and exits non-zero on failure): fetch the git-tracked results

@@ -214,7 +214,7 @@ def _summary(params: Params, name: str, cfg: RunConfig, settings, run: _Inferenc
         "split": "val",
         "images": run.results["single_scale"].images,
         "device": run.device,
-        "dtype": run.precision,   # autocast of the convs and matmuls (fp32: none)
+        "dtype": run.precision,   # the precision: fp32 / tf32 (fp32 math, IEEE / TF32 convs) or autocast
         "bn_folded": settings.fold_bn,
         "test": {"mode": cfg.recipe.test_mode, "scale": list(cfg.recipe.scale), "crop": list(cfg.recipe.test_crop),
                  "stride": list(cfg.recipe.test_stride), "align_corners": cfg.recipe.align_corners},

@@ -23,7 +23,7 @@ from components.learning.backbones import backbone_of_weights, get_backbone
 from components.learning.data import get_dataset
 from components.learning.data.transforms import build_test_transform
 from components.learning.models.checkpoint import read_checkpoint
-from components.learning.models.speedups import autocast
+from components.learning.models.speedups import autocast, use_precision
 from components.learning.segment import InferenceSetting, predict_label
 from pipeline.config import ConfigError, Params
 
@@ -89,6 +89,8 @@ def predict(params: Params, inputs: list[Path], out_dir: Path, model_ref: str,
     images = collect_images(inputs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     speed = params.eval_settings()   # the evaluate stage's precision and BN folding
+    precision = speed.precision_on(device)
+    use_precision(precision)         # the fp32 math (tf32 / IEEE) as the evaluate stage runs it
     with tempfile.TemporaryDirectory(prefix="dnlseg-model-") as tmp:   # a registry model's download
         fetched = fetch_model(model_ref, params.tracking_uri, Path(tmp))
         s = model_spec(params, fetched.spec, fetched.checkpoint, experiment)
@@ -105,12 +107,12 @@ def predict(params: Params, inputs: list[Path], out_dir: Path, model_ref: str,
         rgb = _read_rgb(path)
         img = torch.from_numpy(transform(image=rgb)["image"].transpose(2, 0, 1).copy())[None].to(device)
         img = img.contiguous(memory_format=torch.channels_last)
-        with autocast(device, speed.precision_on(device)):
+        with autocast(device, precision):
             label = predict_label(model, img, rgb.shape[:2], setting)[0].to(torch.uint8).cpu().numpy()
         target = out_dir / name
         written.append(save_label_png(target.with_name(target.name + ".png"), label, colours))
         written.append(save_image(target.with_name(target.name + "_overlay.png"),
                                   overlay(rgb, label, colours)))
     print(f"[predict] {len(images)} images with {fetched.source} ({s.dataset}, {s.backbone}, "
-          f"{s.test_mode} at scale {list(s.scale)}) -> {out_dir}", flush=True)
+          f"{s.test_mode} at scale {list(s.scale)}, {device.type}, {precision}) -> {out_dir}", flush=True)
     return written

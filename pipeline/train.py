@@ -29,7 +29,7 @@ from components.learning.data.validate import DataError
 from components.learning.distributed import plan_batches
 from components.learning.experiment import RunConfig, flat_settings
 from components.learning.tuning import apply_tuned
-from components.preflight import preflight, preflight_disk, preflight_ray
+from components.preflight import preflight, preflight_disk, preflight_hardware, preflight_ray
 from components.published_log import recorded_curve
 from components.ray_cluster import connect_ray, scoped_env, shutdown_ray
 from components.storage import endpoint_env
@@ -192,6 +192,7 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
     checkpoint; the MLflow run says FINISHED, FAILED or KILLED."""
 
     preflight_ray(cfg)
+    preflight_hardware(cfg)   # GPU profiles: every GPU node's torch, driver, kernels, /dev/shm
     print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
           f"({'resuming' if resuming else 'new'}), {cfg.execution.num_workers} workers, profile {cfg.profile}, "
           f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)

@@ -37,7 +37,7 @@ from components.atomic import atomic_path, atomic_write_text
 from components.learning import tuning
 from components.learning.distributed import plan_batches
 from components.learning.experiment import RunConfig, flat_settings
-from components.preflight import preflight, preflight_disk, preflight_ray, worker_bundle
+from components.preflight import preflight, preflight_disk, preflight_hardware, preflight_ray, worker_bundle
 from components.storage import endpoint_env, pyarrow_filesystem
 from components.tracking import flat_params, git_commit, open_run
 from components.training.contract import NonFiniteLossError, RunInfo
@@ -295,6 +295,7 @@ def _concurrency(base: RunConfig, settings: Tune, sweep_path: str) -> tuple[int,
     sweep's checkpoints fit the disk."""
     driver = settings.resources_per_trial.driver
     preflight_ray(base, driver=driver)   # one trial (its driver + workers) fits the cluster
+    preflight_hardware(base)             # GPU profiles: every GPU node's torch, driver, kernels, /dev/shm
     run_on = base.execution
     demand = tuning.trial_demand(run_on.num_workers, worker_bundle(run_on.resources_per_worker, run_on.use_gpu),
                                  driver)

@@ -180,7 +180,7 @@ def test_unknown_keys_are_refused_with_the_closest_known_one(raw, path, value, m
         (["profiles", "reference", "resources_per_worker"], {"GPU": -1},
          "profiles.reference.resources_per_worker: expected a mapping of Ray resources"),
         (["profiles", "reference", "precision"], "fp8",
-         "profiles.reference.precision: expected one of fp32, bf16, fp16, got 'fp8'"),
+         "profiles.reference.precision: expected one of fp32, tf32, bf16, fp16, got 'fp8'"),
         (["evaluate", "profiles", "sample", "device"], "tpu", "evaluate.profiles.sample.device: expected one of auto"),
         (["evaluate", "profiles", "huge"], {}, "evaluate.profiles.huge: not a profile"),
         (["evaluate", "cpu_threads"], -1, "evaluate.cpu_threads: expected a positive integer or null, got -1"),

@@ -377,16 +377,17 @@ def test_eval_settings_profile_override_and_errors():
         eval_settings({"ratios": [1.0]})
 
 
-def test_eval_precision_defaults_to_the_seeds_fp32_and_auto_is_explicit():
+def test_eval_precision_defaults_to_torchs_tf32_and_auto_is_explicit():
     s = eval_settings(drop=("precision", "fold_bn"), profile="reference")   # not set: the defaults
-    assert (s.precision, s.fold_bn) == ("fp32", True)
-    assert (s.precision_on("cpu"), s.precision_on("cuda:0")) == ("fp32", "fp32")
+    assert (s.precision, s.fold_bn) == ("tf32", True)
+    assert (s.precision_on("cpu"), s.precision_on("cuda:0")) == ("tf32", "tf32")
     auto = eval_settings({"precision": "auto"}, profile="reference")   # the fastest that agrees, as a choice
     assert (auto.precision_on("cpu"), auto.precision_on("cuda:0")) == ("bf16", "fp16")
-    repo = load()   # the reference profile evaluates in fp32 as the seed did; the sample one in auto
-    assert (repo.eval_settings("reference").precision, repo.eval_settings("sample").precision) == ("fp32", "auto")
+    repo = load()   # the reference profile evaluates as training runs (tf32, mmseg's); the sample one in auto
+    assert (repo.eval_settings("reference").precision, repo.eval_settings("sample").precision) == ("tf32", "auto")
+    assert repo.experiment("dnl_r50-d8_512x1024_40k_cityscapes", "reference").recipe.precision == "tf32"
     assert eval_settings({"precision": "fp32"}, profile="reference").precision_on("cuda") == "fp32"
-    with pytest.raises(ConfigError, match=r"evaluate\.precision: expected one of auto, fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"evaluate\.precision: expected one of auto, fp32, tf32, bf16, fp16"):
         eval_settings({"precision": "half"})
     with pytest.raises(ConfigError, match=r"evaluate\.precision: fp16 needs a GPU"):
         eval_settings({"precision": "fp16", "device": "cpu"})

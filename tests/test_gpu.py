@@ -14,6 +14,7 @@ from test_training import HAND_LABEL, HAND_PRED, PredictsChannelZero, assert_han
 from torch import nn
 
 from components.learning.models import build_dnlnet
+from components.learning.models.speedups import use_precision
 from components.learning.step import sgd, train_step
 from components.learning.validation import evaluate
 from components.ray_cluster import free_port
@@ -45,8 +46,7 @@ def street_batch(n: int, h: int, w: int, num_classes: int, seed: int):
 def test_cuda_fp32_forward_matches_the_cpu():
     """The same weights and input give the same logits on the GPU (TF32 off) as on the CPU, with the
     fused attention (scaled_dot_product_attention picks CUDA kernels) and the naive one."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    use_precision("fp32")   # IEEE fp32 convolutions and matmuls (TF32 off)
     img, _ = street_batch(1, 128, 256, 19, seed=0)
     for attention in ("fused", "naive"):
         torch.manual_seed(0)

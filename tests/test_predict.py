@@ -14,7 +14,7 @@ from PIL import Image
 from components.evaluation.registry import ModelSpec, log_model_config, register_champion
 from components.learning.data import get_dataset
 from components.learning.data.transforms import build_test_transform
-from components.learning.models.speedups import autocast, prepare_for_inference
+from components.learning.models.speedups import autocast, fp32_math, prepare_for_inference, use_precision
 from components.tracking import artifact_location
 from pipeline.config import load
 from pipeline.predict import predict
@@ -140,3 +140,21 @@ def test_settings_inferred_from_the_weights_when_nothing_names_an_experiment(tmp
     torch.save(state_dict, path)
     with pytest.raises(ValueError, match="layer3 has 22 blocks; expected 6"):
         model_spec(load(REPO / "params.yaml"), None, path)
+
+
+@pytest.mark.parametrize(("precision", "math"), [("fp32", {"conv": "ieee", "matmul": "ieee"}),
+                                                 ("tf32", {"conv": "tf32", "matmul": "ieee"})])
+def test_predict_applies_the_evaluate_precision(setup, tmp_path, mlflow_db_template, precision, math):
+    """predict sets the evaluate stage's fp32 math itself (it never did: a CLI process kept torch's
+    defaults whatever params.yaml said), read back through torch's fp32_precision API."""
+    raw = repo_params(tmp_path, mlflow_db_template, size_scale=0.0625)
+    raw["evaluate"]["profiles"]["sample"]["precision"] = precision
+    before = fp32_math()
+    use_precision("bf16")   # a process left in another setting (conv and matmul TF32)
+    try:
+        written = predict(as_params(raw, tmp_path), [setup["root"] / "single.png"], tmp_path / "out",
+                          str(setup["checkpoint"]))
+        assert fp32_math() == math and len(written) == 2
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = before["conv"]
+        torch.backends.cuda.matmul.fp32_precision = before["matmul"]

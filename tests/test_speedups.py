@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from components.learning.models import build_dnlnet
 from components.learning.models.fold import fold_batchnorm, fold_conv_bn
-from components.learning.models.speedups import autocast, prepare_for_inference
+from components.learning.models.speedups import autocast, fp32_math, prepare_for_inference, use_precision
 
 
 def test_fold_conv_bn_matches_the_bn_formula_by_hand():
@@ -89,9 +89,71 @@ def test_prepare_for_inference_is_eval_mode_and_channels_last():
     assert unfolded is model and not model.training
 
 
+@pytest.fixture
+def restore_fp32_math():
+    """use_precision sets process-wide flags: put torch's own defaults back after the test."""
+    before = fp32_math()
+    yield
+    torch.backends.cudnn.conv.fp32_precision = before["conv"]
+    torch.backends.cuda.matmul.fp32_precision = before["matmul"]
+
+
+@pytest.mark.parametrize(("precision", "conv", "matmul"), [
+    ("fp32", "ieee", "ieee"),    # IEEE fp32 everywhere, as on the seed's V100s
+    ("tf32", "tf32", "ieee"),    # PyTorch's defaults: cuDNN convolutions TF32, matmuls IEEE
+    ("bf16", "tf32", "tf32"),    # autocast; what stays fp32 may use TF32
+    ("fp16", "tf32", "tf32"),
+])
+def test_each_precision_sets_the_fp32_math_read_back_through_the_same_api(restore_fp32_math, precision, conv,
+                                                                          matmul):
+    use_precision("bf16" if precision == "fp32" else "fp32")   # start from the other setting
+    use_precision(precision)
+    assert torch.backends.cudnn.conv.fp32_precision == conv
+    assert torch.backends.cuda.matmul.fp32_precision == matmul
+    assert fp32_math() == {"conv": conv, "matmul": matmul}
+
+
+def test_tf32_is_torchs_own_default_for_convolutions_and_matmuls():
+    """What `tf32` promises (mmseg's numerics): the flags a fresh torch process starts with."""
+    import subprocess
+    import sys
+
+    code = ("import torch; b = torch.backends; "
+            "print(b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision)")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
+    conv, matmul = fresh.stdout.split()
+    assert conv == "tf32" and matmul in ("ieee", "none")   # "none": not set, i.e. torch's IEEE default
+
+
+def test_use_precision_refuses_an_unknown_name():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        use_precision("tf16")
+
+
+def test_no_code_uses_the_legacy_allow_tf32_flags():
+    """torch raises when `allow_tf32` and `fp32_precision` are mixed in one process; ruff's TID251 bans
+    the legacy names (pyproject.toml), and this checks ruff really reports them."""
+    import subprocess
+    import tomllib
+
+    from conftest import REPO, VENV_BIN
+
+    banned = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["ruff"]["lint"][
+        "flake8-tidy-imports"]["banned-api"]
+    assert {"torch.backends.cudnn.allow_tf32", "torch.backends.cuda.matmul.allow_tf32"} <= set(banned)
+    probe = "import torch\n\ntorch.backends.cudnn.allow_tf32 = True\ntorch.backends.cuda.matmul.allow_tf32 = False\n"
+    ruff = subprocess.run([str(VENV_BIN / "ruff"), "check", "--select", "TID251", "--stdin-filename",  # noqa: S603
+                           "components/probe.py", "-"], input=probe, capture_output=True, text=True, cwd=REPO)
+    assert ruff.returncode == 1 and ruff.stdout.count("TID251") == 2, ruff.stdout
+    tree = subprocess.run([str(VENV_BIN / "ruff"), "check", "--select", "TID251", "components", "pipeline",  # noqa: S603
+                           "tests", "bench"], capture_output=True, text=True, cwd=REPO)
+    assert tree.returncode == 0, tree.stdout
+
+
 def test_autocast_switch():
-    with autocast("cpu", "fp32"):
-        assert not torch.is_autocast_enabled("cpu")
+    for precision in ("fp32", "tf32"):   # fp32 weights and activations: no autocast
+        with autocast("cpu", precision):
+            assert not torch.is_autocast_enabled("cpu")
     with autocast("cpu", "bf16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16

@@ -130,7 +130,9 @@ def schedule_field_types() -> dict[str, type]:
     return {name: f.annotation for name, f in Schedule.model_fields.items()}
 
 
-Precision = Literal["fp32", "bf16", "fp16"]
+# fp32: IEEE fp32 everywhere; tf32: PyTorch's defaults (fp32, cuDNN convolutions in TF32); bf16 / fp16:
+# autocast. components/learning/models/speedups.py applies them.
+Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 
 
 class Recipe(Frozen):
@@ -154,7 +156,7 @@ class Recipe(Frozen):
     seed: NonNegativeInt
     attention: Literal["fused", "naive"]
     channels_last: bool
-    precision: Precision                # autocast
+    precision: Precision                # fp32 math and autocast (components/learning/models/speedups.py)
     pretrained: str = "none"            # the backbone's ImageNet weights (a path, URL or open-mmlab://…) or none
     pretrained_sha256: str | None = None    # of that file, once the driver fetched it
 

@@ -217,7 +217,8 @@ class EvalSettings(Frozen):
     fps_warmup: NonNegativeInt = 0
     overlays: NonNegativeInt                # val images drawn as image | ground truth | prediction
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"   # the seed's; auto: fp16 on CUDA, bf16 on CPU
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "tf32"   # PyTorch's (mmseg's) default;
+                                            # auto: fp16 on CUDA, bf16 on CPU
     fold_bn: StrictBool = True              # BatchNorm folded into the convs (exact in fp32)
     cpu_threads: PositiveIntOrNull = None  # torch's CPU threads; None: every core
 

@@ -3,6 +3,7 @@
 - attention "fused" (chosen when the model is built): scaled_dot_product_attention, memory linear in L;
 - channels-last: NHWC activations, oneDNN's fast convolution layout on CPU, tensor cores' on GPU;
 - autocast (bf16 on CPU / GPU, fp16 on GPU): matmuls and convs in 16 bits, softmax and loss in fp32;
+- fp32 math on NVIDIA tensor cores (`use_precision`): TF32 for cuDNN's convolutions (tf32) or IEEE (fp32);
 - BN folding (inference only): BatchNorm merged into the preceding conv (components/learning/models/fold.py);
 bench/bench_perf.py measures each one on and off, and torch.compile next to them; README.md has the
 figures. The pipeline does not compile: it recompiles for every input shape (six ms+flip scales), which
@@ -18,7 +19,14 @@ from torch import nn
 
 from components.learning.models.fold import fold_batchnorm
 
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Autocast dtype per precision: tf32 and fp32 keep fp32 weights and activations (no autocast).
+AMP_DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# What fp32 ops (outside autocast) run in, per precision: (cuDNN convolutions, CUDA matmuls), as torch's
+# `fp32_precision` values. tf32 is PyTorch's own default, so mmsegmentation's on the same GPU: convolutions
+# in TF32 on GPUs that have it (Ampere and newer; on a V100 it is fp32), matmuls in IEEE fp32. fp32 is
+# IEEE everywhere, as on the seed's V100s. bf16 / fp16 leave both in TF32 for the ops autocast keeps in fp32.
+FP32_MATH = {"fp32": ("ieee", "ieee"), "tf32": ("tf32", "ieee"), "bf16": ("tf32", "tf32"), "fp16": ("tf32", "tf32")}
 
 
 def autocast(device: torch.device | str, precision: str):
@@ -47,9 +55,18 @@ def cpu_threads(threads: int):
 
 
 def use_precision(precision: str) -> None:
-    """fp32 means fp32: TF32 off for cuDNN's convolutions (torch turns it on by default on Ampere and
-    newer) and for matmuls, as on the seed's V100s, which had no TF32. Other precisions leave TF32 on."""
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    """The fp32 math of `precision` (FP32_MATH) for this process, through torch's current API only: torch
+    raises when its legacy `allow_tf32` flags and `fp32_precision` are mixed (ruff bans the legacy ones)."""
+    if precision not in FP32_MATH:
+        raise ValueError(f"precision must be one of {tuple(FP32_MATH)}, got {precision!r}")
+    conv, matmul = FP32_MATH[precision]
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def fp32_math() -> dict[str, str]:
+    """What fp32 convolutions and matmuls run in now (read back through the same API)."""
+    return {"conv": torch.backends.cudnn.conv.fp32_precision, "matmul": torch.backends.cuda.matmul.fp32_precision}
 
 
 def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fold_bn: bool = True,
