@@ -316,10 +316,12 @@ def _log_to_mlflow(tracker, cfg: RunConfig, summary: dict, checkpoint: Path, met
     tags = {"eval.device": summary["device"], "eval.dtype": summary["dtype"],
             "eval.images": summary["images"],
             "eval.ms_ratios": ",".join(map(str, summary["ms_flip"]["ratios"])),
-            "eval.flip": summary["ms_flip"]["flip"], "eval.checkpoint": summary["checkpoint"]}
+            "eval.flip": summary["ms_flip"]["flip"], "eval.checkpoint": summary["checkpoint"],
+            "eval.ray_tasks": summary["evaluation"]["ray_tasks"]}
     if summary.get("speed"):
         tags |= {"eval.fps.device": summary["speed"]["device"], "eval.fps.dtype": summary["speed"]["dtype"],
-                 "eval.fps.images": summary["speed"]["images"]}
+                 "eval.fps.images": summary["speed"]["images"],
+                 "eval.fps.timed_on": summary["speed"]["timed_on"]["exclusive"]}
     if summary.get("train_memory"):
         tags |= {"train.memory.measure": summary["train_memory"].get("measure", ""),
                  "train.memory.device": summary["train_memory"].get("device", "")}
