@@ -1,6 +1,6 @@
 """Evaluation as Ray tasks against the in-process evaluation it replaced, on the sample (issue 22's proof).
 
-    python bench/eval_before_after.py <base commit> <work folder> [experiment]
+    python bench/eval_before_after.py <base commit> <work folder> [experiment [iterations]]
 
 1. `before/`: the repo at <base commit> (git archive), `dnlseg repro evaluate@<exp>` on the generated
    sample (the main job's sizes): sample, prepare, weights, train, evaluate with the old code.
@@ -64,8 +64,9 @@ def _overlay_this_checkout(dest: Path) -> None:
             shutil.copy2(REPO / name, dest / name)
 
 
-def _local_outputs(root: Path) -> None:
+def _local_outputs(root: Path, exp: str, iterations: int) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profiles"]["sample"]["iterations"] = {exp: iterations}   # the same training before and after
     params["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
     params["downloads"]["cache_dir"] = str(root / ".cache")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -87,16 +88,16 @@ def _compare(a: Path, b: Path, exp: str) -> list[str]:
     return diffs + [f"({len(pictures)} pictures compared)"]
 
 
-def main(commit: str, work: str, exp: str = "dnl_r18-d8_512x1024_40k_cityscapes") -> None:
+def main(commit: str, work: str, exp: str = "dnl_r18-d8_512x1024_40k_cityscapes", iterations: str = "120") -> None:
     work = Path(work).resolve()
     before, after, sharded = work / "before", work / "after", work / "sharded"
     _checkout(commit, before)
-    _local_outputs(before)
+    _local_outputs(before, exp, int(iterations))
     print(f"before: dnlseg repro evaluate@{exp} {_run(['dnlseg', 'repro', f'evaluate@{exp}'], before):.0f} s",
           flush=True)
     shutil.copytree(before, after, symlinks=True)
     _overlay_this_checkout(after)
-    _local_outputs(after)
+    _local_outputs(after, exp, int(iterations))
     print(f"after: dnlseg repro evaluate@{exp} {_run(['dnlseg', 'repro', f'evaluate@{exp}'], after):.0f} s",
           flush=True)
     log = (after / "dnlseg-repro.log").read_text()
