@@ -21,52 +21,34 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from mlflow.tracking import MlflowClient
-
 from components.atomic import atomic_write_text
 from components.console import warn
-from components.evaluation.loading import load_model
+from components.evaluation.on_ray import (
+    describe_shards,
+    describe_timing,
+    evaluate_on_ray,
+    require_resources,
+    shard_count,
+    task_resources,
+)
 from components.evaluation.protocol import protocol, protocol_hash
 from components.evaluation.registry import ModelSpec, ensure_model_file, log_model_config
-from components.evaluation.speed import describe_device, measure_fps
+from components.evaluation.shards import EvalJob, merge_shards, shard_ranges, val_count
 from components.evaluation.visualize import (
     finite_or_none,
     save_confusion_chart,
     save_iou_chart,
-    save_label_png,
     save_panel,
 )
 from components.learning.data import get_dataset
 from components.learning.data.dataset import SegmentationDataset
-from components.learning.data.transforms import build_test_transform
 from components.learning.experiment import RunConfig, flat_settings
-from components.learning.models.speedups import cpu_threads, use_precision
-from components.learning.segment import InferenceSetting, evaluate_split, ms_flip_setting
+from components.ray_cluster import connect_ray, scoped_env, shutdown_ray
+from components.storage import endpoint_env
 from components.tracking import RunLogger, find_training_run, mark_training_experiment, metric_name, open_run, redact
-from components.weights import fetch
-from pipeline.config import ConfigError, Params, eval_metrics_file, plots_dir
-
-
-def _device(choice: str):
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("params.yaml: evaluate.device: cuda asked for but torch sees no GPU")
-    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
-class _ValImages:
-    """(image 1×3×h×w at the test scale, original (H, W)) by index, loaded on demand (for the fps loop)."""
-
-    def __init__(self, dataset, count: int):
-        self.dataset, self.count = dataset, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        img, label = self.dataset[index]
-        return img[None], tuple(label.shape)
+from components.training.data_sync import manifest_hash, publish_dataset
+from components.weights import fetch, publish, sha256_file
+from pipeline.config import Params, eval_metrics_file, plots_dir
 
 
 def _percent(metrics: dict, class_names) -> dict:
@@ -95,20 +77,31 @@ def training_memory(client, run_id: str | None) -> dict | None:
 
 def evaluate_experiment(params: Params, name: str, *, out_root: Path | str | None = None,
                         predictions_dir: Path | str | None = None, seed: int | None = None) -> dict:
-    """Evaluate `name` (an experiments key, with `seed` one of its seeds, or an imported_checkpoints key);
+    """Evaluate `name` (an experiments key, with `seed` one of its seeds, or an imported_checkpoints key)
+    as Ray tasks on the cluster the stage joins ($RAY_ADDRESS, train.ray_address, else a local Ray);
     returns what eval.json holds.
 
     `predictions_dir` (tests, debugging): every label map is also saved there as
-    `<single_scale|ms_flip>/<index>.png` in manifest order.
+    `<single_scale|ms_flip>/<index>.png` in manifest order (by the tasks: a folder they can write).
     """
     out_root = Path(out_root or params.root)
     cfg, source, imported = params.evaluation_target(name, out_root, seed)
     name = cfg.name   # <experiment>-s<seed> for a seed other than train.seed: its own outputs and run
-    # A released checkpoint: fetched once into the download cache, its sha256 checked against its name.
-    checkpoint = fetch(source, root=params.root, cache_dir=params.cache_dir) if imported else Path(source)
     settings = params.eval_settings(cfg.profile)
-    with cpu_threads(settings.cpu_threads):
-        run = _infer(cfg, settings, name, checkpoint, predictions_dir)
+    if not imported and not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: checkpoint not found (run the train stage, or fix the path)")
+    started_ray = connect_ray(cfg.execution.ray_address)
+    try:
+        use_gpu = settings.device == "cuda" or (settings.device == "auto" and cfg.execution.use_gpu)
+        bundle = task_resources(use_gpu, cfg.execution.resources_per_worker)
+        require_resources(bundle, f"evaluate@{name}", f"profiles.{cfg.profile}")   # before any work
+        # A released checkpoint: fetched once into the download cache, its sha256 checked against its name.
+        checkpoint = fetch(source, root=params.root, cache_dir=params.cache_dir) if imported else Path(source)
+        with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
+            run = _infer(cfg, settings, name, checkpoint, bundle, predictions_dir)
+    finally:
+        if started_ray:
+            shutdown_ray()
 
     tracker, experiment_id = _open_tracking(cfg, name, imported, source)
     client, run_id = (tracker.client, tracker.run_id) if tracker else (None, None)
@@ -134,57 +127,48 @@ class _Inference:
     meta: dict                      # the checkpoint's (its iteration)
     dataset: SegmentationDataset
     colours: list
-    results: dict                   # {"single_scale" | "ms_flip": evaluate_split's result}
+    results: dict                   # {"single_scale" | "ms_flip": evaluate_split's result}, shards summed
     speed: dict | None              # None: fps_images is 0
     device: str                     # described, with the threads the evaluation runs on
     precision: str
+    shards: list[dict]              # where each shard ran (eval.json `evaluation.shards`)
 
 
-def _infer(cfg: RunConfig, settings, name: str, checkpoint: Path, predictions_dir: Path | str | None) -> _Inference:
-    """Load the model, run single scale and ms+flip over the val images, then time it (fps)."""
-    device = _device(settings.device)
-    model, meta = load_model(checkpoint, depth=cfg.depth, num_classes=cfg.num_classes,
-                             align_corners=cfg.recipe.align_corners, attention=cfg.recipe.attention, device=device,
-                             channels_last=cfg.recipe.channels_last, fold_bn=settings.fold_bn)
-    precision = settings.precision_on(device)
-    use_precision(precision)
-    colours = get_dataset(cfg.recipe.dataset).palette
-    dataset = SegmentationDataset(Path(cfg.location.data_dir) / "val", build_test_transform(scale=cfg.recipe.scale),
-                                  max_images=settings.max_images)
-    single = InferenceSetting(cfg.recipe.test_mode, cfg.recipe.test_crop, cfg.recipe.test_stride)
-    tests = {"single_scale": single, "ms_flip": ms_flip_setting(single, settings.ms_ratios, settings.flip)}
-    device_text = describe_device(device)   # with the threads the evaluation runs on
-    print(f"[evaluate] {name}: {len(dataset)} val images, {cfg.recipe.test_mode} at scale "
-          f"{list(cfg.recipe.scale)}, "
-          f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {device_text}, "
-          f"{precision}{', BN folded' if settings.fold_bn else ''}",
-          flush=True)
-    batches = ((img[None], label[None]) for img, label in dataset)
-    results = evaluate_split(model, batches, cfg.num_classes, tests, device, keep_samples=settings.overlays,
-                             channels_last=cfg.recipe.channels_last, precision=precision,
-                             on_prediction=_prediction_saver(predictions_dir, colours))
-    speed = None
-    if settings.fps_images:
-        speed = _speed(model, dataset, device, single, settings, cfg, precision)
-    return _Inference(meta, dataset, colours, results, speed, device_text, precision)
+def _infer(cfg: RunConfig, settings, name: str, checkpoint: Path, bundle: dict,
+           predictions_dir: Path | str | None) -> _Inference:
+    """Single scale and ms+flip over the val images in shards, then the speed, each a Ray task."""
+    job = _job(cfg, settings, checkpoint, bundle)
+    images = val_count(cfg, settings.max_images)
+    shards = shard_ranges(images, shard_count(settings.shards, bundle, images))
+    print(f"[evaluate] {name}: {images} val images, {cfg.recipe.test_mode} at scale {list(cfg.recipe.scale)}, "
+          f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {job.precision}"
+          f"{', BN folded' if settings.fold_bn else ''}; {len(shards)} Ray task(s) of {bundle}"
+          f"{', then the speed' if settings.fps_images else ''}", flush=True)
+    env = endpoint_env(cfg.location.endpoint_url, cfg.location.region)   # the tasks' S3 endpoint, as the workers'
+    parts, speed = evaluate_on_ray(job, bundle, shards, env=env,
+                                   predictions_dir=str(predictions_dir) if predictions_dir else None)
+    if speed is not None:
+        speed = _rounded_speed(speed, cfg) | {"timed_on": describe_timing(speed, bundle, len(shards))}
+    dataset = SegmentationDataset(Path(cfg.location.data_dir) / "val", max_images=settings.max_images)
+    return _Inference(parts[0].meta, dataset, get_dataset(cfg.recipe.dataset).palette, merge_shards(parts),
+                      speed, parts[0].device, job.precision, describe_shards(parts, bundle))
 
 
-def _prediction_saver(predictions_dir: Path | str | None, colours):
-    """evaluate_split's on_prediction: each label map as <setting>/<index>.png (None: not saved)."""
-    if predictions_dir is None:
-        return None
+def _job(cfg: RunConfig, settings, checkpoint: Path, bundle: dict) -> EvalJob:
+    """The tasks' job: the checkpoint and the prepared data, published to run storage (s3://) for
+    nodes without them, as the train stage does (once per content)."""
+    use_gpu = bool(bundle.get("GPU"))
+    digest, sha256 = manifest_hash(cfg.location.data_dir), sha256_file(checkpoint)
+    storage = cfg.location.storage_path
+    return EvalJob(cfg=cfg, settings=settings, checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=sha256,
+                   checkpoint_uri=publish(checkpoint, storage, sha256), data_digest=digest,
+                   data_uri=publish_dataset(cfg.location.data_dir, storage, digest), use_gpu=use_gpu,
+                   precision=settings.precision_on("cuda" if use_gpu else "cpu"))
 
-    def save(index: int, setting: str, pred: torch.Tensor) -> None:
-        save_label_png(Path(predictions_dir) / setting / f"{index:05d}.png", pred.numpy(), colours)
 
-    return save
-
-
-def _speed(model, dataset, device, single, settings, cfg: RunConfig, precision: str) -> dict:
-    """Inference speed on the first val images at batch 1 (eval.json's `speed`, rounded)."""
-    speed = measure_fps(model, _ValImages(dataset, len(dataset)), device, single, settings.fps_images,
-                        settings.fps_warmup, channels_last=cfg.recipe.channels_last, precision=precision)
-    return {**{k: v for k, v in speed.items() if k != "timed_seconds"}, "fps": round(speed["fps"], 4),
+def _rounded_speed(speed: dict, cfg: RunConfig) -> dict:
+    """eval.json's `speed`: measure_fps's figures, rounded, with the test mode and scale."""
+    return {**{k: v for k, v in speed.items() if k not in ("timed_seconds", "node")}, "fps": round(speed["fps"], 4),
             "timed_seconds": round(speed["timed_seconds"], 3), "test_mode": cfg.recipe.test_mode,
             "scale": list(cfg.recipe.scale)}
 
@@ -222,6 +206,7 @@ def _summary(params: Params, name: str, cfg: RunConfig, settings, run: _Inferenc
         "ms_flip": {"ratios": list(settings.ms_ratios), "flip": settings.flip,
                     **_percent(run.results["ms_flip"].metrics(), names)},
         "speed": run.speed,
+        "evaluation": {"ray_tasks": len(run.shards), "shards": run.shards},
         "train_memory": memory,
         "mlflow": mlflow,
         "protocol": evaluation_protocol(cfg, settings, run),
@@ -289,7 +274,10 @@ def _open_tracking(cfg: RunConfig, name: str, imported: bool, source: str):
     """The MLflow run to log into: the experiment's training run; for imported checkpoints (or when no
     training run is found) a run of the evaluation's own, found again by its deterministic name on the
     next evaluation."""
+
     try:
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(tracking_uri=cfg.tracking_uri)
         run_id = None if imported else find_training_run(client, cfg.recipe.dataset, name)
         if run_id is not None:
@@ -328,14 +316,17 @@ def eval_metrics(summary: dict) -> dict:
 
 def _log_to_mlflow(tracker, cfg: RunConfig, summary: dict, checkpoint: Path, metrics_path: Path,
                    plots: dict, single) -> None:
+
     tracker.log_metrics(eval_metrics(summary), step=int(summary.get("iteration") or 0))
     tags = {"eval.device": summary["device"], "eval.dtype": summary["dtype"],
             "eval.images": summary["images"],
             "eval.ms_ratios": ",".join(map(str, summary["ms_flip"]["ratios"])),
-            "eval.flip": summary["ms_flip"]["flip"], "eval.checkpoint": summary["checkpoint"]}
+            "eval.flip": summary["ms_flip"]["flip"], "eval.checkpoint": summary["checkpoint"],
+            "eval.ray_tasks": summary["evaluation"]["ray_tasks"]}
     if summary.get("speed"):
         tags |= {"eval.fps.device": summary["speed"]["device"], "eval.fps.dtype": summary["speed"]["dtype"],
-                 "eval.fps.images": summary["speed"]["images"]}
+                 "eval.fps.images": summary["speed"]["images"],
+                 "eval.fps.timed_on": summary["speed"]["timed_on"]["exclusive"]}
     if summary.get("train_memory"):
         tags |= {"train.memory.measure": summary["train_memory"].get("measure", ""),
                  "train.memory.device": summary["train_memory"].get("device", "")}

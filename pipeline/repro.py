@@ -31,8 +31,9 @@ from components.ray_cluster import connect_ray, shutdown_ray
 from components.tracking import ensure_experiment
 from pipeline.config import STORE_SERVER_ENV, Params, default_store
 
-# stages whose command runs on Ray (workers queue there)
-RAY_GROUPS = ("train", "train_seed", "train_tuned", "train_tuned_seed", "tune")
+TRAINING_GROUPS = ("train", "train_seed", "train_tuned", "train_tuned_seed", "tune")   # stages that run Ray Train
+# Stages whose command runs on Ray: training, and the evaluations' tasks (a training worker's resources each).
+RAY_GROUPS = (*TRAINING_GROUPS, "evaluate", "evaluate_seed", "evaluate_imported")
 LOG_DIR = Path(".dnlseg") / "logs"   # under the repo: one log per stage (the console gets one line each)
 STATUS_EVERY_S = 60.0
 
@@ -101,8 +102,9 @@ class Limits:
 
 def auto_limits(fits: int, spare_cores: int) -> Limits:
     """`--jobs auto`: the training runs the cluster holds plus one waiting in Ray's queue (its driver and
-    Ray Train's start-up done, it starts the moment a run ends); light stages (prepare, evaluate, report)
-    take those slots too, and one more per two `spare_cores`: this machine's cores when the cluster is
+    Ray Train's start-up done, it starts the moment a run ends); the evaluations, whose tasks hold a
+    training worker's resources, count among these Ray stages; light stages (prepare, report) take those
+    slots too, and one more per two `spare_cores`: this machine's cores when the cluster is
     elsewhere ($RAY_ADDRESS), none when the local Ray uses them (measured on 2 cores: a light stage
     beside the training runs that fill them made the sample pipeline slower)."""
     slots = fits + 1 + spare_cores // 2
@@ -173,7 +175,7 @@ class Runner:
                                     cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         self.running[stage] = (proc, time.monotonic())
         note = ""
-        if self.need and _group(stage) in RAY_GROUPS:
+        if self.need and _group(stage) in TRAINING_GROUPS:
             free = _ray_free()
             if any(free.get(k, 0) < v for k, v in self.need.items()):
                 note = f" (Ray has {_resources(free) or 'nothing'} free now: its workers wait in Ray's queue)"
@@ -194,7 +196,7 @@ class Runner:
         """The running Ray stages whose runs wait for Ray's resources (how many, for a sweep)."""
         waiting = []
         for stage in self.running:
-            if _group(stage) in RAY_GROUPS:
+            if _group(stage) in TRAINING_GROUPS:
                 runs = runs_waiting(self.log(stage).read_text(errors="replace"))
                 if runs:
                     waiting.append(stage if _group(stage) != "tune" else f"{stage} ({runs} trial(s))")
@@ -237,15 +239,16 @@ class Runner:
 
 
 def priorities(plan: Plan) -> dict[str, tuple[int, int]]:
-    """Per stage: the most Ray stages on a path from it (itself included) to the end of the plan, and
-    from the start to it. Ready stages start in decreasing order of these: the pipeline ends no sooner
-    than its longest chain of Ray stages (tune -> train_tuned), so that chain goes first and, once
-    begun, goes on before the stages that are still at its first step (the single trains)."""
+    """Per stage: the most training stages on a path from it (itself included) to the end of the plan,
+    and from the start to it. Ready stages start in decreasing order of these: the pipeline ends no
+    sooner than its longest chain of training runs (tune -> train_tuned), so that chain goes first and,
+    once begun, goes on before the stages that are still at its first step (the single trains); the
+    evaluations, minutes against hours, do not lengthen a chain."""
     below: dict[str, set[str]] = {stage: set() for stage in plan.order}
     for stage, deps in plan.upstream.items():
         for dep in deps:
             below[dep].add(stage)
-    on_ray = {stage: int(_group(stage) in RAY_GROUPS) for stage in plan.order}
+    on_ray = {stage: int(_group(stage) in TRAINING_GROUPS) for stage in plan.order}
     to_end: dict[str, int] = {}
     for stage in reversed(plan.order):   # dependants first
         to_end[stage] = on_ray[stage] + max((to_end[s] for s in below[stage]), default=0)

@@ -3,7 +3,8 @@
 Tiers (pytest markers, registered in pyproject.toml), run a tier with `bash scripts/test.sh -m unit`:
 - unit: one function or module, in-process, seconds in all (an unmarked test is a unit test);
 - stage: a stage's Python entry point (prepare, evaluate, predict, report, the CLI) on tiny generated
-  data, in-process, no Ray;
+  data, in-process, no Ray (except the evaluate stage, whose work is Ray tasks: on the session's local
+  Ray of 2 CPUs);
 - integration: a real Ray cluster, real servers (MLflow, S3 on loopback), `dvc repro` in a repo copy;
 - parity: against mmsegmentation in a separate venv (opt-in: DNLSEG_PARITY=1, on in CI).
 A module's tier is STAGE_MODULES / INTEGRATION_MODULES below or the test's own mark.

@@ -1,5 +1,6 @@
 """The evaluate stage on a tiny prepared dataset (2 val images of 64x128) with the session's small
-checkpoint (fixtures/data.py `small_checkpoint`: R-18-D8, random weights).
+checkpoint (fixtures/data.py `small_checkpoint`: R-18-D8, random weights). The stage's work runs as Ray
+tasks on the session's local Ray (2 CPUs, fixtures/ray_clusters.py `ray_local`).
 
 The metric is checked by hand (numpy over the saved label maps and the prepared label files, not
 IoUAccumulator); ms+flip against single scale on a model made flip-equivariant; fps against a model
@@ -78,7 +79,7 @@ def fake_training_run(tracking_uri: str, name: str, memory_gb: list[float]) -> s
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, tiny_data, mlflow_db_template, small_checkpoint):
+def evaluated(tmp_path_factory, tiny_data, mlflow_db_template, small_checkpoint, ray_local_module):
     work = tmp_path_factory.mktemp("evaluate")
     params = tiny_params(work, tiny_data, mlflow_db_template)
     checkpoint, model = small_checkpoint
@@ -262,6 +263,79 @@ def test_imported_checkpoint_gets_a_run_of_its_own(evaluated, tmp_path):
     # Evaluating again logs into the same run (found by its deterministic name), not a new one.
     again = evaluate_experiment(as_params(params, work), "released", out_root=work)
     assert again["mlflow"]["run_id"] == run.info.run_id
+
+
+# --- as Ray tasks: the shards, the speed task, a GPU profile without GPUs -----------------------------
+
+def test_eval_json_says_where_the_tasks_ran_and_how_the_speed_was_timed(evaluated):
+    s = evaluated["summary"]
+    assert s["evaluation"]["ray_tasks"] == 1   # on CPUs (evaluate.shards: null) one task of the sample's bundle
+    [shard] = s["evaluation"]["shards"]
+    assert shard["images"] == [0, 2] and shard["resources"] == {"CPU": 1.0} and shard["device"] == s["device"]
+    timed = s["speed"]["timed_on"]
+    assert timed["ray_task"] == "evaluate-fps" and timed["resources"] == {"CPU": 1.0}
+    assert timed["after"] == "the 1 evaluation shard task(s) had finished"
+    assert "batch 1" in timed["timed"] and "one image at a time" in timed["timed"]
+    assert s["speed"]["distinct_images"] == 2 and s["speed"]["images"] == 4   # 2 val images, cycled
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.array(Image.open(path))
+
+
+def test_a_sharded_stage_writes_what_one_task_writes(evaluated, tmp_path, tiny_data, mlflow_db_template,
+                                                     small_checkpoint):
+    """evaluate.shards: 2 (one image each, two Ray tasks): eval.json's every metric, per class too, and
+    every per-image output (label maps, overlays, per-class IoU, confusion picture) as with one task."""
+    work = tmp_path / "sharded"
+    params = tiny_params(work, tiny_data, mlflow_db_template)
+    params["evaluate"]["shards"] = 2
+    (work / "models" / EXP).mkdir(parents=True)
+    shutil.copyfile(small_checkpoint[0], work / "models" / EXP / "model.pt")
+    sharded = evaluate_experiment(as_params(params, work), EXP, out_root=work, predictions_dir=work / "predictions")
+    assert [shard["images"] for shard in sharded["evaluation"]["shards"]] == [[0, 1], [1, 2]]
+    one = evaluated["summary"]
+    for key in ("single_scale", "ms_flip", "images", "iteration", "dtype", "device", "test"):
+        assert sharded[key] == one[key], key
+    assert sharded["speed"]["timed_on"]["after"] == "the 2 evaluation shard task(s) had finished"
+    first, second = evaluated["work"], work
+    for setting in ("single_scale", "ms_flip"):
+        for index in range(2):
+            name = Path("predictions") / setting / f"{index:05d}.png"
+            assert np.array_equal(_pixels(first / name), _pixels(second / name)), name
+    plots = Path("plots") / EXP
+    assert (first / plots / "per_class_iou.csv").read_text() == (second / plots / "per_class_iou.csv").read_text()
+    pictures = sorted(p.relative_to(first) for p in (first / plots).rglob("*.png"))
+    assert pictures == sorted(p.relative_to(second) for p in (second / plots).rglob("*.png")) and len(pictures) == 3
+    for picture in pictures:
+        assert np.array_equal(_pixels(first / picture), _pixels(second / picture)), picture
+
+
+def test_a_gpu_profile_without_gpus_fails_in_one_line_before_any_work(evaluated, tmp_path, small_checkpoint,
+                                                                       monkeypatch, capsys):
+    """profiles.<p>.use_gpu on a Ray without GPUs (this machine's): `dnlseg evaluate` exits 2 with one line,
+    before a task is submitted or a file hashed; never an evaluation on the CPU instead."""
+    import yaml
+
+    import pipeline.evaluate as stage
+    from pipeline.cli import main
+
+    params = copy.deepcopy(evaluated["params"])
+    params["profiles"]["sample"].update(use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+    params["evaluate"]["device"] = "auto"   # the profile's: a GPU per task
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "models" / EXP).mkdir(parents=True)
+    shutil.copyfile(small_checkpoint[0], tmp_path / "models" / EXP / "model.pt")
+    for work in ("_infer", "sha256_file", "publish_dataset", "fetch"):
+        monkeypatch.setattr(stage, work, lambda *a, _w=work, **k: pytest.fail(f"{_w} ran: work started"))
+    capsys.readouterr()
+    assert main(["--params", str(tmp_path / "params.yaml"), "evaluate", EXP]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"dnlseg evaluate: error: evaluate@{EXP}: one evaluation task needs {{CPU: 1, GPU: 1}} "
+                          f"(profiles.sample.resources_per_worker, use_gpu: true) and no node of the Ray cluster")
+    assert "GPU: 0" in err
+    assert not (tmp_path / "metrics").exists()
 
 
 # --- ms+flip on a flip-equivariant model ------------------------------------------------------------

@@ -142,15 +142,19 @@ def test_the_cluster_decides_how_many_runs_at_once():
 
 
 def test_limits_keep_ray_stages_and_light_stages_apart():
-    order = ["train@a", "train@b", "train@c", "evaluate@x"]
+    order = ["train@a", "train@b", "train@c", "prepare@x"]
     plan = Plan(order=order, upstream={stage: set() for stage in order})
     runner = Runner(plan, Limits(ray=2, light=1, total=3), Path("."), {})
     runner.running = {"train@a": (None, 0.0), "train@b": (None, 0.0)}
-    assert not runner.can_start("train@c") and runner.can_start("evaluate@x")   # Ray full, a light slot left
-    runner.running["evaluate@x"] = (None, 0.0)
-    assert not runner.can_start("evaluate@y") and not runner.can_start("tune")
-    runner.running.pop("evaluate@x")
+    assert not runner.can_start("train@c") and runner.can_start("prepare@x")   # Ray full, a light slot left
+    runner.running["prepare@x"] = (None, 0.0)
+    assert not runner.can_start("report") and not runner.can_start("tune")
+    runner.running.pop("prepare@x")
     assert not runner.can_start("train_tuned")   # it runs on Ray too
+    # The evaluations' work is Ray tasks of a training worker's resources: they count as Ray stages.
+    assert not runner.can_start("evaluate@x") and not runner.can_start("evaluate_imported@y")
+    runner.running.pop("train@b")
+    assert runner.can_start("evaluate@x")
 
 
 def test_the_status_line_names_the_stages_waiting_for_ray(tmp_path):

@@ -1,13 +1,13 @@
 """Inference speed as the seed table measures it (mmseg's tools/analysis_tools/benchmark.py; the table's
 fps: 200 images, 5 warm-up, fp32 on a V100): batch 1, `n_images` test images of which the first `warmup`
-are not timed, timing only forward + resize to the original size + argmax (images are already decoded,
-normalized and on the device).
+are not timed, timing only forward + resize to the original size + argmax (each image is decoded,
+normalized and put on the device before its timer starts). The images are taken one at a time: only the
+one being timed is on the device, whatever the number of images.
 Every figure carries the device and dtype it was measured on.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import time
@@ -49,26 +49,30 @@ def measure_fps(model, samples: Sequence[tuple[torch.Tensor, tuple[int, int]]], 
                 channels_last: bool = False, precision: str = "fp32") -> dict:
     """Images per second over images warmup+1 .. n_images (mmseg: fps = timed images / timed seconds).
 
-    `samples`: (image 1×3×h×w at the test scale, original (H, W)); cycled when there are fewer than
-    n_images. `precision`: autocast (components/learning/models/speedups.py); fp32 for the seed's exact setting.
+    `samples`: (image 1×3×h×w at the test scale, original (H, W)) by index, read when asked (e.g. from
+    the val split); cycled when there are fewer than n_images. One image at a time goes to the device and
+    is dropped before the next is read. `precision`: autocast (components/learning/models/speedups.py); fp32 for
+    the seed's exact setting.
     """
     if n_images <= warmup:
         raise ValueError(f"fps: n_images ({n_images}) must be larger than warmup ({warmup})")
-    if not samples:
+    if not len(samples):
         raise ValueError("fps: no images to time")
     device = torch.device(device)
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    inputs = [(img.to(device).contiguous(memory_format=memory_format), size) for img, size in samples]
     timed_seconds = 0.0
     with autocast(device, precision):
-        for i, (img, size) in enumerate(itertools.islice(itertools.cycle(inputs), n_images)):
+        for i in range(n_images):
+            img, size = samples[i % len(samples)]
+            img = img.to(device).contiguous(memory_format=memory_format)
             _sync(device)
             tic = time.perf_counter()
             predict_label(model, img, size, setting)
             _sync(device)
             if i >= warmup:
                 timed_seconds += time.perf_counter() - tic
+            del img   # the next image is read with this one gone
     timed = n_images - warmup
     return {
         "fps": timed / timed_seconds,
@@ -76,7 +80,7 @@ def measure_fps(model, samples: Sequence[tuple[torch.Tensor, tuple[int, int]]], 
         "warmup": warmup,
         "timed_seconds": timed_seconds,
         "batch_size": 1,
-        "distinct_images": len(inputs),
+        "distinct_images": min(len(samples), n_images),
         "device": describe_device(device),
         "dtype": precision,
         "channels_last": channels_last,

@@ -79,19 +79,20 @@ class SplitResult:
 def evaluate_split(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                    settings: dict[str, InferenceSetting], device: torch.device, ignore_index: int = 255,
                    keep_samples: int = 0, channels_last: bool = False, precision: str = "fp32",
-                   on_prediction: Callable[[int, str, torch.Tensor], None] | None = None
-                   ) -> dict[str, SplitResult]:
+                   on_prediction: Callable[[int, str, torch.Tensor], None] | None = None,
+                   first_index: int = 0) -> dict[str, SplitResult]:
     """Every named setting over `batches` of (image 1×3×h×w at the test scale, label 1×H×W at full size).
 
     `on_prediction(index, setting_name, pred H×W)` sees every label map (e.g. to save it);
     the first `keep_samples` predictions of each setting are kept for the overlay pictures.
-    `precision`: autocast of the forward passes (components/learning/models/speedups.py).
+    `precision`: autocast of the forward passes (components/learning/models/speedups.py). `first_index`: the
+    split index of the first batch (a shard of the split): the indices kept and passed on are the split's.
     """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     results = {name: SplitResult(IoUAccumulator(num_classes, ignore_index, device="cpu"),
                                  ConfusionMatrix(num_classes, ignore_index)) for name in settings}
-    for index, (img, label) in enumerate(batches):
+    for index, (img, label) in enumerate(batches, start=first_index):
         if img.shape[0] != 1:
             raise ValueError(f"evaluate_split takes batches of one image (sizes differ), got {img.shape[0]}")
         img = img.to(device).contiguous(memory_format=memory_format)

@@ -216,7 +216,8 @@ class EvalSettings(Frozen):
     fps_images: PositiveIntOrNull = None   # the seed: 200 images, the first fps_warmup not timed; None: skip
     fps_warmup: NonNegativeInt = 0
     overlays: NonNegativeInt                # val images drawn as image | ground truth | prediction
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: the profile's (use_gpu: a GPU per Ray task)
+    shards: PositiveIntOrNull = None       # Ray tasks the val split is split into; None: one per free GPU (CPU: 1)
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "tf32"   # PyTorch's (mmseg's) default;
                                             # auto: fp16 on CUDA, bf16 on CPU
     fold_bn: StrictBool = True              # BatchNorm folded into the convs (exact in fp32)
