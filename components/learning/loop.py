@@ -109,15 +109,16 @@ def train(c: RunConfig, session: Session, hooks: LoopHooks | None = None) -> Loo
         scaler.load_state_dict(state.pop("scaler"))
     start = state["iteration"]
 
-    # Data: an endless seeded stream per rank that a resumed run re-enters where it stopped; the
-    # augmentation seed moves with the iteration so a resumed run does not replay iteration 0's crops.
+    # Data: one endless seeded global order that a resumed run re-enters where it stopped, on any number
+    # of workers (its position counts global samples: an elastic resize neither repeats nor skips one);
+    # the augmentation seed moves with the iteration so a resumed run does not replay iteration 0's crops.
     aug_seed = augmentation_seed(c.recipe.seed, rank, start)
     seed_everything(aug_seed)
     data_dir = session.dataset_dir()
     train_set = SegmentationDataset(data_dir / "train", build_train_transform(
         scale=c.recipe.scale, crop_size=c.recipe.crop_size, cat_max_ratio=c.recipe.cat_max_ratio))
     sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=c.recipe.seed,
-                                         start=start * accum * per_step)
+                                         start=start * c.recipe.batch_size)
     batches = iter(build_loader(train_set, per_step, c.execution.loader_workers, seed=aug_seed, sampler=sampler))
     val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=c.recipe.scale),
                                   max_images=c.recipe.val_max_images)
