@@ -44,7 +44,8 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
         stage = "train_tuned"
     # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
     # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
-    plan_batches(cfg.recipe.batch_size, cfg.execution.num_workers, cfg.execution.micro_batch_size)
+    for workers in range(cfg.execution.min_workers or cfg.execution.num_workers, cfg.execution.num_workers + 1):
+        plan_batches(cfg.recipe.batch_size, workers, cfg.execution.micro_batch_size)
     cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
     with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
         preflight(cfg)
@@ -75,6 +76,9 @@ def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:
         "best_val": {k: best[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},   # for reference only
         "precision": cfg.recipe.precision, "pretrained": cfg.recipe.pretrained,
         "train_time_s": round(summary["train_time_s"], 1),
+        # [[iteration, workers], ...]: where the run started and every elastic resize (a checkpoint written
+        # before this was recorded: none known)
+        "world_sizes": summary.get("world_sizes", []),
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
@@ -163,9 +167,9 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
     from components.training.checkpointing import prune_finished_run
     from components.training.trainer import build_trainer, describe_init
 
-    preflight_ray(cfg)
+    preflight_ray(cfg, num_workers=cfg.execution.min_workers)   # elastic: it starts with min_workers
     print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
-          f"({'resuming' if resuming else 'new'}), {cfg.execution.num_workers} workers, profile {cfg.profile}, "
+          f"({'resuming' if resuming else 'new'}), {_workers(cfg)}, profile {cfg.profile}, "
           f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)
     tracker = track.open()
     try:
@@ -192,6 +196,14 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
             "start_iteration": worker.start_iteration if worker else None,
             "median_step_s": worker.median_step_s if worker else None,
             "mlflow_failures": worker.mlflow_failures if worker else 0, "driver_mlflow_failures": tracker.failures}
+
+
+def _workers(cfg: RunConfig) -> str:
+    ex = cfg.execution
+    if not ex.elastic:
+        return f"{ex.num_workers} workers"
+    return (f"{ex.min_workers}..{ex.num_workers} workers (elastic: a lost node shrinks the run, which resumes "
+            f"from its latest checkpoint with the same global batch {cfg.recipe.batch_size})")
 
 
 def _run_info(cfg: RunConfig, mlflow_run_id: str, data_hash: str, weights: Path | None) -> RunInfo:
@@ -230,14 +242,19 @@ def _log_outputs(tracker, name: str, outputs: dict, worker: WorkerResult | None,
 
 
 def _worker_data_error(error: BaseException):
-    """The DataError (a prepared file unreadable) behind a Ray worker-group failure, with the fix."""
+    """The DataError (a prepared file unreadable) or BatchSplitError (an elastic group of a size the global
+    batch does not split over) behind a Ray worker-group failure, in one line with the fix."""
     from components.learning.data.validate import DataError
+    from components.learning.distributed import BatchSplitError
 
     for failure in (getattr(error, "worker_failures", None) or {}).values():
         base = getattr(failure, "_base_exc", failure)   # Ray wraps the worker's exception with its traceback
         if isinstance(base, DataError):
             return DataError(f"{base} (the prepared data changed after `dnlseg prepare`: rerun it, "
                              f"or `dvc pull` the prepared splits)")
+        if isinstance(base, BatchSplitError):
+            return BatchSplitError(f"{base} (in the worker group Ray Train started: every count from "
+                                   f"min_workers to num_workers must split the global batch)")
     return None
 
 

@@ -9,6 +9,10 @@ import torch
 from torch.utils.data import Sampler
 
 
+class BatchSplitError(ValueError):
+    """The global batch cannot be split over the workers: every worker must take the same share."""
+
+
 def plan_batches(global_batch: int, num_workers: int, micro_batch: int | None = None) -> tuple[int, int]:
     """(images per forward per worker, accumulation steps) with per_step * workers * accum == global.
 
@@ -19,13 +23,13 @@ def plan_batches(global_batch: int, num_workers: int, micro_batch: int | None = 
         raise ValueError(f"batch_size ({global_batch}) and num_workers ({num_workers}) must be positive, "
                          f"micro_batch_size ({micro_batch}) >= 0")
     if global_batch % num_workers:
-        raise ValueError(f"batch_size: global batch {global_batch} is not divisible by num_workers "
+        raise BatchSplitError(f"batch_size: global batch {global_batch} is not divisible by num_workers "
                          f"{num_workers}: every worker must take the same share")
     share = global_batch // num_workers
     if not micro_batch or micro_batch >= share:
         return share, 1
     if share % micro_batch:
-        raise ValueError(f"micro_batch_size: {micro_batch} does not divide the per-worker share {share} "
+        raise BatchSplitError(f"micro_batch_size: {micro_batch} does not divide the per-worker share {share} "
                          f"(batch_size {global_batch} / num_workers {num_workers})")
     return micro_batch, share // micro_batch
 

@@ -89,11 +89,19 @@ class RaySession:
         state.setdefault("best", None)
         state.setdefault("curve", [])
         self.start = state["iteration"]
+        # The worker count over time, [[iteration, workers], ...]: an elastic run's group restarts at its
+        # latest checkpoint with the workers Ray found, and a row says where it changed.
+        sizes = state.setdefault("world_sizes", [])
+        resized = not sizes or sizes[-1][1] != self.world
+        if resized:
+            sizes.append([self.start, self.world])
         # Which Ray nodes the run's workers are on, in the MLflow run (a cluster user's first question).
         nodes = gather_text(ray.get_runtime_context().get_node_id(), self.world, self.device)
         if self.rank == 0:
             c = self.c
             self.tracker.set_tags({"ray_nodes": ",".join(sorted(set(nodes)))})
+            if resized:
+                self.tracker.log_metrics({"world_size": self.world}, step=self.start)
             self.progress.say(f"[{c.name}] {'resuming at' if self.start else 'starting at'} iteration "
                               f"{self.start}/{c.max_iters}: {self.world} workers x {per_step} images x {accum} "
                               f"accumulation steps = batch {c.recipe.batch_size}, {c.recipe.precision}, "
