@@ -89,7 +89,7 @@ class Params(Frozen):
     def _batches_split(self):
         """An elastic profile's global batch splits over every worker count it may shrink to: known here,
         not after a node is lost mid-run."""
-        from components.learning.distributed import plan_batches   # here: it imports torch, the config need not
+        from components.learning.distributed import plan_batches  # here: it imports torch, the config need not
 
         for profile_name, prof in self.profiles.items():
             if prof.min_workers is None:

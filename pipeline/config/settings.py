@@ -84,7 +84,8 @@ class Profile(Frozen):
     @model_validator(mode="after")
     def _elastic_range(self):
         if self.min_workers is not None and self.min_workers > self.num_workers:
-            raise FieldError("min_workers", f"expected at most num_workers ({self.num_workers}), got {self.min_workers}")
+            raise FieldError("min_workers",
+                             f"expected at most num_workers ({self.num_workers}), got {self.min_workers}")
         return self
 
     @property
