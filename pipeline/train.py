@@ -214,6 +214,7 @@ def _run_info(cfg: RunConfig, mlflow_run_id: str, data_hash: str, weights: Path 
     from components.weights import publish
 
     return RunInfo(mlflow_run_id=mlflow_run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
+                   checkpoint_on_preemption=True,
                    data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
                    pretrained_path=str(weights) if weights else None,
                    pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)

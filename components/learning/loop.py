@@ -79,6 +79,10 @@ class Session(Protocol):
 
     def stopped(self, message: str) -> None: ...
 
+    def preempted(self, it: int) -> bool:
+        """After iteration `it`: whether a node of the run is about to be taken away (a spot reclaim);
+        the loop then checkpoints at once. Every rank asks at every iteration and gets the same answer."""
+
 
 @dataclass(frozen=True)
 class LoopOutcome:
@@ -127,6 +131,7 @@ def train(c: RunConfig, session: Session, hooks: LoopHooks | None = None) -> Loo
 
     hooks.on_start(rank, start)
     session.started(state, per_step, accum)
+    saved_on_notice = False   # one just-in-time checkpoint per preemption notice (per worker group)
     model.train()
     for it in range(start + 1, c.max_iters + 1):   # `it` is the iteration being run, counted from 1
         tic = time.perf_counter()
@@ -155,10 +160,21 @@ def train(c: RunConfig, session: Session, hooks: LoopHooks | None = None) -> Loo
             session.evaluated(state, summary, result)
             state["iteration"] = it
             session.checkpoint(state, model, optimizer, scaler, summary)
+        elif not saved_on_notice and session.preempted(it):
+            # Just in time: the group restarts without the node from here, not from the last evaluation.
+            # No evaluation (its figures NaN: the checkpoint is never the best, only the latest).
+            state["iteration"] = it
+            session.checkpoint(state, model, optimizer, scaler, not_evaluated(it))
+            saved_on_notice = True
         hooks.after_iteration(rank, it)
 
     hooks.on_end(rank, model)
     return LoopOutcome(start, c.max_iters, state["train_time_s"])
+
+
+def not_evaluated(it: int) -> dict:
+    """The summary of a checkpoint taken between evaluations."""
+    return {"iteration": it, "mIoU": float("nan"), "mAcc": float("nan"), "aAcc": float("nan")}
 
 
 def _model_and_state(c: RunConfig, session: Session) -> tuple[nn.Module, dict]:

@@ -17,6 +17,7 @@ class RunInfo:
     data_uri: str | None = None           # where the driver published it (None: every node has data_dir)
     pretrained_path: str | None = None    # the driver's verified copy of cfg.recipe.pretrained
     pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
+    checkpoint_on_preemption: bool = False  # on Ray's notice (not in Tune: its trials count reports)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,17 @@ class RaySession:
         if self.rank == 0:
             self.progress.say(f"[{self.c.name}] {message}")
 
+    def preempted(self, it: int) -> bool:
+        """Ray Train's preemption notice (a node of the run being drained), asked every log interval:
+        ray.train.get_preemption_info() is a barrier across the workers, too dear for every step."""
+        if not self.run.checkpoint_on_preemption or it % self.run.log_interval:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is not None and self.rank == 0:
+            self.progress.say(f"[{self.c.name}] Ray's preemption notice for rank(s) {info.preempted_ranks}: "
+                              f"checkpoint at iteration {it}, then the group restarts without that node")
+        return info is not None
+
 
 def without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
