@@ -17,11 +17,11 @@ pytestmark = pytest.mark.integration
 ONE_PER_NODE = {"CPU": 1, NODE_SLOT: 1}
 
 
-def wait_for(path, timeout_s: float = 300) -> None:
+def wait_for(path, training: threading.Thread, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} not written in {timeout_s:.0f} s")
+        if time.monotonic() > deadline or not training.is_alive():
+            raise TimeoutError(f"{path} not written in {timeout_s:.0f} s (training ended: {not training.is_alive()})")
         time.sleep(0.2)
 
 
@@ -47,23 +47,24 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(two_node_cluster, make_
     lost, back = tmp_path / "lost", tmp_path / "back"
     holds = [{"iteration": 2, "rank": 0, "marker": str(lost), "committed_reports": 1, "timeout_s": 180},
              {"iteration": 4, "rank": 0, "marker": str(back), "committed_reports": 2, "timeout_s": 180}]
-    errors = []
+    result = {}
 
-    def change_nodes():   # the held rank is torn down with its group: no release is needed
+    def train():   # in a thread: Ray's Cluster adds a node from the main thread only (signal handlers)
         try:
-            wait_for(lost)
-            cluster.remove_node(second)
-            wait_for(back)
-            cluster.add_node(num_cpus=2, resources={NODE_SLOT: 1})
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
+            result["out"] = train_experiment(as_params(params), SMALL_EXPERIMENT, out_root=tmp_path / "out",
+                                             hooks=FaultHooks(hold=holds, attempts_file=str(tmp_path / "attempts")))
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            result["error"] = e
 
-    changer = threading.Thread(target=change_nodes, daemon=True)
-    changer.start()
-    out = train_experiment(as_params(params), SMALL_EXPERIMENT, out_root=tmp_path / "out",
-                           hooks=FaultHooks(hold=holds, attempts_file=str(tmp_path / "attempts")))
-    changer.join(timeout=60)
-    assert not errors, errors
+    training = threading.Thread(target=train, daemon=True)
+    training.start()
+    wait_for(lost, training)   # the held rank is torn down with its group: no release is needed
+    cluster.remove_node(second)
+    wait_for(back, training)
+    cluster.add_node(num_cpus=2, resources={NODE_SLOT: 1})
+    training.join(timeout=600)
+    assert "error" not in result, result
+    out = result["out"]
     log = capfd.readouterr().out
 
     assert out["final"]["iteration"] == 6 and out["start_iteration"] == 4
