@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from components.atomic import atomic_write_text
 from components.console import warn
 from components.evaluation.on_ray import (
@@ -274,10 +276,7 @@ def _open_tracking(cfg: RunConfig, name: str, imported: bool, source: str):
     """The MLflow run to log into: the experiment's training run; for imported checkpoints (or when no
     training run is found) a run of the evaluation's own, found again by its deterministic name on the
     next evaluation."""
-
     try:
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient(tracking_uri=cfg.tracking_uri)
         run_id = None if imported else find_training_run(client, cfg.recipe.dataset, name)
         if run_id is not None:

@@ -213,9 +213,10 @@ def _our_rows(params: Params, seed_of: dict, names: list[str], evaluations: dict
         if run.get("run_id"):
             link = f"[run]({run_url(base, run['experiment_id'], run['run_id'])})"
             run_links.append((run["experiment_id"], run["run_id"]))
-        ours_rows.append([ours[c] for c in COLUMNS] + [name, link])
+        trained = _train_record(out_root, name)
+        ours_rows.append([ours[c] for c in COLUMNS] + [name + resized_mark(trained), link])
         if ev:
-            measured.append(_measured_line(name, ev, _train_record(out_root, name)))
+            measured.append(_measured_line(name, ev, trained))
     return ours_rows, run_links, measured, cells
 
 
@@ -249,6 +250,13 @@ def _tuned_lines(params: Params, dataset: str, out_root: Path) -> list[str]:
 def _train_record(out_root: Path, name: str) -> dict | None:
     path = train_metrics_file(out_root, name)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resized_mark(trained: dict | None) -> str:
+    """` (workers 2→1→2)` for a run whose worker count changed (an elastic run that lost or regained a
+    node: same global batch, but the speed and the run's history differ), else nothing."""
+    counts = [n for _, n in (trained or {}).get("world_sizes") or []]
+    return f" (workers {'→'.join(map(str, counts))})" if len(set(counts)) > 1 else ""
 
 
 def _measured_line(name: str, ev: dict, trained: dict | None) -> str:

@@ -26,7 +26,7 @@ from components.atomic import atomic_write_text
 from components.behind_published import behind_summary, noise_band
 from components.console import warn
 from components.learning.data.validate import DataError
-from components.learning.distributed import plan_batches
+from components.learning.distributed import BatchSplitError, plan_batches
 from components.learning.experiment import RunConfig, flat_settings
 from components.learning.tuning import apply_tuned
 from components.preflight import preflight, preflight_disk, preflight_hardware, preflight_ray
@@ -70,7 +70,8 @@ def train_experiment(params: Params, name: str, *, tuned: bool = False, profile:
     cfg, stage = run_config(params, name, tuned=tuned, profile=profile, seed=seed)
     # Bad input fails here, in one line each, before Ray starts: the batch split, the pretrained weights
     # (fetched once, checked), then the preflight (prepared data, tracking server, storage writable).
-    plan_batches(cfg.recipe.batch_size, cfg.execution.num_workers, cfg.execution.micro_batch_size)
+    for workers in range(cfg.execution.min_workers or cfg.execution.num_workers, cfg.execution.num_workers + 1):
+        plan_batches(cfg.recipe.batch_size, workers, cfg.execution.micro_batch_size)
     cfg, weights = fetch_pretrained(cfg, params.root, params.cache_dir)
     with scoped_env(endpoint_env(cfg.location.endpoint_url, cfg.location.region)):
         preflight(cfg)
@@ -114,6 +115,9 @@ def write_outputs(latest, cfg: RunConfig, out_root: Path) -> dict:
         "best_val": {k: best[k] for k in ("iteration", "mIoU", "mAcc", "aAcc")},   # for reference only
         "precision": cfg.recipe.precision, "pretrained": cfg.recipe.pretrained,
         "train_time_s": round(summary["train_time_s"], 1),
+        # [[iteration, workers], ...]: where the run started and every elastic resize (a checkpoint written
+        # before this was recorded: none known)
+        "world_sizes": summary.get("world_sizes", []),
         "img_s": round(images / summary["train_time_s"], 3) if summary["train_time_s"] > 0 else None,
     }
     published = _published_val(cfg, out_root)
@@ -191,10 +195,10 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
     """Trains the run on Ray (resuming it when it exists) and writes the stage's outputs from its final
     checkpoint; the MLflow run says FINISHED, FAILED or KILLED."""
 
-    preflight_ray(cfg)
+    preflight_ray(cfg, num_workers=cfg.execution.min_workers)   # elastic: it starts with min_workers
     preflight_hardware(cfg)   # GPU profiles: every GPU node's torch, driver, kernels, /dev/shm
     print(f"[train driver] {cfg.name}: Ray run {ray_name} under {cfg.location.storage_path} "
-          f"({'resuming' if resuming else 'new'}), {cfg.execution.num_workers} workers, profile {cfg.profile}, "
+          f"({'resuming' if resuming else 'new'}), {_workers(cfg)}, profile {cfg.profile}, "
           f"{cfg.recipe.precision}, {describe_init(cfg)}", flush=True)
     tracker = track.open()
     try:
@@ -224,6 +228,14 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
             "mlflow_failures": worker.mlflow_failures if worker else 0, "driver_mlflow_failures": tracker.failures}
 
 
+def _workers(cfg: RunConfig) -> str:
+    ex = cfg.execution
+    if not ex.elastic:
+        return f"{ex.num_workers} workers"
+    return (f"{ex.min_workers}..{ex.num_workers} workers (elastic: a lost node shrinks the run, which resumes "
+            f"from its latest checkpoint with the same global batch {cfg.recipe.batch_size})")
+
+
 def _published_val(cfg: RunConfig, out_root: Path) -> list[dict]:
     """The published run's evaluations, as the published@ stage recorded them ([]: none for this row)."""
     curve = recorded_curve(published_record(out_root, cfg.name))
@@ -237,6 +249,7 @@ def _run_info(cfg: RunConfig, mlflow_run_id: str, data_hash: str, weights: Path 
 
     return RunInfo(mlflow_run_id=mlflow_run_id, log_interval=log_interval(cfg), manifest_sha256=data_hash,
                    published_val=tuple(published), noise_band=noise_band(cfg.recipe.dataset) if published else None,
+                   checkpoint_on_preemption=True,
                    data_uri=publish_dataset(cfg.location.data_dir, cfg.location.storage_path, data_hash),
                    pretrained_path=str(weights) if weights else None,
                    pretrained_uri=publish(weights, cfg.location.storage_path, cfg.recipe.pretrained_sha256)
@@ -265,13 +278,17 @@ def _log_outputs(tracker, name: str, outputs: dict, worker: WorkerResult | None,
 
 
 def _worker_data_error(error: BaseException):
-    """The DataError (a prepared file unreadable) behind a Ray worker-group failure, with the fix."""
+    """The DataError (a prepared file unreadable) or BatchSplitError (an elastic group of a size the global
+    batch does not split over) behind a Ray worker-group failure, in one line with the fix."""
 
     for failure in (getattr(error, "worker_failures", None) or {}).values():
         base = getattr(failure, "_base_exc", failure)   # Ray wraps the worker's exception with its traceback
         if isinstance(base, DataError):
             return DataError(f"{base} (the prepared data changed after `dnlseg prepare`: rerun it, "
                              f"or `dvc pull` the prepared splits)")
+        if isinstance(base, BatchSplitError):
+            return BatchSplitError(f"{base} (in the worker group Ray Train started: every count from "
+                                   f"min_workers to num_workers must split the global batch)")
     return None
 
 

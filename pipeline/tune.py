@@ -83,7 +83,7 @@ def sweep_base(cfg: RunConfig, settings: Tune, trials_storage: str) -> RunConfig
     rungs then compare trials after the same number of iterations), the trials' Train runs storage."""
     trial = settings.resources_per_trial
     return cfg.updated(
-        execution={"num_workers": trial.num_workers or cfg.execution.num_workers,
+        execution={"num_workers": trial.num_workers or cfg.execution.num_workers, "min_workers": None,   # fixed
                    "resources_per_worker": trial.resources_per_worker or cfg.execution.resources_per_worker},
         recipe={"eval_every": settings.eval_interval or cfg.eval_interval},
         location={"storage_path": trials_storage})

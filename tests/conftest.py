@@ -46,8 +46,8 @@ __all__ = ["EXPERIMENT", "REPO", "SMALL_EXPERIMENT", "VENV_BIN", "MlflowServer",
 TIERS = ("unit", "stage", "integration", "parity")
 STAGE_MODULES = {"test_bad_input", "test_evaluate", "test_predict", "test_prepare", "test_report", "test_repro",
                  "test_sample", "test_tune", "test_preflight"}
-INTEGRATION_MODULES = {"test_dvc_pipeline", "test_faults", "test_mlflow_ui", "test_ray_job", "test_ray_multinode",
-                       "test_ray_train", "test_s3", "test_s3_training", "test_training_data_sync"}
+INTEGRATION_MODULES = {"test_dvc_pipeline", "test_elastic", "test_faults", "test_mlflow_ui", "test_ray_job",
+                       "test_ray_multinode", "test_ray_train", "test_s3", "test_s3_training", "test_training_data_sync"}
 
 
 def pytest_collection_modifyitems(config, items):

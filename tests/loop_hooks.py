@@ -4,9 +4,10 @@
     fixed_batch=True                every step draws the same first batch (overfit it: the loss must fall)
     nan_at=k                        iteration k's images become NaN, as a diverged run's activations would
     attempts_file=path              rank 0 appends the start iteration of every (re)start of the group
-    hold={iteration, rank, marker, release, timeout_s}
-                                    rank r writes `marker` after iteration k, then waits for `release`
-                                    (the test kills a server or the driver meanwhile)
+    hold={iteration, rank, marker, release, timeout_s, committed_reports}
+                                    rank r writes `marker` after iteration k (once Ray committed that many
+                                    reports, if given), then waits for `release` (the test kills a server
+                                    or the driver, or removes or adds a node, meanwhile); a list: several
     fault={iteration, rank, marker, how: raise|exit, committed_reports}
                                     rank r stops once after iteration k (the marker makes it once), by
                                     raising or by its process exiting, after Ray committed that many reports
@@ -36,7 +37,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 class FaultHooks(LoopHooks):
     def __init__(self, fixed_batch: bool = False, nan_at: int | None = None, attempts_file: str | None = None,
-                 hold: dict | None = None, fault: dict | None = None, dump_dir: str | None = None,
+                 hold: dict | list[dict] | None = None, fault: dict | None = None, dump_dir: str | None = None,
                  weights_file: str | None = None):
         self.fixed_batch, self.nan_at, self.attempts_file = fixed_batch, nan_at, attempts_file
         self.hold, self.fault, self.dump_dir, self.weights_file = hold, fault, dump_dir, weights_file
@@ -55,12 +56,14 @@ class FaultHooks(LoopHooks):
         return poisoned(batches) if it == self.nan_at else batches
 
     def after_iteration(self, rank: int, it: int) -> None:
-        hold = self.hold
-        if hold and it == hold["iteration"] and rank == hold["rank"] and not os.path.exists(hold["marker"]):
-            Path(hold["marker"]).touch()
-            deadline = time.monotonic() + hold.get("timeout_s", 300)
-            while not os.path.exists(hold.get("release", "")) and time.monotonic() < deadline:
-                time.sleep(0.2)
+        holds = self.hold if isinstance(self.hold, list) else [self.hold] if self.hold else []
+        for hold in holds:
+            if it == hold["iteration"] and rank == hold["rank"] and not os.path.exists(hold["marker"]):
+                wait_until_committed(hold.get("committed_reports", 0))
+                Path(hold["marker"]).touch()
+                deadline = time.monotonic() + hold.get("timeout_s", 300)
+                while not os.path.exists(hold.get("release", "")) and time.monotonic() < deadline:
+                    time.sleep(0.2)
         fault = self.fault
         if not fault or it != fault["iteration"] or rank != fault["rank"] or os.path.exists(fault["marker"]):
             return

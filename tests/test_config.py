@@ -390,3 +390,26 @@ def test_show_unknown_experiment_or_profile_is_one_line_exit_2(argv, message, ca
     assert main(["--params", str(REPO / "params.yaml"), *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dnlseg show: error: ") and message in lines[0]
+
+
+def test_elastic_profile_batch_must_split_over_every_worker_count():
+    """profiles.<p>.min_workers: Ray Train's elastic group may have any count from min to max workers, so
+    the global batch (8 for Cityscapes, 16 for ADE20K) must split over each: 2..4 is refused (8 / 3), 1..2
+    and 4..4 are taken; more than num_workers is refused. The elastic range reaches ScalingConfig."""
+    from components.training.trainer import worker_count
+
+    raw = read_raw(REPO / "params.yaml")
+    raw["profiles"]["reference"]["min_workers"] = 2
+    with pytest.raises(ConfigError, match=r"^params.yaml: profiles.reference.min_workers: experiment dnl_\S+: "
+                                          r"batch_size: global batch 8 is not divisible by num_workers 3"):
+        parse(raw, REPO)
+    raw["profiles"]["reference"]["min_workers"] = 5
+    with pytest.raises(ConfigError, match=r"^params.yaml: profiles.reference.min_workers: expected at most "
+                                          r"num_workers \(4\), got 5"):
+        parse(raw, REPO)
+    raw["profiles"]["reference"].update(min_workers=1, num_workers=2)
+    cfg = parse(raw, REPO).experiment("dnl_r50-d8_512x1024_40k_cityscapes", "reference")
+    assert worker_count(cfg)["num_workers"] == (1, 2)
+    raw["profiles"]["reference"].update(min_workers=2, num_workers=2)   # min = max: a fixed size
+    assert worker_count(parse(raw, REPO).experiment("dnl_r50-d8_512x1024_40k_cityscapes", "reference")) == {
+        "num_workers": 2}

@@ -188,7 +188,8 @@ def test_dvc_cache_shares_the_weights(tmp_path):
 
 def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path, monkeypatch):
     """A run stopped right after its first checkpoint (iteration 2 of 4) continues at 3 when rerun, into
-    the same MLflow run; no iteration is trained twice."""
+    the same MLflow run; no iteration is trained twice. Each Ray worker reads its data through 2 DataLoader
+    worker processes (loader_workers: 2, as the reference profile's 4), before and after the resume."""
     from ray.train import TrainingFailedError
 
     import pipeline.train
@@ -197,7 +198,7 @@ def test_rerun_resumes_from_the_checkpoint(ray_local, make_params, tmp_path, mon
     # Pinned: someone editing the shared checkout between the two runs would make the rerun a fresh run.
     monkeypatch.setattr(pipeline.train, "code_hash", lambda *args: "pinned-by-the-test")
 
-    params = make_params(tmp_path)   # 4 iterations, checkpoints at 2 and 4
+    params = make_params(tmp_path, loader_workers=2)   # 4 iterations, checkpoints at 2 and 4
     stop = {"fault": {"rank": 0, "iteration": 2, "how": "raise", "marker": str(tmp_path / "stopped")}}
     with pytest.raises(TrainingFailedError):
         train_experiment(as_params(params), EXPERIMENT, out_root=tmp_path / "out", hooks=FaultHooks(**stop))

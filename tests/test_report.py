@@ -242,3 +242,16 @@ def test_the_tuned_run_is_shown_beside_the_untuned_one(report_setup):
     assert (f"Tuned: `{name}-tuned`, trained on the schedule the sweep found (`tune/{name}/best_params.yaml`) "
             f"with the row's seeds: final val mIoU 63.50 ± 0.70 (n=1, prior std); `{name}` on params.yaml's "
             f"schedule: 61.25 ± 0.70 (n=1, prior std); difference of the means +2.25") in cityscapes
+
+
+def test_a_run_that_changed_size_is_marked(report_setup):
+    """An elastic run that lost a node and got it back (train.json world_sizes 2 -> 1 -> 2) is marked in
+    its row; a run that kept its 2 workers is not."""
+    root, params = report_setup["root"], report_setup["params"]
+    for name, sizes in ((CITY_A, [[0, 2], [4, 1], [6, 2]]), (CITY_B, [[0, 2]])):
+        (root / "metrics" / name / "train.json").write_text(json.dumps(
+            {"final": {"iteration": 8, "mIoU": 1.0}, "best_val": {"iteration": 8, "mIoU": 1.0},
+             "world_sizes": sizes}))
+    tables = parse_markdown_tables(write_report(params, out_root=root).read_text())
+    names = [row[8] for t in tables if t.header[:8] == COLUMNS for row in t.rows]
+    assert f"{CITY_A} (workers 2→1→2)" in names and CITY_B in names and ADE in names

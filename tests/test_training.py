@@ -54,24 +54,63 @@ def test_plan_batches_rejects_impossible_splits(global_batch, workers, micro, me
 
 # --- data order ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size, world", [(10, 2), (7, 3), (5, 1)])
-def test_infinite_sampler_is_distributed_sampler_epoch_after_epoch(size, world):
-    """The endless stream equals torch's DistributedSampler with set_epoch(0), (1), (2) concatenated."""
-    dataset = list(range(size))
-    for rank in range(world):
-        expected = []
-        for epoch in range(3):
-            reference = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=7)
-            reference.set_epoch(epoch)
-            expected += list(reference)
-        stream = iter(InfiniteDistributedSampler(size, rank, world, seed=7))
-        assert [next(stream) for _ in expected] == expected
+@pytest.mark.parametrize("size", [10, 7, 1])
+def test_infinite_sampler_on_one_worker_is_distributed_sampler_epoch_after_epoch(size):
+    """On one worker the endless stream equals torch's DistributedSampler with set_epoch(0), (1), (2)
+    concatenated (a seeded shuffle of the dataset per epoch)."""
+    expected = []
+    for epoch in range(3):
+        reference = DistributedSampler(list(range(size)), num_replicas=1, rank=0, shuffle=True, seed=7)
+        reference.set_epoch(epoch)
+        expected += list(reference)
+    stream = iter(InfiniteDistributedSampler(size, 0, 1, seed=7))
+    assert [next(stream) for _ in expected] == expected
+
+
+def draw(size: int, world: int, seed: int, start: int, iterations: int, batch: int) -> list[list[int]]:
+    """What each iteration's global batch holds when `world` ranks each draw batch / world samples per
+    iteration from their stream (rank 0's share first), as the loop's DataLoaders do."""
+    streams = [iter(InfiniteDistributedSampler(size, rank, world, seed=seed, start=start)) for rank in range(world)]
+    return [[next(s) for s in streams for _ in range(batch // world)] for _ in range(iterations)]
+
+
+def by_hand(size: int, seed: int, count: int) -> list[int]:
+    """The global order written out: seeded shuffles one after another, epoch e with seed + e."""
+    order = []
+    for epoch in range(count // size + 1):
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        order += torch.randperm(size, generator=g).tolist()
+    return order[:count]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_infinite_sampler_iterations_draw_consecutive_blocks_of_one_global_order(world):
+    """Whatever the worker count, iteration k's global batch is positions [k*B, (k+1)*B) of the same
+    global order (9 images, batch 4: the epochs' boundaries fall inside batches)."""
+    batches = draw(9, world, seed=3, start=0, iterations=7, batch=4)
+    order = by_hand(9, seed=3, count=28)
+    assert [sorted(b) for b in batches] == [sorted(order[4 * k: 4 * k + 4]) for k in range(7)]
+
+
+@pytest.mark.parametrize("worlds", [(2, 1, 2), (1, 4, 2), (4, 2, 4)])
+def test_infinite_sampler_resized_stream_is_the_fixed_size_stream(worlds):
+    """A run of 9 iterations at global batch 4 cut at iterations 3 and 6 and resumed on another worker
+    count each time (start = the global position, iteration x batch) draws, in all, exactly the samples
+    of the uninterrupted run on one worker: the same multiset per iteration, none repeated or skipped."""
+    size, seed, batch, cuts = 7, 5, 4, (0, 3, 6, 9)
+    resized = []
+    for world, begin, end in zip(worlds, cuts, cuts[1:], strict=False):
+        resized += draw(size, world, seed, start=begin * batch, iterations=end - begin, batch=batch)
+    fixed = draw(size, 1, seed, start=0, iterations=9, batch=batch)
+    assert [sorted(b) for b in resized] == [sorted(b) for b in fixed]
+    assert sorted(sum(resized, [])) == sorted(by_hand(size, seed, 36))   # the union: the first 36 positions
 
 
 def test_infinite_sampler_resumes_where_it_stopped():
     full = iter(InfiniteDistributedSampler(9, rank=1, world=2, seed=3))
     reference = [next(full) for _ in range(23)]
-    resumed = iter(InfiniteDistributedSampler(9, rank=1, world=2, seed=3, start=11))
+    resumed = iter(InfiniteDistributedSampler(9, rank=1, world=2, seed=3, start=22))   # 11 per rank before
     assert [next(resumed) for _ in range(12)] == reference[11:]
 
 

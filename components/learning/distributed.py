@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+class BatchSplitError(ValueError):
+    """The global batch cannot be split over the workers: every worker must take the same share."""
 
 
 def plan_batches(global_batch: int, num_workers: int, micro_batch: int | None = None) -> tuple[int, int]:
@@ -20,13 +23,13 @@ def plan_batches(global_batch: int, num_workers: int, micro_batch: int | None = 
         raise ValueError(f"batch_size ({global_batch}) and num_workers ({num_workers}) must be positive, "
                          f"micro_batch_size ({micro_batch}) >= 0")
     if global_batch % num_workers:
-        raise ValueError(f"batch_size: global batch {global_batch} is not divisible by num_workers "
+        raise BatchSplitError(f"batch_size: global batch {global_batch} is not divisible by num_workers "
                          f"{num_workers}: every worker must take the same share")
     share = global_batch // num_workers
     if not micro_batch or micro_batch >= share:
         return share, 1
     if share % micro_batch:
-        raise ValueError(f"micro_batch_size: {micro_batch} does not divide the per-worker share {share} "
+        raise BatchSplitError(f"micro_batch_size: {micro_batch} does not divide the per-worker share {share} "
                          f"(batch_size {global_batch} / num_workers {num_workers})")
     return micro_batch, share // micro_batch
 
@@ -55,31 +58,36 @@ def augmentation_seed(seed: int, rank: int, iteration: int) -> int:
 
 
 class InfiniteDistributedSampler(Sampler[int]):
-    """This rank's share of an endless series of seeded shuffles: DistributedSampler + set_epoch(epoch)
-    in a loop, as one stream, so an iteration-based loop never re-creates its DataLoader.
+    """This rank's share of one endless global order, the same on every worker count: seeded shuffles
+    of the dataset one after another (epoch e shuffled with seed + e), rank r taking the global positions
+    start + r, start + r + world, ... An iteration of global batch B draws B consecutive global positions
+    over all ranks together (each rank B / world of them), so the stream never re-creates its DataLoader,
+    and a run resumed at iteration i, on any number of workers, passes start = i * B and draws exactly
+    the samples the uninterrupted run would have drawn next (an elastic resize neither repeats nor skips
+    one). With one worker it is torch's DistributedSampler with set_epoch(0), (1), ... concatenated.
 
-    `start` skips that many of this rank's samples: a run resumed at iteration i passes
-    i * accum * per_step and sees exactly the data the uninterrupted run would have seen.
+    `start` is a GLOBAL sample position: the samples all ranks together drew before this stream.
     """
 
     def __init__(self, size: int, rank: int, world: int, seed: int = 0, start: int = 0):
         if size <= 0:
             raise ValueError("dataset is empty")
         self.size, self.rank, self.world, self.seed, self.start = size, rank, world, seed, start
-        self.per_rank = math.ceil(size / world)   # DistributedSampler pads to a multiple of world
 
     def order(self, epoch: int) -> list[int]:
+        """The global order's epoch `epoch`: one seeded shuffle of the whole dataset."""
         g = torch.Generator()
         g.manual_seed(self.seed + epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        order += order[: self.per_rank * self.world - self.size]
-        return order[self.rank::self.world]
+        return torch.randperm(self.size, generator=g).tolist()
 
     def __iter__(self):
-        epoch, skip = divmod(self.start, self.per_rank)
+        position, epoch, order = self.start + self.rank, -1, []
         while True:
-            yield from self.order(epoch)[skip:]
-            epoch, skip = epoch + 1, 0
+            if position // self.size != epoch:
+                epoch = position // self.size
+                order = self.order(epoch)
+            yield order[position % self.size]
+            position += self.world
 
     def __len__(self) -> int:  # the DataLoader asks; the stream has no end
         return 2**62

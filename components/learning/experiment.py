@@ -164,13 +164,18 @@ class Recipe(Frozen):
 class Execution(Frozen):
     """How the run executes: changing it resumes the run."""
 
-    num_workers: PositiveInt
+    num_workers: PositiveInt                      # elastic: the most workers
+    min_workers: PositiveIntOrNull = None         # elastic: the fewest (None: always num_workers)
     use_gpu: bool
     resources_per_worker: Resources = {}
     micro_batch_size: PositiveIntOrNull = None    # per forward per worker; None: batch_size / num_workers
     loader_workers: NonNegativeInt = 0
     max_failures: NonNegativeInt = 0
     ray_address: str | None = None                 # None: a local Ray
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
 
 
 class Location(Frozen):

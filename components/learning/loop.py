@@ -80,6 +80,10 @@ class Session(Protocol):
 
     def stopped(self, message: str) -> None: ...
 
+    def preempted(self, it: int) -> bool:
+        """After iteration `it`: whether a node of the run is about to be taken away (a spot reclaim);
+        the loop then checkpoints at once. Every rank asks at every iteration and gets the same answer."""
+
 
 @dataclass(frozen=True)
 class LoopOutcome:
@@ -110,15 +114,16 @@ def train(c: RunConfig, session: Session, hooks: LoopHooks | None = None) -> Loo
         scaler.load_state_dict(state.pop("scaler"))
     start = state["iteration"]
 
-    # Data: an endless seeded stream per rank that a resumed run re-enters where it stopped; the
-    # augmentation seed moves with the iteration so a resumed run does not replay iteration 0's crops.
+    # Data: one endless seeded global order that a resumed run re-enters where it stopped, on any number
+    # of workers (its position counts global samples: an elastic resize neither repeats nor skips one);
+    # the augmentation seed moves with the iteration so a resumed run does not replay iteration 0's crops.
     aug_seed = augmentation_seed(c.recipe.seed, rank, start)
     seed_everything(aug_seed)
     data_dir = session.dataset_dir()
     train_set = SegmentationDataset(data_dir / "train", build_train_transform(
         scale=c.recipe.scale, crop_size=c.recipe.crop_size, cat_max_ratio=c.recipe.cat_max_ratio))
     sampler = InfiniteDistributedSampler(len(train_set), rank, world, seed=stream_seed(c.recipe.seed),
-                                         start=start * accum * per_step)
+                                         start=start * c.recipe.batch_size)
     batches = iter(build_loader(train_set, per_step, c.execution.loader_workers, seed=aug_seed, sampler=sampler))
     val_set = SegmentationDataset(data_dir / "val", build_test_transform(scale=c.recipe.scale),
                                   max_images=c.recipe.val_max_images)
@@ -127,6 +132,7 @@ def train(c: RunConfig, session: Session, hooks: LoopHooks | None = None) -> Loo
 
     hooks.on_start(rank, start)
     session.started(state, per_step, accum)
+    saved_on_notice = False   # one just-in-time checkpoint per preemption notice (per worker group)
     model.train()
     for it in range(start + 1, c.max_iters + 1):   # `it` is the iteration being run, counted from 1
         tic = time.perf_counter()
@@ -155,10 +161,21 @@ def train(c: RunConfig, session: Session, hooks: LoopHooks | None = None) -> Loo
             session.evaluated(state, summary, result)
             state["iteration"] = it
             session.checkpoint(state, model, optimizer, scaler, summary)
+        elif not saved_on_notice and session.preempted(it):
+            # Just in time: the group restarts without the node from here, not from the last evaluation.
+            # No evaluation (its figures NaN: the checkpoint is never the best, only the latest).
+            state["iteration"] = it
+            session.checkpoint(state, model, optimizer, scaler, not_evaluated(it))
+            saved_on_notice = True
         hooks.after_iteration(rank, it)
 
     hooks.on_end(rank, model)
     return LoopOutcome(start, c.max_iters, state["train_time_s"])
+
+
+def not_evaluated(it: int) -> dict:
+    """The summary of a checkpoint taken between evaluations."""
+    return {"iteration": it, "mIoU": float("nan"), "mAcc": float("nan"), "aAcc": float("nan")}
 
 
 def _model_and_state(c: RunConfig, session: Session) -> tuple[nn.Module, dict]:

@@ -65,7 +65,8 @@ def save_checkpoint_folder(folder: Path | str, model: torch.nn.Module, optimizer
     save_train_checkpoint(folder, model, optimizer, scaler, state, meta)
     write_curve_csv(folder / CURVE_FILE, state["curve"])
     atomic_write_bytes(folder / SUMMARY_FILE, json.dumps(
-        {**summary, "best": state["best"], "train_time_s": state["train_time_s"]}, indent=1).encode())
+        {**summary, "best": state["best"], "train_time_s": state["train_time_s"],
+         "world_sizes": state.get("world_sizes", [])}, indent=1).encode())
     write_checksums(folder)
 
 

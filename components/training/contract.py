@@ -19,6 +19,7 @@ class RunInfo:
     pretrained_uri: str | None = None     # where the driver published it (None: every node reads the path)
     published_val: tuple = ()             # the published run's evaluations ({iteration, mIoU}): none, no check
     noise_band: float | None = None       # mIoU points our run may trail them by (the dataset's)
+    checkpoint_on_preemption: bool = False  # on Ray's notice (not in Tune: its trials count reports)
 
 
 @dataclass(frozen=True)

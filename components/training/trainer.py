@@ -3,6 +3,7 @@ per trial); what it leaves in storage is read through components/training/checkp
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from components.weights import fetch, sha256_file
 
 if TYPE_CHECKING:
     from components.learning.loop import LoopHooks
+
+RESIZE_INTERVAL_ENV = "DNLSEG_RESIZE_INTERVAL_S"
 
 
 def train_loop_per_worker(config: dict) -> WorkerResult:
@@ -52,7 +55,7 @@ def build_trainer(cfg: RunConfig, ray_name: str, run: RunInfo, *, hooks: LoopHoo
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.updated(tracking_uri=redact(cfg.tracking_uri)), "run": run,
                            "hooks": hooks},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.execution.num_workers, use_gpu=cfg.execution.use_gpu,
+        scaling_config=ray.train.ScalingConfig(**worker_count(cfg), use_gpu=cfg.execution.use_gpu,
                                                resources_per_worker=cfg.execution.resources_per_worker or None),
         run_config=ray.train.RunConfig(
             name=ray_name, **storage, callbacks=callbacks or None,
@@ -62,6 +65,19 @@ def build_trainer(cfg: RunConfig, ray_name: str, run: RunInfo, *, hooks: LoopHoo
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.execution.max_failures)),
     )
+
+
+def worker_count(cfg: RunConfig) -> dict:
+    """ScalingConfig's worker count: fixed, or elastic, (min, max) (Ray Train starts with what the cluster
+    has, at least min, shrinks when a node is lost, grows back; each time the group restarts from the latest
+    checkpoint). How often Ray considers growing: $DNLSEG_RESIZE_INTERVAL_S (Ray's default, 60 s; tests
+    set it small)."""
+    ex = cfg.execution
+    if not ex.elastic:
+        return {"num_workers": ex.num_workers}
+    interval = os.environ.get(RESIZE_INTERVAL_ENV)
+    return {"num_workers": (ex.min_workers, ex.num_workers),
+            **({"elastic_resize_monitor_interval_s": float(interval)} if interval else {})}
 
 
 def fetch_pretrained(cfg: RunConfig, root: Path, cache_dir: Path) -> tuple[RunConfig, Path | None]:

@@ -90,11 +90,19 @@ class RaySession:
         state.setdefault("best", None)
         state.setdefault("curve", [])
         self.start = state["iteration"]
+        # The worker count over time, [[iteration, workers], ...]: an elastic run's group restarts at its
+        # latest checkpoint with the workers Ray found, and a row says where it changed.
+        sizes = state.setdefault("world_sizes", [])
+        resized = not sizes or sizes[-1][1] != self.world
+        if resized:
+            sizes.append([self.start, self.world])
         # Which Ray nodes the run's workers are on, in the MLflow run (a cluster user's first question).
         nodes = gather_text(ray.get_runtime_context().get_node_id(), self.world, self.device)
         if self.rank == 0:
             c = self.c
             self.tracker.set_tags({"ray_nodes": ",".join(sorted(set(nodes)))})
+            if resized:
+                self.tracker.log_metrics({"world_size": self.world}, step=self.start)
             self.progress.say(f"[{c.name}] {'resuming at' if self.start else 'starting at'} iteration "
                               f"{self.start}/{c.max_iters}: {self.world} workers x {per_step} images x {accum} "
                               f"accumulation steps = batch {c.recipe.batch_size}, {c.recipe.precision}, "
@@ -147,6 +155,17 @@ class RaySession:
     def stopped(self, message: str) -> None:
         if self.rank == 0:
             self.progress.say(f"[{self.c.name}] {message}")
+
+    def preempted(self, it: int) -> bool:
+        """Ray Train's preemption notice (a node of the run being drained), asked every log interval:
+        ray.train.get_preemption_info() is a barrier across the workers, too dear for every step."""
+        if not self.run.checkpoint_on_preemption or it % self.run.log_interval:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is not None and self.rank == 0:
+            self.progress.say(f"[{self.c.name}] Ray's preemption notice for rank(s) {info.preempted_ranks}: "
+                              f"checkpoint at iteration {it}, then the group restarts without that node")
+        return info is not None
 
 
 def without(d: dict, key: str) -> dict:

@@ -110,6 +110,26 @@ class Params(Frozen):
             raise FieldError("extra_seeds", f"the seeded run {sorted(taken & set(self.experiments))[0]!r} "
                                             f"is also an experiment's name")
 
+    @model_validator(mode="after")
+    def _batches_split(self):
+        """An elastic profile's global batch splits over every worker count it may shrink to: known here,
+        not after a node is lost mid-run."""
+        from components.learning.distributed import plan_batches  # here: it imports torch, the config need not
+
+        for profile_name, prof in self.profiles.items():
+            if prof.min_workers is None:
+                continue
+            for name, exp in self.experiments.items():
+                batch = prof.batch_size or exp.batch_size
+                for workers in prof.worker_counts:
+                    try:
+                        plan_batches(batch, workers, prof.micro_batch_size)
+                    except ValueError as e:
+                        raise FieldError(f"profiles.{profile_name}.min_workers",
+                                         f"experiment {name}: {e} (elastic runs may have any of "
+                                         f"{prof.min_workers}..{prof.num_workers} workers)") from None
+        return self
+
     # --- resolved views ---------------------------------------------------------------------------
 
     @property

@@ -83,6 +83,7 @@ class Profile(Frozen):
     batch_size: PositiveIntOrNull = None   # global; None: the experiment's
     micro_batch_size: PositiveIntOrNull = None
     num_workers: PositiveInt
+    min_workers: PositiveIntOrNull = None  # elastic (Ray Train's (min, max) workers): shrinks to this on node loss
     use_gpu: StrictBool
     resources_per_worker: Resources = {}
     loader_workers: NonNegativeInt
@@ -98,6 +99,18 @@ class Profile(Frozen):
         if self.precision == "fp16" and not self.use_gpu:
             raise FieldError("precision", "fp16 needs use_gpu: true (use bf16 on CPU)")
         return self
+
+    @model_validator(mode="after")
+    def _elastic_range(self):
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise FieldError("min_workers",
+                             f"expected at most num_workers ({self.num_workers}), got {self.min_workers}")
+        return self
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers a run of this profile may have (one, unless elastic)."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
 
 class Experiment(Frozen):
