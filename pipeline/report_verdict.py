@@ -29,11 +29,10 @@ COLUMNS = {"single_scale": ("mIoU", SINGLE_SCALE_KEYS), "ms_flip": ("mIoU(ms+fli
 
 def published_protocol(params: Params, experiment: str) -> dict:
     """How the published figure of `experiment` was measured: its row under the reference profile's
-    evaluate settings, on the official val split, in the reference precision."""
+    evaluate settings, on the official val split, in fp32 (the seed's V100s)."""
     cfg, settings = params.experiment(experiment, REFERENCE), params.eval_settings(REFERENCE)
-    precision = settings.precision if settings.precision != "auto" else "fp32"
     return protocol(cfg.recipe, settings.ms_ratios, settings.flip,
-                    PUBLISHED_VAL_IMAGES.get(cfg.recipe.dataset, 0), precision)
+                    PUBLISHED_VAL_IMAGES.get(cfg.recipe.dataset, 0), "fp32")
 
 
 def on_generated_sample(params: Params, dataset: str) -> bool:

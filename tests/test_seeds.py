@@ -187,6 +187,8 @@ def test_protocol_differences_in_words_and_the_hash():
     ours = PUBLISHED_PROTOCOL[EXP] | {"images": 50, "precision": "bf16"}
     assert differences(ours, PUBLISHED_PROTOCOL[EXP]) == ["50 of 500 images", "precision bf16 (published fp32)"]
     assert differences(PUBLISHED_PROTOCOL[EXP], PUBLISHED_PROTOCOL[EXP]) == []
+    # tf32 (the reference profile's, PyTorch's default) is the seed's fp32 on its V100s: comparable
+    assert differences(PUBLISHED_PROTOCOL[EXP] | {"precision": "tf32"}, PUBLISHED_PROTOCOL[EXP]) == []
     assert protocol_hash(ours) != protocol_hash(PUBLISHED_PROTOCOL[EXP])
     reordered = dict(reversed(list(PUBLISHED_PROTOCOL[EXP].items())))
     assert protocol_hash(reordered) == protocol_hash(PUBLISHED_PROTOCOL[EXP])
@@ -374,7 +376,7 @@ def test_repro_counts_the_seed_stages_as_ray_stages_of_their_dataset():
     from pipeline.repro import RAY_GROUPS, _experiment_datasets
 
     params = params_with(extra_seeds=[1])
-    assert {"train_seed", "train_tuned_seed"} <= set(RAY_GROUPS) and "evaluate_seed" not in RAY_GROUPS
+    assert {"train_seed", "train_tuned_seed", "evaluate_seed"} <= set(RAY_GROUPS)   # evaluations run Ray tasks
     assert _experiment_datasets(params, [f"train_seed@{ADE}-1"]) == {"ade20k"}
     assert _experiment_datasets(params, [f"dvc.yaml:evaluate_seed@{EXP}-1", "train_tuned_seed@1"]) == {"cityscapes"}
 
