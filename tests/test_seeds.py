@@ -408,17 +408,18 @@ def test_a_seeds_evaluation_finds_its_training_run(tmp_path, mlflow_db_template)
 
 def test_each_seed_has_its_own_data_order_and_augmentation_stream():
     """recipe.seed drives the init (seed_everything before the model is built), the data order and the
-    augmentation (components/learning/loop.py). Seed 0's streams are the ones before seeds existed
-    (torch's DistributedSampler with seed 0; crops seeded 1_000_003 x rank + iteration); seed 1's are not
-    seed 0's one epoch / one iteration later, as `seed + epoch` would make them."""
+    augmentation (components/learning/loop.py). Seed 0's global order is torch's DistributedSampler's
+    with seed 0 on one replica (the order elastic runs share whatever their worker count), its crops
+    seeded 1_000_003 x rank + iteration; seed 1's are not seed 0's one epoch / one iteration later, as
+    `seed + epoch` would make them."""
     from torch.utils.data import DistributedSampler
 
     from components.learning.distributed import InfiniteDistributedSampler, augmentation_seed, stream_seed
 
     assert [augmentation_seed(0, rank, it) for rank, it in ((0, 0), (1, 5), (3, 7))] == [0, 1_000_008, 3_000_016]
-    reference = DistributedSampler(list(range(20)), num_replicas=2, rank=1, shuffle=True, seed=0)
+    reference = DistributedSampler(list(range(20)), num_replicas=1, rank=0, shuffle=True, seed=0)
     reference.set_epoch(1)
-    seed0 = InfiniteDistributedSampler(20, 1, 2, seed=stream_seed(0))
+    seed0 = InfiniteDistributedSampler(20, 1, 2, seed=stream_seed(0))   # order(): the global order
     assert seed0.order(1) == list(reference)
     seed1 = InfiniteDistributedSampler(20, 1, 2, seed=stream_seed(1))
     assert all(seed1.order(epoch) != seed0.order(epoch + 1) for epoch in range(5))
