@@ -300,6 +300,7 @@ def test_dvc_exp_run_with_extra_seeds_makes_a_stage_per_seed(tmp_path):
     experiments = list(read_raw(work / "params.yaml")["experiments"])
     today = (["sample"] + [f"prepare@{d}" for d in ("cityscapes", "ade20k")]
              + [f"weights@{b}" for b in ("R-50-D8", "R-101-D8", "R-18-D8")]
+             + [f"published@{e}" for e in experiments]
              + [f"train@{e}" for e in experiments] + ["train_tuned"] + [f"evaluate@{e}" for e in experiments]
              + ["report", "tune"])
     assert run_dvc(["stage", "list", "--name-only"], work, env).split() == today

@@ -114,7 +114,6 @@ def test_train_tuned_trains_the_sweeps_schedule_as_its_own_experiment(make_param
     """Stage train_tuned (`dnlseg train <exp> --tuned`): the tuned experiment on tune/<exp>/best_params.yaml,
     as `<exp>-tuned` beside the untuned row (a missing file is one line saying how to make it); train@<exp>
     keeps params.yaml's schedule."""
-    import components.preflight
     import pipeline.train
 
     seen = []
@@ -123,7 +122,7 @@ def test_train_tuned_trains_the_sweeps_schedule_as_its_own_experiment(make_param
         seen.append(cfg)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(components.preflight, "preflight", stop_at_preflight)
+    monkeypatch.setattr(pipeline.train, "preflight", stop_at_preflight)   # imported at its top
     params = make_params(tmp_path / "work")
     params["tune"]["experiment"] = EXPERIMENT
     with pytest.raises(FileNotFoundError, match=r"best_params.yaml: tuned parameters not found: run `dvc "
