@@ -22,7 +22,6 @@ import contextlib
 import functools
 import hashlib
 import itertools
-import json
 import os
 import shutil
 import statistics
@@ -55,6 +54,7 @@ from components.learning.step import sgd, train_step  # noqa: E402
 from components.ray_cluster import shutdown_ray, start_local_ray  # noqa: E402
 from components.sample import write_cityscapes  # noqa: E402
 from components.training import trainer as trainer_module  # noqa: E402
+from components.training.worker import wait_until_committed  # noqa: E402
 from pipeline.config import parse, read_raw  # noqa: E402
 from pipeline.evaluate import evaluate_experiment  # noqa: E402
 from pipeline.prepare import prepare_dataset  # noqa: E402
@@ -194,21 +194,6 @@ def check_steps(sizes: Sizes, report: Report, work: Path) -> None:
 
 
 # --- 3. Ray Train: checkpoint on the GPU, resumed on another worker count --------------------------------
-
-def wait_until_committed(reports: int, timeout_s: float = 120) -> None:
-    """Ray commits a report (and its checkpoint) once its controller collected it from every rank; the
-    controller's snapshot in storage counts them (as tests/loop_hooks.py does)."""
-    storage = ray.train.get_context().get_storage()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
-                if json.loads(f.read())["current_report_index"] >= reports:
-                    return
-        except (OSError, ValueError, KeyError):   # not written yet, or caught mid-write
-            pass
-        time.sleep(0.2)
-
 
 class StopOnceThenDigest(LoopHooks):
     """Rank 0 stops the run once after iteration `stop_at` (its first checkpoint committed); at the end

@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from components.published_log import TRAIN_COLUMNS, VAL_COLUMNS, PublishedCurve
-from components.tracking import _environment_defaults, ensure_experiment, flat_params, mark_training_experiment
+from components.tracking import ensure_experiment, environment_defaults, flat_params, mark_training_experiment
 
 SOURCE_TAG, SOURCE = "source", "published"
 SHA256_TAG = "dnlseg.published_sha256"
@@ -61,7 +61,7 @@ def log_published_run(tracking_uri: str, dataset: str, experiment: str, curve: P
     metrics = [Metric(name, float(value), now, int(step)) for name, value, step in metric_rows(curve)]
     for i in range(0, len(metrics), _BATCH):
         client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
-    with _environment_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):   # it would print credentials
+    with environment_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):   # it would print credentials
         client.set_terminated(run_id, "FINISHED")
     return run_id, True
 

@@ -39,7 +39,7 @@ def with_env_credentials(uri: str) -> str:
 
 
 @contextlib.contextmanager
-def _environment_defaults(defaults: dict[str, str]):
+def environment_defaults(defaults: dict[str, str]):
     """MLflow reads its settings from the environment at each call: set these for one call only
     (settings the user exported win)."""
     added = {k: v for k, v in defaults.items() if k not in os.environ}
@@ -118,7 +118,7 @@ class RunLogger:
         if self.run_id is None or (time.monotonic() < self._paused_until and not final):
             return False
         try:
-            with _environment_defaults(FAIL_FAST_ENV) if self.fail_fast else contextlib.nullcontext():
+            with environment_defaults(FAIL_FAST_ENV) if self.fail_fast else contextlib.nullcontext():
                 call()
             return True
         except Exception as e:  # noqa: BLE001 - any tracking failure must leave training running
@@ -159,7 +159,7 @@ class RunLogger:
 
         def terminate():
             # MLflow prints "View run ... at: <tracking URI>" here, credentials included: print it redacted.
-            with _environment_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+            with environment_defaults({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
                 self.client.set_terminated(self.run_id, status)
             if self.tracking_uri.startswith(("http://", "https://")):
                 sys.stdout.write(f"[{self.who}] MLflow run {self.run_id}: "

@@ -26,7 +26,7 @@ from components.atomic import atomic_write_text
 from components.console import redact, warn
 from components.published_log import TRAIN_COLUMNS, VAL_COLUMNS, PublishedCurve, ended_early, parse_log
 from components.published_run import log_published_run
-from components.tracking import FAIL_FAST_ENV, _environment_defaults
+from components.tracking import FAIL_FAST_ENV, environment_defaults
 from components.weights import WeightsError, fetch, sha256_file
 from pipeline.config import Params, published_plot, published_record
 
@@ -98,7 +98,7 @@ def _compare(name: str, source: str, sha256: str, previous_path: Path) -> dict:
 def _track(params: Params, name: str, curve: PublishedCurve, record: dict) -> None:
     """The MLflow run; a tracking store that fails is a warning (the record and plot are written)."""
     try:   # fail fast: MLflow's HTTP client otherwise retries an unreachable server for minutes
-        with _environment_defaults(FAIL_FAST_ENV):
+        with environment_defaults(FAIL_FAST_ENV):
             run_id, created = log_published_run(params.tracking_uri, record["dataset"], name, curve,
                                                 sha256=record["sha256"], source=record["source"])
     except Exception as e:  # noqa: BLE001 - tracking is optional, as for training

@@ -31,6 +31,7 @@ import ray.cloudpickle
 import torch
 
 from components.learning.loop import LoopHooks
+from components.training.worker import wait_until_committed
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -81,25 +82,6 @@ class FaultHooks(LoopHooks):
 def poisoned(batches):
     for img, label in batches:
         yield torch.full_like(img, float("nan")), label
-
-
-def wait_until_committed(reports: int, timeout_s: float = 120) -> None:
-    """Ray commits a report (and its checkpoint) when its controller has collected it from every rank,
-    at the next poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a rank that dies before then takes
-    its queued report with it and the run restarts from the checkpoint before. The controller's
-    snapshot in storage counts the committed reports."""
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    deadline = time.monotonic() + timeout_s
-    while reports and time.monotonic() < deadline:
-        try:
-            with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
-                if json.loads(f.read())["current_report_index"] >= reports:
-                    return
-        except (OSError, ValueError, KeyError):   # not written yet, or caught mid-write
-            pass
-        time.sleep(0.2)
 
 
 def dump_worker_facts(folder: str, rank: int, model, weights_file: str | None = None) -> None:

@@ -8,7 +8,9 @@ a WorkerResult (components/training/contract.py).
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import ray.train
@@ -170,3 +172,21 @@ class RaySession:
 
 def without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
+
+
+def wait_until_committed(reports: int, timeout_s: float = 120) -> None:
+    """Ray commits a report (and its checkpoint) when its controller has collected it from every rank,
+    at the next poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a rank that dies before then takes
+    its queued report with it and the run restarts from the checkpoint before. The controller's
+    snapshot in storage counts the committed reports. For the tests' and bench's loop hooks, which stop
+    a rank right after a checkpoint."""
+    storage = ray.train.get_context().get_storage()
+    deadline = time.monotonic() + timeout_s
+    while reports and time.monotonic() < deadline:
+        try:
+            with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+                if json.loads(f.read())["current_report_index"] >= reports:
+                    return
+        except (OSError, ValueError, KeyError):   # not written yet, or caught mid-write
+            pass
+        time.sleep(0.2)
