@@ -25,8 +25,6 @@ from pathlib import Path
 from components.atomic import atomic_write_text
 from components.console import redact, warn
 from components.published_log import TRAIN_COLUMNS, VAL_COLUMNS, PublishedCurve, ended_early, parse_log
-from components.published_run import log_published_run
-from components.tracking import FAIL_FAST_ENV, environment_defaults
 from components.weights import WeightsError, fetch, sha256_file
 from pipeline.config import Params, published_plot, published_record
 
@@ -97,6 +95,11 @@ def _compare(name: str, source: str, sha256: str, previous_path: Path) -> dict:
 
 def _track(params: Params, name: str, curve: PublishedCurve, record: dict) -> None:
     """The MLflow run; a tracking store that fails is a warning (the record and plot are written)."""
+    # Imported here: MLflow costs a stage ~2.7 s to import, and under profile sample every row is `none` and
+    # logs nothing (tests/test_published.py: the stage starts without it).
+    from components.published_run import log_published_run
+    from components.tracking import FAIL_FAST_ENV, environment_defaults
+
     try:   # fail fast: MLflow's HTTP client otherwise retries an unreachable server for minutes
         with environment_defaults(FAIL_FAST_ENV):
             run_id, created = log_published_run(params.tracking_uri, record["dataset"], name, curve,
