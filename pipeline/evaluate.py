@@ -45,6 +45,7 @@ from components.evaluation.visualize import (
 from components.learning.data import get_dataset
 from components.learning.data.dataset import SegmentationDataset
 from components.learning.experiment import RunConfig, flat_settings
+from components.learning.models.speedups import resolve_precision, slow_precision_warning
 from components.ray_cluster import connect_ray, scoped_env, shutdown_ray
 from components.storage import endpoint_env
 from components.tracking import RunLogger, find_training_run, mark_training_experiment, metric_name, open_run, redact
@@ -146,6 +147,8 @@ def _infer(cfg: RunConfig, settings, name: str, checkpoint: Path, bundle: dict,
           f"ms+flip ratios {list(settings.ms_ratios)} flip {settings.flip}, {job.precision}"
           f"{', BN folded' if settings.fold_bn else ''}; {len(shards)} Ray task(s) of {bundle}"
           f"{', then the speed' if settings.fps_images else ''}", flush=True)
+    if slow := slow_precision_warning(job.precision, "cuda" if job.use_gpu else "cpu"):
+        warn(f"[evaluate] {name}: {slow}")
     env = endpoint_env(cfg.location.endpoint_url, cfg.location.region)   # the tasks' S3 endpoint, as the workers'
     parts, speed = evaluate_on_ray(job, bundle, shards, env=env,
                                    predictions_dir=str(predictions_dir) if predictions_dir else None)
@@ -165,7 +168,7 @@ def _job(cfg: RunConfig, settings, checkpoint: Path, bundle: dict) -> EvalJob:
     return EvalJob(cfg=cfg, settings=settings, checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=sha256,
                    checkpoint_uri=publish(checkpoint, storage, sha256), data_digest=digest,
                    data_uri=publish_dataset(cfg.location.data_dir, storage, digest), use_gpu=use_gpu,
-                   precision=settings.precision_on("cuda" if use_gpu else "cpu"))
+                   precision=resolve_precision(settings.precision, "cuda" if use_gpu else "cpu"))
 
 
 def _rounded_speed(speed: dict, cfg: RunConfig) -> dict:

@@ -23,7 +23,7 @@ from components.learning.backbones import backbone_of_weights, get_backbone
 from components.learning.data import get_dataset
 from components.learning.data.transforms import build_test_transform
 from components.learning.models.checkpoint import read_checkpoint
-from components.learning.models.speedups import autocast, use_precision
+from components.learning.models.speedups import autocast, resolve_precision, use_precision
 from components.learning.segment import InferenceSetting, predict_label
 from pipeline.config import ConfigError, Params
 
@@ -89,7 +89,7 @@ def predict(params: Params, inputs: list[Path], out_dir: Path, model_ref: str,
     images = collect_images(inputs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     speed = params.eval_settings()   # the evaluate stage's precision and BN folding
-    precision = speed.precision_on(device)
+    precision = resolve_precision(speed.precision, device)
     use_precision(precision)         # the fp32 math (tf32 / IEEE) as the evaluate stage runs it
     with tempfile.TemporaryDirectory(prefix="dnlseg-model-") as tmp:   # a registry model's download
         fetched = fetch_model(model_ref, params.tracking_uri, Path(tmp))

@@ -31,8 +31,8 @@ from components.learning.data import get_dataset
 from components.learning.data.dataset import SegmentationDataset
 from components.learning.data.transforms import build_test_transform
 from components.learning.metrics import ConfusionMatrix
-from components.learning.models import build_dnlnet
-from components.learning.models.speedups import autocast, prepare_for_inference
+from components.learning.models import build_dnlnet, speedups
+from components.learning.models.speedups import autocast, prepare_for_inference, resolve_precision
 from components.learning.segment import InferenceSetting, evaluate_split, predict_scores
 from components.tracking import artifact_location
 from components.training.checkpointing import save_checkpoint
@@ -148,12 +148,12 @@ def test_single_scale_logits_are_resized_to_the_label_size_before_argmax(evaluat
     """The saved label maps are argmax(bilinear resize of the 32x64 logits to 64x128), recomputed here
     straight from the model, not at 32x64 then upsampled."""
     dataset = SegmentationDataset(evaluated["val"], build_test_transform(scale=(64, 32)))
-    # What the stage runs on CPU by default: BN folded, channels-last, bf16 autocast.
+    # What the sample profile evaluates with on CPU: BN folded, channels-last, fp32.
     model = prepare_for_inference(evaluated["model"], channels_last=True, fold_bn=True)
     for index in range(len(dataset)):
         img, label = dataset[index]
         assert tuple(img.shape[1:]) == (32, 64) and tuple(label.shape) == (64, 128)
-        with torch.no_grad(), autocast("cpu", "bf16"):
+        with torch.no_grad(), autocast("cpu", "fp32"):
             logits = model.encode_decode(img[None].contiguous(memory_format=torch.channels_last))
         expected = F.interpolate(logits, size=(64, 128), mode="bilinear", align_corners=False).argmax(1)[0]
         saved = np.array(Image.open(evaluated["work"] / "predictions" / "single_scale" / f"{index:05d}.png"))
@@ -165,10 +165,10 @@ def test_eval_json_records_settings_speed_and_memory(evaluated):
     assert s["test"] == {"mode": "whole", "scale": [64, 32], "crop": [16, 32], "stride": [16, 32],
                          "align_corners": False}
     assert s["ms_flip"]["ratios"] == [0.5, 1.0] and s["ms_flip"]["flip"] is True
-    assert s["device"].startswith("cpu") and s["dtype"] == "bf16" and s["bn_folded"] is True
+    assert s["device"].startswith("cpu") and s["dtype"] == "fp32" and s["bn_folded"] is True
     speed = s["speed"]
     assert speed["fps"] > 0 and speed["images"] == 4 and speed["warmup"] == 1 and speed["batch_size"] == 1
-    assert speed["device"].startswith("cpu") and speed["dtype"] == "bf16"
+    assert speed["device"].startswith("cpu") and speed["dtype"] == "fp32"
     assert speed["threads"] == 1 and "1 threads" in s["device"]   # evaluate.cpu_threads
     # The largest memory_gb the training run logged, with what it measures.
     assert s["train_memory"]["peak_gb"] == 1.25
@@ -182,7 +182,7 @@ def test_eval_json_records_settings_speed_and_memory(evaluated):
     protocol = dict(s["protocol"])
     digest = protocol.pop("hash")
     assert protocol == {"mode": "whole", "crop": None, "stride": None, "scale": [64, 32], "align_corners": False,
-                        "ms_ratios": [0.5, 1.0], "flip": True, "images": 2, "precision": "bf16",
+                        "ms_ratios": [0.5, 1.0], "flip": True, "images": 2, "precision": "fp32",
                         "label_conversion": "gtFine polygons -> labelTrainIds (cityscapesscripts json2labelImg), "
                                             "255 ignored"}
     compact = json.dumps(protocol, sort_keys=True, separators=(",", ":")).encode()
@@ -218,7 +218,7 @@ def test_logged_into_the_training_run(evaluated):
     assert run.data.metrics["eval.mIoU"] == pytest.approx(summary["single_scale"]["mIoU"])
     assert run.data.metrics["eval.ms_flip.mIoU"] == pytest.approx(summary["ms_flip"]["mIoU"])
     assert run.data.metrics["eval.fps"] == pytest.approx(summary["speed"]["fps"])
-    assert run.data.tags["eval.device"] == summary["device"] and run.data.tags["eval.dtype"] == "bf16"
+    assert run.data.tags["eval.device"] == summary["device"] and run.data.tags["eval.dtype"] == "fp32"
     files = {f.path for folder in ("evaluation", "evaluation/overlays", "model")
              for f in client.list_artifacts(evaluated["run_id"], folder) if not f.is_dir}
     assert {"evaluation/eval.json", "evaluation/confusion.png", "evaluation/per_class_iou.png",
@@ -451,16 +451,18 @@ def test_eval_settings_profile_override_and_errors():
         eval_settings({"ratios": [1.0]})
 
 
-def test_eval_precision_defaults_to_torchs_tf32_and_auto_is_explicit():
+def test_eval_precision_defaults_to_torchs_tf32_and_auto_is_explicit(monkeypatch):
     s = eval_settings(drop=("precision", "fold_bn"), profile="reference")   # not set: the defaults
     assert (s.precision, s.fold_bn) == ("tf32", True)
-    assert (s.precision_on("cpu"), s.precision_on("cuda:0")) == ("tf32", "tf32")
-    auto = eval_settings({"precision": "auto"}, profile="reference")   # the fastest that agrees, as a choice
-    assert (auto.precision_on("cpu"), auto.precision_on("cuda:0")) == ("bf16", "fp16")
-    repo = load()   # the reference profile evaluates as training runs (tf32, mmseg's); the sample one in auto
-    assert (repo.eval_settings("reference").precision, repo.eval_settings("sample").precision) == ("tf32", "auto")
+    assert (resolve_precision(s.precision, "cpu"), resolve_precision(s.precision, "cuda:0")) == ("tf32", "tf32")
+    # auto, the fastest that agrees, as a choice: bf16 only on a CPU that has it in hardware
+    for native, on_cpu in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(speedups, "native_bf16_cpu", lambda native=native: native)
+        assert (resolve_precision("auto", "cpu"), resolve_precision("auto", "cuda:0")) == (on_cpu, "fp16")
+    repo = load()   # the reference profile evaluates as training runs (tf32, mmseg's); the sample one in fp32
+    assert (repo.eval_settings("reference").precision, repo.eval_settings("sample").precision) == ("tf32", "fp32")
     assert repo.experiment("dnl_r50-d8_512x1024_40k_cityscapes", "reference").recipe.precision == "tf32"
-    assert eval_settings({"precision": "fp32"}, profile="reference").precision_on("cuda") == "fp32"
+    assert resolve_precision(eval_settings({"precision": "fp32"}, profile="reference").precision, "cuda") == "fp32"
     with pytest.raises(ConfigError, match=r"evaluate\.precision: expected one of auto, fp32, tf32, bf16, fp16"):
         eval_settings({"precision": "half"})
     with pytest.raises(ConfigError, match=r"evaluate\.precision: fp16 needs a GPU"):

@@ -24,6 +24,7 @@ from components.evaluation.on_ray import (
 )
 from components.evaluation.shards import EvalJob, evaluation_device, merge_shards, run_shard, shard_ranges
 from components.evaluation.speed import measure_fps
+from components.learning.models.speedups import resolve_precision
 from components.learning.segment import InferenceSetting
 from components.training.data_sync import manifest_hash
 from components.weights import sha256_file
@@ -140,7 +141,7 @@ def sample_job(tmp_path_factory, sample_data, mlflow_db_template, small_checkpoi
     checkpoint, _ = small_checkpoint
     return EvalJob(cfg=cfg, settings=settings, checkpoint=str(checkpoint), checkpoint_sha256=sha256_file(checkpoint),
                    checkpoint_uri=None, data_digest=manifest_hash(cfg.location.data_dir), data_uri=None,
-                   use_gpu=False, precision=settings.precision_on("cpu"))
+                   use_gpu=False, precision=resolve_precision(settings.precision, "cpu"))
 
 
 def test_summed_shards_equal_one_process_exactly(sample_job):

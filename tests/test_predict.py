@@ -43,10 +43,10 @@ def setup(tmp_path_factory, mlflow_db_template, small_checkpoint):
 
 def expected_label(model, rgb: np.ndarray, scale=(128, 64)) -> np.ndarray:
     """The test pipeline written out: keep-ratio resize to the test scale, logits, bilinear back, argmax;
-    with the evaluate stage's CPU defaults (BN folded, channels-last, bf16 autocast)."""
+    with the sample profile's evaluation settings on CPU (BN folded, channels-last, fp32)."""
     img = torch.from_numpy(build_test_transform(scale)(image=rgb)["image"].transpose(2, 0, 1).copy())[None]
     model = prepare_for_inference(model, channels_last=True, fold_bn=True)
-    with torch.no_grad(), autocast("cpu", "bf16"):
+    with torch.no_grad(), autocast("cpu", "fp32"):
         logits = model.encode_decode(img.contiguous(memory_format=torch.channels_last))
     resized = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
     return resized.argmax(1)[0].numpy()

@@ -94,7 +94,7 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     assert metrics["final"]["iteration"] == 6 and metrics["best_val"]["iteration"] in (3, 6)
     assert metrics["best_val"]["mIoU"] >= metrics["final"]["mIoU"]
     assert 0 <= metrics["final"]["mIoU"] <= 100 and metrics["train_time_s"] > 0
-    assert (metrics["precision"], metrics["pretrained"]) == ("bf16", "none")
+    assert (metrics["precision"], metrics["pretrained"]) == ("fp32", "none")
     behind = metrics["behind_published"]
     assert (behind["since"], behind["iteration"], behind["band"]) == (3, 6, 0.7)
     assert behind["gap"] == pytest.approx(90.0 - metrics["final"]["mIoU"], abs=0.01)
@@ -125,7 +125,7 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     assert run.data.metrics["final_mIoU"] == metrics["final"]["mIoU"]
     # The node's system metrics went into the run while it trained (GPU ones where a GPU is).
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
-    assert run.data.params["pretrained"] == "none" and run.data.params["precision"] == "bf16"
+    assert run.data.params["pretrained"] == "none" and run.data.params["precision"] == "fp32"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves", "metrics"} <= artifacts and "model" not in artifacts   # DVC keeps it
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from components.learning.models import build_dnlnet
 from components.learning.models.fold import fold_batchnorm, fold_conv_bn
-from components.learning.models.speedups import autocast, fp32_math, prepare_for_inference, use_precision
+from components.learning.models.speedups import (
+    autocast,
+    fp32_math,
+    native_bf16_cpu,
+    prepare_for_inference,
+    slow_precision_warning,
+    use_precision,
+)
 
 
 def test_fold_conv_bn_matches_the_bn_formula_by_hand():
@@ -161,6 +169,19 @@ def test_autocast_switch():
         autocast("cpu", "fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast("cpu", "half")
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
+def test_native_bf16_is_what_the_cpu_flags_say_and_only_emulated_bf16_warns():
+    """oneDNN's answer against the kernel's CPU flags (AVX512-BF16 or AMX-BF16); the warning names the fix."""
+    flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    assert native_bf16_cpu() == bool(flags & {"avx512_bf16", "amx_bf16"}), sorted(flags)
+    assert slow_precision_warning("fp32", "cpu") is None and slow_precision_warning("bf16", "cuda:0") is None
+    warning = slow_precision_warning("bf16", "cpu")
+    assert (warning is None) == native_bf16_cpu()
+    if warning:
+        assert warning.startswith("warning: precision bf16 on a CPU without bf16 in hardware") and "fp32" in warning
 
 
 def test_load_model_on_the_meta_device_equals_building_and_loading(tmp_path):

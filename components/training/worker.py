@@ -23,6 +23,7 @@ from components.console import warn
 from components.learning.distributed import gather_text
 from components.learning.experiment import RunConfig
 from components.learning.loop import train
+from components.learning.models.speedups import slow_precision_warning
 from components.tracking import FAIL_FAST_ENV, RunLogger, system_metrics, with_env_credentials
 from components.training.checkpointing import load_chosen, resume_state, save_checkpoint_folder, staging_folder
 from components.training.contract import RunInfo, WorkerResult
@@ -109,6 +110,8 @@ class RaySession:
                               f"{self.start}/{c.max_iters}: {self.world} workers x {per_step} images x {accum} "
                               f"accumulation steps = batch {c.recipe.batch_size}, {c.recipe.precision}, "
                               f"device {self.device}")
+            if slow := slow_precision_warning(c.recipe.precision, self.device):
+                warn(f"[{c.name}] {slow}")
 
     def stepped(self, state: dict, it: int, lr: float, losses: dict, seconds: float, is_eval: bool) -> None:
         self.progress.add(losses, seconds)

@@ -232,7 +232,7 @@ class EvalSettings(Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: the profile's (use_gpu: a GPU per Ray task)
     shards: PositiveIntOrNull = None       # Ray tasks the val split is split into; None: one per free GPU (CPU: 1)
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "tf32"   # PyTorch's (mmseg's) default;
-                                            # auto: fp16 on CUDA, bf16 on CPU
+                                            # auto: fp16 on CUDA, bf16 on a CPU with it in hardware, else fp32
     fold_bn: StrictBool = True              # BatchNorm folded into the convs (exact in fp32)
     cpu_threads: PositiveIntOrNull = None  # torch's CPU threads; None: every core
 
@@ -252,12 +252,6 @@ class EvalSettings(Frozen):
             raise FieldError("fps_images", f"{self.fps_images} must be larger than fps_warmup {self.fps_warmup} "
                                            f"(or null to skip the speed measurement)")
         return self
-
-    def precision_on(self, device) -> str:
-        """The autocast precision this evaluation runs with on `device`."""
-        if self.precision != "auto":
-            return self.precision
-        return "fp16" if str(device).startswith("cuda") else "bf16"
 
 
 class Evaluate(EvalSettings):
