@@ -13,4 +13,7 @@ ruff check components pipeline tests bench
 TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/dnlseg-tests.XXXXXX")
 export TMPDIR
 trap 'rm -rf "$TMPDIR"' EXIT
-python -m pytest "$@"
+# Over 4 pytest-xdist workers on 2 cores: most of the suite's wall time is waiting (Ray, DVC and server
+# start-ups, polls), not computing. Tests sharing an expensive fixture stay in one worker (tests/conftest.py
+# `_xdist_group`). `-n 0` runs it in one process.
+python -m pytest -n 4 --dist loadgroup --no-loadscope-reorder "$@"

@@ -50,15 +50,34 @@ INTEGRATION_MODULES = {"test_dvc_pipeline", "test_elastic", "test_faults", "test
                        "test_ray_multinode", "test_ray_train", "test_s3", "test_s3_training", "test_training_data_sync"}
 
 
+def _xdist_group(item) -> str | None:
+    """The pytest-xdist worker group of a test (scripts/test.sh runs the suite over several workers):
+    tests sharing an expensive fixture run in one worker, so it is built once (a module-scoped fixture:
+    the module's tests together; the S3 stage run, shared by two modules: its tests together). Other tests
+    go to whichever worker is free."""
+    fixtures = item._fixtureinfo.name2fixturedefs
+    if "s3_stage_run" in fixtures:
+        return "s3_stage_run"
+    if any(defs[-1].scope == "module" for defs in fixtures.values()):
+        return item.path.stem
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Each test gets exactly one tier: its own mark, else its module's, else unit."""
+    """Each test gets exactly one tier: its own mark, else its module's, else unit; and its xdist group."""
     for item in items:
+        if group := _xdist_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
         module = item.path.stem
         tier = ("stage" if module in STAGE_MODULES else "integration" if module in INTEGRATION_MODULES
                 else "unit")
         item.add_marker(tier)
+    if os.environ.get("PYTEST_XDIST_WORKER"):   # over xdist workers: the slowest tiers start first
+        order = {tier: i for i, tier in enumerate(("integration", "parity", "stage", "unit"))}
+        items.sort(key=lambda item: min(order[tier] for tier in TIERS if item.get_closest_marker(tier)))
     if os.environ.get("DNLSEG_SLOW") != "1":
         skip = pytest.mark.skip(reason="slow: set DNLSEG_SLOW=1 to run")
         for item in items:
