@@ -13,7 +13,6 @@ ruff check components pipeline tests bench
 TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/dnlseg-tests.XXXXXX")
 export TMPDIR
 trap 'rm -rf "$TMPDIR"' EXIT
-# Over 4 pytest-xdist workers on 2 cores: most of the suite's wall time is waiting (Ray, DVC and server
-# start-ups, polls), not computing. Tests sharing an expensive fixture stay in one worker (tests/conftest.py
-# `_xdist_group`). `-n 0` runs it in one process.
-python -m pytest -n 4 --dist loadgroup --no-loadscope-reorder "$@"
+# Over 3 pytest-xdist workers, at most 2 integration tests at once (tests/fixtures/parallel.py); `-n 0`
+# runs it in one process.
+python -m pytest -n 3 --dist loadgroup --no-loadscope-reorder "$@"

@@ -33,10 +33,11 @@ for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_S3
     os.environ.pop(_name, None)
 
 pytest.register_assert_rewrite("fixtures")   # their asserts report values, as the test modules' do
-pytest_plugins = ["fixtures.data", "fixtures.servers", "fixtures.ray_clusters", "fixtures.repo"]
+pytest_plugins = ["fixtures.data", "fixtures.servers", "fixtures.ray_clusters", "fixtures.repo", "fixtures.parallel"]
 
 # The names the test modules import from here (`from conftest import ...`).
 from fixtures.data import EXPERIMENT, REPO, SMALL_EXPERIMENT, VENV_BIN, as_params  # noqa: E402
+from fixtures.parallel import spread_integration, xdist_group  # noqa: E402
 from fixtures.repo import repo_copy, run_dvc  # noqa: E402
 from fixtures.servers import MlflowServer  # noqa: E402
 
@@ -50,24 +51,12 @@ INTEGRATION_MODULES = {"test_dvc_pipeline", "test_elastic", "test_faults", "test
                        "test_ray_multinode", "test_ray_train", "test_s3", "test_s3_training", "test_training_data_sync"}
 
 
-def _xdist_group(item) -> str | None:
-    """The pytest-xdist worker group of a test (scripts/test.sh runs the suite over several workers):
-    tests sharing an expensive fixture run in one worker, so it is built once (a module-scoped fixture:
-    the module's tests together; the S3 stage run, shared by two modules: its tests together). Other tests
-    go to whichever worker is free."""
-    fixtures = item._fixtureinfo.name2fixturedefs
-    if "s3_stage_run" in fixtures:
-        return "s3_stage_run"
-    if any(defs[-1].scope == "module" for defs in fixtures.values()):
-        return item.path.stem
-    return None
-
-
 @pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Each test gets exactly one tier: its own mark, else its module's, else unit; and its xdist group."""
+    """Each test gets exactly one tier: its own mark, else its module's, else unit; and its xdist group
+    and place (tests/fixtures/parallel.py)."""
     for item in items:
-        if group := _xdist_group(item):
+        if group := xdist_group(item):
             item.add_marker(pytest.mark.xdist_group(group))
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
@@ -75,9 +64,8 @@ def pytest_collection_modifyitems(config, items):
         tier = ("stage" if module in STAGE_MODULES else "integration" if module in INTEGRATION_MODULES
                 else "unit")
         item.add_marker(tier)
-    if os.environ.get("PYTEST_XDIST_WORKER"):   # over xdist workers: the slowest tiers start first
-        order = {tier: i for i, tier in enumerate(("integration", "parity", "stage", "unit"))}
-        items.sort(key=lambda item: min(order[tier] for tier in TIERS if item.get_closest_marker(tier)))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        spread_integration(items)
     if os.environ.get("DNLSEG_SLOW") != "1":
         skip = pytest.mark.skip(reason="slow: set DNLSEG_SLOW=1 to run")
         for item in items:
