@@ -13,6 +13,4 @@ ruff check components pipeline tests bench
 TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/dnlseg-tests.XXXXXX")
 export TMPDIR
 trap 'rm -rf "$TMPDIR"' EXIT
-# Over 3 pytest-xdist workers, at most 2 integration tests at once (tests/fixtures/parallel.py); `-n 0`
-# runs it in one process.
-python -m pytest -n 3 --dist loadgroup --no-loadscope-reorder "$@"
+python -m pytest "$@"

@@ -33,11 +33,10 @@ for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_S3
     os.environ.pop(_name, None)
 
 pytest.register_assert_rewrite("fixtures")   # their asserts report values, as the test modules' do
-pytest_plugins = ["fixtures.data", "fixtures.servers", "fixtures.ray_clusters", "fixtures.repo", "fixtures.parallel"]
+pytest_plugins = ["fixtures.data", "fixtures.servers", "fixtures.ray_clusters", "fixtures.repo"]
 
 # The names the test modules import from here (`from conftest import ...`).
 from fixtures.data import EXPERIMENT, REPO, SMALL_EXPERIMENT, VENV_BIN, as_params  # noqa: E402
-from fixtures.parallel import spread_integration, xdist_group  # noqa: E402
 from fixtures.repo import repo_copy, run_dvc  # noqa: E402
 from fixtures.servers import MlflowServer  # noqa: E402
 
@@ -51,21 +50,15 @@ INTEGRATION_MODULES = {"test_dvc_pipeline", "test_elastic", "test_faults", "test
                        "test_ray_multinode", "test_ray_train", "test_s3", "test_s3_training", "test_training_data_sync"}
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Each test gets exactly one tier: its own mark, else its module's, else unit; and its xdist group
-    and place (tests/fixtures/parallel.py)."""
+    """Each test gets exactly one tier: its own mark, else its module's, else unit."""
     for item in items:
-        if group := xdist_group(item):
-            item.add_marker(pytest.mark.xdist_group(group))
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
         module = item.path.stem
         tier = ("stage" if module in STAGE_MODULES else "integration" if module in INTEGRATION_MODULES
                 else "unit")
         item.add_marker(tier)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        spread_integration(items)
     if os.environ.get("DNLSEG_SLOW") != "1":
         skip = pytest.mark.skip(reason="slow: set DNLSEG_SLOW=1 to run")
         for item in items:
