@@ -8,8 +8,8 @@ the stages is most of the cost, so it is one scenario in three acts):
 3. a third dataset added through the registry only (one module + its params.yaml entries) is prepared,
    trained and evaluated by `dvc repro`.
 Act 1 trains the table's R-50 row: its checkpoint's size and the report's comparison with the published
-numbers are part of what is checked. Acts 2 and 3 test DVC's ways of running, not the model: they train on
-the small R-18-D8 backbone (SMALL, the R-50 row's recipe)."""
+numbers are part of what is checked; act 2 reruns that row under DVC's experiments, its baseline the run
+act 1 trained. Act 3 tests the registry, not the model: its new row trains the small R-18-D8 backbone."""
 
 from __future__ import annotations
 
@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import SMALL_EXPERIMENT, repo_copy, run_dvc
+from conftest import repo_copy, run_dvc
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 EXP = "dnl_r50-d8_512x1024_40k_cityscapes"
-SMALL = SMALL_EXPERIMENT   # EXP's recipe on R-18-D8 (params.yaml: the sample's showcase row)
 pytestmark = pytest.mark.integration
 
 
@@ -209,15 +208,15 @@ def experiments_temp_and_queue_in_their_own_workspace(work: Path, env: dict) -> 
     train.lr=…` and two queued experiments run by `dvc queue start -j 2` each read their own params and
     write their own metrics, listed by `dvc exp show`; the workspace is untouched."""
     env = {k: v for k, v in env.items() if k != "PYTHONPATH"}   # the installed package: another clone's code
-    run_dvc(["repro", f"train@{SMALL}"], work, env)   # the baseline
+    run_dvc(["repro", f"train@{EXP}"], work, env)   # the baseline (trained in act 1; weights@ reruns: downloads)
     _git(["add", "-A"], work)
     _git(["commit", "-qm", "baseline"], work)
     before = {p: p.read_bytes() for p in (work / "params.yaml", work / "dvc.lock",
-                                          work / "metrics" / SMALL / "train.json")}
+                                          work / "metrics" / EXP / "train.json")}
 
-    run_dvc(["exp", "run", "--temp", "-n", "lr02", "-S", "train.lr=0.02", f"train@{SMALL}"], work, env)
+    run_dvc(["exp", "run", "--temp", "-n", "lr02", "-S", "train.lr=0.02", f"train@{EXP}"], work, env)
     for name, lr in (("lr03", "0.03"), ("lr04", "0.04")):
-        run_dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", f"train@{SMALL}"], work, env)
+        run_dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", f"train@{EXP}"], work, env)
     # Output to a file, not a pipe: the queue's workers outlive `dvc queue start` and inherit its output,
     # and a worker that lingers after the queue is empty held a captured pipe open (the test then hung).
     with open(work.parent / "dvc-queue-start.log", "wb") as log:
@@ -247,7 +246,7 @@ def _exp_show(work: Path, env: dict) -> dict:
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
                 params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-                metrics = (data.get("metrics") or {}).get(f"metrics/{SMALL}/train.json", {}).get("data")
+                metrics = (data.get("metrics") or {}).get(f"metrics/{EXP}/train.json", {}).get("data")
                 if rev.get("name") and metrics and metrics["final"]["iteration"] == 2:
                     found[rev["name"]] = params["train"]["lr"]
     return found
