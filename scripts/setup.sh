@@ -3,22 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-quiet() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
 
-# Set up already for this pyproject.toml, this script, this folder and this Python: nothing to install
-# (pip takes ~10 s to find that out itself, on every run of the main job).
-stamp=$( { cat pyproject.toml scripts/setup.sh; pwd; "$PY" --version; } | sha256sum | cut -d' ' -f1)
+# Set up already for this pyproject.toml, these scripts, this folder and this Python: nothing to install
+# (the installer takes seconds to find that out itself, on every run of the main job).
+stamp=$( { cat pyproject.toml scripts/setup.sh scripts/venv-install.sh; pwd; "$PY" --version; } | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ "$(cat .venv/.dnlseg-setup 2>/dev/null)" = "$stamp" ]; then
     echo "setup: .venv up to date"
     exit 0
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# The stock pip (23.x) backtracks for minutes through moto's versions: upgrade it first.
-quiet .venv/bin/python -m pip install -q --upgrade pip
-# torch first and pinned: any other spelling pulls the CUDA build (several GB) on CPU machines.
-quiet .venv/bin/python -m pip install -q torch==2.13.0
-quiet .venv/bin/python -m pip install -q -e '.[dev]'
+# torch pinned: any other spelling pulls the CUDA build (several GB) on CPU machines.
+bash scripts/venv-install.sh .venv torch==2.13.0 -e '.[dev]'
 # DVC: no analytics calls (no network here); the repo is initialised in git already.
 .venv/bin/dvc config --global core.analytics false >/dev/null 2>&1 || true
 echo "$stamp" > .venv/.dnlseg-setup

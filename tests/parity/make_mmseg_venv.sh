@@ -31,18 +31,9 @@ if [[ -x "${venv}/bin/python" && -f "${marker}" && "$(cat "${marker}")" == "${wa
   exit 0
 fi
 
-pip_install() {
-  # The machine's pip config lists local file:// indexes that lack most packages: drop those warnings.
-  "${venv}/bin/python" -m pip install --quiet "$@" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
-}
-
 echo "building mmseg venv in ${venv}" >&2
 "${python_bin}" -m venv "${venv}"
-pip_install --upgrade pip
-# torch first and alone: a pinned torch resolves to the local CPU wheel, not the CUDA packages.
-pip_install "torch==2.13.0"
-pip_install "${pins[@]}"
+bash "${repo_root}/scripts/venv-install.sh" "${venv}" "${pins[@]}" >&2
 "${venv}/bin/python" -m pip check >&2 || echo "warning: pip check reported conflicts (see above)" >&2
 printf '%s\n' "${pins[@]}" > "${marker}.tmp"
 mv "${marker}.tmp" "${marker}"
