@@ -13,4 +13,9 @@ venv=$1; shift
 links=${PIP_FIND_LINKS:-$("$venv/bin/python" -m pip config get global.find-links 2>/dev/null || true)}
 find_links=()
 for link in $links; do find_links+=(--find-links "$link"); done
-exec "$venv/bin/uv" pip install -q --no-cache --compile-bytecode --python "$venv/bin/python" "${find_links[@]}" "$@"
+# uv's build locks and its cache folder go to a temp folder of our own, removed afterwards (uv leaves
+# them in $TMPDIR and ~/.cache/uv even with --no-cache).
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/venv-install.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+TMPDIR=$tmp UV_CACHE_DIR=$tmp/cache \
+    "$venv/bin/uv" pip install -q --no-cache --compile-bytecode --python "$venv/bin/python" "${find_links[@]}" "$@"
