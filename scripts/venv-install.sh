@@ -7,7 +7,7 @@
 # venv without .pyc files compiles every module again in every process (`import dvc.repo, mlflow, torch`:
 # 14 s of CPU instead of 5).
 set -euo pipefail
-venv=$1; shift
+venv=${1:?usage: scripts/venv-install.sh VENV PACKAGE-OR-OPTION...}; shift
 "$venv/bin/python" -m pip install -q uv==0.13.9 2>&1 \
     | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
 links=${PIP_FIND_LINKS:-$("$venv/bin/python" -m pip config get global.find-links 2>/dev/null || true)}
