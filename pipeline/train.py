@@ -203,7 +203,8 @@ def _fit(cfg: RunConfig, ray_name: str, resuming: bool, out_root: Path, hooks, w
     tracker = track.open()
     try:
         run_info = _run_info(cfg, tracker.run_id, data_hash, weights, out_root)
-        result = build_trainer(cfg, ray_name, run_info, hooks=hooks).fit()
+        # The stage's process ends after this one run: Ray frees its placement group with it.
+        result = build_trainer(cfg, ray_name, run_info, hooks=hooks, pg_cleaner=False).fit()
         worker: WorkerResult | None = result.return_value
         tracker.fail_fast = True   # after a long run, a dead server must not hold the stage for minutes
         if worker is not None and worker.stopped:

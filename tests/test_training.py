@@ -362,3 +362,22 @@ def test_driver_and_controller_do_not_import_the_training_loop():
     out = subprocess.run([sys.executable, "-c", probe], input=ray.cloudpickle.dumps(train_loop_per_worker),
                          capture_output=True, check=True).stdout.decode()
     assert out.strip() == "[]"
+
+
+def test_the_train_stage_starts_no_dataset_manager_nor_placement_group_cleaner():
+    """Ray Train's callbacks, each of which starts a helper actor: the train stage drops the two it does not
+    use, a tune trial only the dataset manager (its sweep's job outlives the run: it keeps the cleaner)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from components.training.trainer import LeanTorchTrainer
+
+    def callbacks(cls, **kwargs) -> set[str]:
+        trainer = cls(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kwargs)
+        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+    ray_train = callbacks(TorchTrainer)
+    assert ray_train - callbacks(LeanTorchTrainer, pg_cleaner=False) == {"DatasetsCallback",
+                                                                         "PlacementGroupCleanerCallback"}
+    assert ray_train - callbacks(LeanTorchTrainer) == {"DatasetsCallback"}
+    assert callbacks(LeanTorchTrainer) < ray_train

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from components.learning.experiment import RunConfig
 from components.learning.models.checkpoint import check_pretrained_backbone
@@ -31,13 +33,31 @@ def train_loop_per_worker(config: dict) -> WorkerResult:
     return run_worker(config)
 
 
+class LeanTorchTrainer(TorchTrainer):
+    """TorchTrainer without the helper actors our runs do not use, each an actor process that imports
+    Ray Train (bench/bench_train_startup.py measures them):
+    - Ray Data's dataset manager, started for every run to serve `datasets=`, which ours never pass (the
+      loop reads its own files); its callback also made the controller import Ray Data;
+    - with `pg_cleaner=False`, the placement-group cleaner, which frees the workers' placement group
+      when the controller dies while its driver lives on. A driver that runs one fit and exits (the train
+      stage) needs none: Ray removes a job's placement groups when the job ends."""
+
+    def __init__(self, *args, pg_cleaner: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unused = () if pg_cleaner else (PlacementGroupCleanerCallback,)
+        self._unused += () if self.datasets else (DatasetsCallback,)
+
+    def _create_default_callbacks(self):
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, self._unused)]
+
+
 def log_interval(cfg: RunConfig) -> int:
     """mmseg logs every 50 iterations; short runs log every iteration so their curves have points."""
     return max(1, min(50, cfg.eval_interval // 10))
 
 
 def build_trainer(cfg: RunConfig, ray_name: str, run: RunInfo, *, hooks: LoopHooks | None = None,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, pg_cleaner: bool = True):
     """TorchTrainer over the per-worker loop: DDP workers, checkpoints kept (best by mIoU + latest),
     worker-group restarts from the latest checkpoint on failure. The loop gets the config itself
     (credentials never travel in it: Ray shows it in its state API, so workers get the tracking URI
@@ -51,7 +71,7 @@ def build_trainer(cfg: RunConfig, ray_name: str, run: RunInfo, *, hooks: LoopHoo
     if cfg.location.storage_path.startswith("s3://"):
         fs, path = pyarrow_filesystem(cfg.location.storage_path, cfg.location.endpoint_url, cfg.location.region)
         storage = {"storage_path": path, "storage_filesystem": fs}
-    return TorchTrainer(
+    return LeanTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.updated(tracking_uri=redact(cfg.tracking_uri)), "run": run,
                            "hooks": hooks},
@@ -64,6 +84,7 @@ def build_trainer(cfg: RunConfig, ray_name: str, run: RunInfo, *, hooks: LoopHoo
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="mIoU",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.execution.max_failures)),
+        pg_cleaner=pg_cleaner,
     )
 
 
