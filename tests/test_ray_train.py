@@ -75,11 +75,11 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     params["experiments"][EXPERIMENT]["published_log"] = str(published_log_ahead(tmp_path / "pub.log.json", 0.9))
     fetch_published(as_params(params), EXPERIMENT, out_root=out_root)
     capfd.readouterr()
-    actors_before = {a.actor_id for a in list_actors(limit=100_000)}
+    actors_before = {a.actor_id for a in list_actors(limit=10_000)}
     out = train_experiment(as_params(params), EXPERIMENT, out_root=out_root,
                            hooks=FaultHooks(fixed_batch=True, dump_dir=str(tmp_path / "facts")))
     # Ray Train's actors for this run: not its dataset manager nor its placement-group cleaner (trainer.py)
-    started = {a.class_name for a in list_actors(limit=100_000) if a.actor_id not in actors_before}
+    started = {a.class_name for a in list_actors(limit=10_000) if a.actor_id not in actors_before}
     assert started == {"TrainController", "RayTrainWorker", "SynchronizationActor"}, started
     # at both evaluations (3 and 6) 90 % published against our few %: behind by more than the band (0.7)
     warned = [line for line in capfd.readouterr().out.splitlines() if "behind the published curve" in line]
