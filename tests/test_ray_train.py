@@ -80,7 +80,8 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
                            hooks=FaultHooks(fixed_batch=True, dump_dir=str(tmp_path / "facts")))
     # Ray Train's actors for this run: not its dataset manager nor its placement-group cleaner (trainer.py)
     started = {a.class_name for a in list_actors(limit=10_000) if a.actor_id not in actors_before}
-    assert started == {"TrainController", "RayTrainWorker", "SynchronizationActor"}, started
+    assert {"TrainController", "RayTrainWorker"} <= started, started
+    assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
     # at both evaluations (3 and 6) 90 % published against our few %: behind by more than the band (0.7)
     warned = [line for line in capfd.readouterr().out.splitlines() if "behind the published curve" in line]
     assert [line.split("at iteration ")[1].split(":")[0] for line in warned] == ["3", "6"], warned
