@@ -63,10 +63,10 @@ def test_ddp_two_workers_outputs_and_tracking(ray_local, make_params, tmp_path, 
     """2 DDP workers on one fixed batch each: parameters stay identical on both ranks, the loss goes
     down; the driver writes the three DVC outputs and one MLflow run holds the history. A published run
     far ahead (recorded by the published stage) makes every evaluation warn, tag and land in train.json."""
-    from components.learning.models import build_dnlnet
-    from components.learning.models.checkpoint import load_mmseg_checkpoint
     from ray.util.state import list_actors
 
+    from components.learning.models import build_dnlnet
+    from components.learning.models.checkpoint import load_mmseg_checkpoint
     from pipeline.published import fetch_published
     from pipeline.train import train_experiment
 
