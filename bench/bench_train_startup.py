@@ -53,13 +53,14 @@ def one_run(variant: tuple, storage: str, name: str) -> tuple[float, float]:
     trainer_cls, kwargs, env = variant
     trainer = trainer_cls(report_one_checkpoint, scaling_config=ray.train.ScalingConfig(num_workers=1),
                           run_config=ray.train.RunConfig(name=name, storage_path=storage), **kwargs)
+    saved = dict(os.environ)
     os.environ.update(env)   # what Ray Train hands its controller is read from here when fit() starts it
     cpu, wall = machine_cpu_seconds(), time.perf_counter()
     try:
         trainer.fit()
     finally:
-        for key in env:
-            os.environ.pop(key)
+        os.environ.clear()
+        os.environ.update(saved)
     return time.perf_counter() - wall, machine_cpu_seconds() - cpu
 
 
@@ -68,8 +69,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    os.environ[POLL] = "2"   # Ray Train's default for the cluster's processes; only the last variant's differs
     start_local_ray(num_cpus=2)
-    os.environ.pop(POLL, None)   # start_local_ray set it: only the last variant has it
     try:
         with tempfile.TemporaryDirectory() as storage:
             one_run(VARIANTS[next(iter(VARIANTS))], storage, "warm-up")   # Ray's first workers: not counted
