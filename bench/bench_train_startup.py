@@ -44,7 +44,7 @@ VARIANTS = {   # label: (trainer class, its keyword arguments, the driver's envi
     "TorchTrainer, as Ray Train starts it": (TorchTrainer, {}, {}),
     "without the dataset manager (a tune trial)": (LeanTorchTrainer, {}, {}),
     "without it and the placement-group cleaner (the train stage)": (LeanTorchTrainer, {"pg_cleaner": False}, {}),
-    "the train stage, its controller polling every 0.5 s (on a Ray we start)":
+    "the train stage, its controller polling every 0.5 s (the tests' setting)":
         (LeanTorchTrainer, {"pg_cleaner": False}, {POLL: LOCAL_RAY_ENV[POLL]}),
 }
 

@@ -20,11 +20,9 @@ LOCAL_RAY_OPTIONS = {"dashboard_host": "127.0.0.1"}
 #   provider drains; a Ray on one machine has none.
 # - Ray's log monitor looks for new worker log files every 0.5 s, not every 0.1 s: it globs and stats every
 #   file of the session's logs folder each time (4.5 ms at 400 files, as many as the main job leaves).
-# - Ray Train's controller polls its workers every 0.5 s, not every 2 s: a run's start, reports and end
-#   reach it that much sooner (a no-op run 12.1 -> 9.2 s, no more CPU: bench/bench_train_startup.py).
-#   Only a stalled worker is declared dead, after 10 min without an answer, however often it is asked.
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Ray Train's controller keeps polling its workers every 2 s: every 0.5 s ends a lone run ~1-3 s sooner
+# but costs CPU the main job, whose cores are saturated, does not have (bench/bench_train_startup.py).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
 
 # What start_local_ray changed in os.environ, restored by shutdown_ray.
 _ENV_BEFORE_LOCAL_RAY: dict[str, str | None] = {}

@@ -326,8 +326,8 @@ def test_learning_check_r50_beats_chance_widely(ray_local, make_params, sample_d
 def test_with_ray_runs_the_command_on_one_cluster_then_stops_it():
     """`dnlseg with-ray -- CMD` (what scripts/run.sh runs around `dvc repro`): two Ray drivers CMD starts
     one after the other join the same cluster, the one the wrapper started; CMD's exit status comes
-    back; the cluster is gone afterwards. CMD's stages see the settings of a Ray we start (LOCAL_RAY_ENV:
-    the controller's 0.5 s polls, ...), which this test's own environment does not set for them."""
+    back; the cluster is gone afterwards. CMD's stages see the settings of a Ray we start (LOCAL_RAY_ENV),
+    which this test's own environment does not set for them."""
     import os
     import socket
     import subprocess
@@ -349,7 +349,7 @@ def test_with_ray_runs_the_command_on_one_cluster_then_stops_it():
     joined = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("joined ")]
     assert len(joined) == 2 and joined[0] == joined[1], done.stdout
     seen = [json.loads(line[len("env "):]) for line in done.stdout.splitlines() if line.startswith("env ")]
-    assert seen == [LOCAL_RAY_ENV, LOCAL_RAY_ENV] and LOCAL_RAY_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert seen == [LOCAL_RAY_ENV, LOCAL_RAY_ENV], seen
     address, gcs_address, cpus = joined[0]
     assert address == gcs_address and float(cpus) >= 1
     host, port = address.rsplit(":", 1)
