@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray.train  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from components.ray_cluster import LOCAL_RAY_ENV, shutdown_ray, start_local_ray  # noqa: E402
+from components.ray_cluster import shutdown_ray, start_local_ray  # noqa: E402
 from components.training.trainer import LeanTorchTrainer  # noqa: E402
 
 
@@ -45,7 +45,7 @@ VARIANTS = {   # label: (trainer class, its keyword arguments, the driver's envi
     "without the dataset manager (a tune trial)": (LeanTorchTrainer, {}, {}),
     "without it and the placement-group cleaner (the train stage)": (LeanTorchTrainer, {"pg_cleaner": False}, {}),
     "the train stage, its controller polling every 0.5 s (the tests' setting)":
-        (LeanTorchTrainer, {"pg_cleaner": False}, {POLL: LOCAL_RAY_ENV[POLL]}),
+        (LeanTorchTrainer, {"pg_cleaner": False}, {POLL: "0.5"}),
 }
 
 
