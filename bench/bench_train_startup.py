@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray.train  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from components.ray_cluster import shutdown_ray, start_local_ray  # noqa: E402
+from components.ray_cluster import scoped_env, shutdown_ray, start_local_ray  # noqa: E402
 from components.training.trainer import LeanTorchTrainer  # noqa: E402
 
 
@@ -53,14 +53,9 @@ def one_run(variant: tuple, storage: str, name: str) -> tuple[float, float]:
     trainer_cls, kwargs, env = variant
     trainer = trainer_cls(report_one_checkpoint, scaling_config=ray.train.ScalingConfig(num_workers=1),
                           run_config=ray.train.RunConfig(name=name, storage_path=storage), **kwargs)
-    saved = dict(os.environ)
-    os.environ.update(env)   # what Ray Train hands its controller is read from here when fit() starts it
     cpu, wall = machine_cpu_seconds(), time.perf_counter()
-    try:
+    with scoped_env(env):   # what Ray Train hands its controller is read from here when fit() starts it
         trainer.fit()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     return time.perf_counter() - wall, machine_cpu_seconds() - cpu
 
 

@@ -376,8 +376,7 @@ def test_the_train_stage_starts_no_dataset_manager_nor_placement_group_cleaner()
         trainer = cls(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kwargs)
         return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
 
-    ray_train = callbacks(TorchTrainer)
+    ray_train, trial = callbacks(TorchTrainer), callbacks(LeanTorchTrainer)
     assert ray_train - callbacks(LeanTorchTrainer, pg_cleaner=False) == {"DatasetsCallback",
                                                                          "PlacementGroupCleanerCallback"}
-    assert ray_train - callbacks(LeanTorchTrainer) == {"DatasetsCallback"}
-    assert callbacks(LeanTorchTrainer) < ray_train
+    assert ray_train - trial == {"DatasetsCallback"} and trial < ray_train
